@@ -1,0 +1,323 @@
+//! PostgreSQL's text form of a [`Value`], for display and for feeding values
+//! to a destination as text. Compact values are rendered exactly as the
+//! server renders them with `DateStyle = ISO`, `TimeZone = UTC`,
+//! `extra_float_digits >= 1` and `bytea_output = hex`; `Text` values are the
+//! source's own output (produced under the decoding session's settings, which
+//! is why decant's consumers set those same four on their connections).
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use crate::record::Value;
+
+impl Value<'_> {
+    /// The value's text form, or `None` for NULL and unchanged-TOAST.
+    pub fn to_pg_text(&self) -> Option<Cow<'_, [u8]>> {
+        Some(match *self {
+            Value::Null | Value::UnchangedToast => return None,
+            Value::Text(b) => Cow::Borrowed(b),
+            Value::PaddedText(b, pad) => {
+                let mut v = Vec::with_capacity(b.len() + pad as usize);
+                v.extend_from_slice(b);
+                v.resize(b.len() + pad as usize, b' ');
+                Cow::Owned(v)
+            }
+            Value::Int(i) => Cow::Owned(i.to_string().into_bytes()),
+            Value::Bool(b) => Cow::Borrowed(if b { b"t" } else { b"f" }),
+            Value::Bytes(b) => {
+                let mut s = String::with_capacity(2 + 2 * b.len());
+                s.push_str("\\x");
+                for byte in b {
+                    let _ = write!(s, "{byte:02x}");
+                }
+                Cow::Owned(s.into_bytes())
+            }
+            Value::Float4(bits) => Cow::Owned(float4_text(f32::from_bits(bits)).into_bytes()),
+            Value::Float8(bits) => Cow::Owned(float8_text(f64::from_bits(bits)).into_bytes()),
+            Value::Date(d) => Cow::Owned(date_text(d).into_bytes()),
+            Value::Time(t) => Cow::Owned(time_text(t).into_bytes()),
+            Value::Timestamp(t) => Cow::Owned(timestamp_text(t, "").into_bytes()),
+            Value::TimestampTz(t) => Cow::Owned(timestamp_text(t, "+00").into_bytes()),
+            Value::Uuid(u) => {
+                let mut s = String::with_capacity(36);
+                for (i, byte) in u.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        s.push('-');
+                    }
+                    let _ = write!(s, "{byte:02x}");
+                }
+                Cow::Owned(s.into_bytes())
+            }
+            Value::Numeric(packed) => Cow::Owned(unpack_numeric(packed).into_bytes()),
+        })
+    }
+}
+
+// ---------------------------------------------------------------- numeric
+
+const NUMERIC_POINT: u8 = 0xA;
+const NUMERIC_MINUS: u8 = 0xB;
+const NUMERIC_PAD: u8 = 0xF;
+
+/// Bytes that [`pack_numeric`] needs for a text of `text_len` characters.
+pub fn packed_numeric_len(text_len: usize) -> usize {
+    text_len.div_ceil(2)
+}
+
+fn is_numeric_text(text: &[u8]) -> bool {
+    let body = text.strip_prefix(b"-").unwrap_or(text);
+    let (int, frac) = match body.iter().position(|&c| c == b'.') {
+        Some(p) => (&body[..p], Some(&body[p + 1..])),
+        None => (body, None),
+    };
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    digits(int) && frac.is_none_or(digits)
+}
+
+/// Packs numeric's text output (`-?[0-9]+(\.[0-9]+)?`) two characters a
+/// byte into `out` and returns the bytes used; `None` for any other text
+/// (NaN, Infinity), which then travels as text.
+pub fn pack_numeric(text: &[u8], out: &mut [u8]) -> Option<usize> {
+    let n = packed_numeric_len(text.len());
+    if !is_numeric_text(text) || out.len() < n {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'.' => NUMERIC_POINT,
+        b'-' => NUMERIC_MINUS,
+        d => d - b'0',
+    };
+    for (i, pair) in text.chunks(2).enumerate() {
+        let hi = nibble(pair[0]);
+        let lo = pair.get(1).map_or(NUMERIC_PAD, |&c| nibble(c));
+        out[i] = (hi << 4) | lo;
+    }
+    Some(n)
+}
+
+fn numeric_chars(packed: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    packed.iter().flat_map(|b| [b >> 4, b & 0xF]).enumerate().filter_map(move |(i, n)| {
+        let last = i == packed.len() * 2 - 1;
+        match n {
+            0..=9 => Some(b'0' + n),
+            NUMERIC_POINT => Some(b'.'),
+            NUMERIC_MINUS => Some(b'-'),
+            NUMERIC_PAD if last => None,
+            _ => Some(b'?'),
+        }
+    })
+}
+
+/// True when `packed` unpacks to a well-formed numeric text.
+pub fn is_valid_packed_numeric(packed: &[u8]) -> bool {
+    let text: Vec<u8> = numeric_chars(packed).collect();
+    is_numeric_text(&text)
+}
+
+/// The numeric text that [`pack_numeric`] packed.
+pub fn unpack_numeric(packed: &[u8]) -> String {
+    numeric_chars(packed).map(char::from).collect()
+}
+
+// ---------------------------------------------------------------- floats
+
+/// float8 as PostgreSQL 12+ prints it: the shortest exact digits, in fixed
+/// notation when the decimal exponent is in -4 ..= 14, else `1.5e+20`.
+pub fn float8_text(v: f64) -> String {
+    float_text(v.is_nan(), v.is_infinite(), v == 0.0, v.is_sign_negative(), &format!("{v:e}"), 15)
+}
+
+/// float4 likewise, fixed notation for exponents in -4 ..= 5.
+pub fn float4_text(v: f32) -> String {
+    float_text(v.is_nan(), v.is_infinite(), v == 0.0, v.is_sign_negative(), &format!("{v:e}"), 6)
+}
+
+fn float_text(nan: bool, inf: bool, zero: bool, negative: bool, sci: &str, fixed_below: i32) -> String {
+    let sign = if negative { "-" } else { "" };
+    if nan {
+        return "NaN".into();
+    }
+    if inf {
+        return format!("{sign}Infinity");
+    }
+    if zero {
+        return format!("{sign}0");
+    }
+    // `sci` is Rust's shortest round-trip form: `-1.2345e-5`.
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let mut out = String::from(sign);
+    if exp < -4 || exp >= fixed_below {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    } else if exp >= 0 {
+        let int_len = exp as usize + 1;
+        if digits.len() <= int_len {
+            out.push_str(&digits);
+            out.extend(std::iter::repeat_n('0', int_len - digits.len()));
+        } else {
+            out.push_str(&digits[..int_len]);
+            out.push('.');
+            out.push_str(&digits[int_len..]);
+        }
+    } else {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', (-exp - 1) as usize));
+        out.push_str(&digits);
+    }
+    out
+}
+
+// ---------------------------------------------------------------- date/time
+
+const USECS_PER_DAY: i64 = 86_400_000_000;
+/// Days from 1970-01-01 to 2000-01-01, PostgreSQL's epoch.
+const PG_EPOCH_DAYS_FROM_UNIX: i64 = 10_957;
+
+/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01;
+/// year 0 is 1 BC.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `YYYY-MM-DD` and whether the date is BC.
+fn ymd(pg_days: i64) -> (String, bool) {
+    let (y, m, d) = civil_from_days(pg_days + PG_EPOCH_DAYS_FROM_UNIX);
+    let (year, bc) = if y <= 0 { (1 - y, true) } else { (y, false) };
+    (format!("{year:04}-{m:02}-{d:02}"), bc)
+}
+
+pub fn date_text(days: i32) -> String {
+    match days {
+        i32::MIN => "-infinity".into(),
+        i32::MAX => "infinity".into(),
+        _ => {
+            let (date, bc) = ymd(i64::from(days));
+            if bc {
+                format!("{date} BC")
+            } else {
+                date
+            }
+        }
+    }
+}
+
+pub fn time_text(usecs: i64) -> String {
+    let secs = usecs.div_euclid(1_000_000);
+    let frac = usecs.rem_euclid(1_000_000);
+    let mut s = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    if frac != 0 {
+        let f = format!("{frac:06}");
+        s.push('.');
+        s.push_str(f.trim_end_matches('0'));
+    }
+    s
+}
+
+fn timestamp_text(usecs: i64, zone: &str) -> String {
+    match usecs {
+        i64::MIN => "-infinity".into(),
+        i64::MAX => "infinity".into(),
+        _ => {
+            let (date, bc) = ymd(usecs.div_euclid(USECS_PER_DAY));
+            let time = time_text(usecs.rem_euclid(USECS_PER_DAY));
+            format!("{date} {time}{zone}{}", if bc { " BC" } else { "" })
+        }
+    }
+}
+
+/// A timestamp (microseconds since 2000-01-01 UTC) as text, for logs.
+pub fn timestamptz_text(usecs: i64) -> String {
+    timestamp_text(usecs, "+00")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(v: Value<'_>) -> String {
+        String::from_utf8(v.to_pg_text().unwrap().into_owned()).unwrap()
+    }
+
+    #[test]
+    fn floats_print_like_postgres() {
+        let cases: &[(f64, &str)] = &[
+            (1.0, "1"),
+            (-0.0, "-0"),
+            (0.1, "0.1"),
+            (1e15, "1e+15"),
+            (123456789012345.0, "123456789012345"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.5e300, "1.5e+300"),
+            (f64::NAN, "NaN"),
+            (f64::NEG_INFINITY, "-Infinity"),
+            (-3.25, "-3.25"),
+            (1e-310, "1e-310"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(float8_text(*v), *want, "{v:e}");
+        }
+        assert_eq!(float4_text(1e6), "1e+06");
+        assert_eq!(float4_text(100000.0), "100000");
+        assert_eq!(float4_text(1.1), "1.1");
+    }
+
+    #[test]
+    fn dates_and_times_print_like_postgres() {
+        assert_eq!(date_text(0), "2000-01-01");
+        assert_eq!(date_text(-1), "1999-12-31");
+        assert_eq!(date_text(i32::MAX), "infinity");
+        // 0001-01-01 is 730,119 days before 2000-01-01; 1 BC was a leap year.
+        assert_eq!(date_text(-730_119), "0001-01-01");
+        assert_eq!(date_text(-730_119 - 366), "0001-01-01 BC");
+        assert_eq!(time_text(0), "00:00:00");
+        assert_eq!(time_text(86_400_000_000), "24:00:00");
+        assert_eq!(time_text(3_723_450_000), "01:02:03.45");
+        assert_eq!(text(Value::Timestamp(-1)), "1999-12-31 23:59:59.999999");
+        assert_eq!(text(Value::TimestampTz(0)), "2000-01-01 00:00:00+00");
+        assert_eq!(text(Value::Timestamp(i64::MIN)), "-infinity");
+    }
+
+    #[test]
+    fn numeric_packs_and_unpacks() {
+        for t in ["0", "-1", "123.456", "-0.000001", "99999999999999999999.5"] {
+            let mut buf = vec![0; packed_numeric_len(t.len())];
+            let n = pack_numeric(t.as_bytes(), &mut buf).unwrap();
+            assert!(is_valid_packed_numeric(&buf[..n]));
+            assert_eq!(unpack_numeric(&buf[..n]), t);
+        }
+        for t in ["NaN", "Infinity", "-Infinity", "", "1.", ".5", "1e5", "--1"] {
+            let mut buf = vec![0; 8];
+            assert_eq!(pack_numeric(t.as_bytes(), &mut buf), None, "{t}");
+        }
+        assert!(!is_valid_packed_numeric(&[0xCC]));
+        assert!(!is_valid_packed_numeric(&[0xF1]));
+    }
+
+    #[test]
+    fn other_values() {
+        assert_eq!(text(Value::Bytes(&[0, 0xAB])), "\\x00ab");
+        assert_eq!(text(Value::PaddedText(b"ab", 3)), "ab   ");
+        assert_eq!(
+            text(Value::Uuid([0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38, 0x0a, 0x11])),
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+        );
+        assert_eq!(Value::Null.to_pg_text(), None);
+        assert_eq!(Value::UnchangedToast.to_pg_text(), None);
+    }
+}
