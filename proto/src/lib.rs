@@ -10,6 +10,7 @@
 //! The byte layout is specified in `proto/FORMAT.md`.
 
 pub mod codec;
+pub mod options;
 pub mod pgtext;
 pub mod record;
 mod varint;

@@ -1,1 +1,6 @@
+//! decant integration-test support: the throwaway-cluster harness shared by
+//! the tests under `tests/tests/`.
 
+mod cluster;
+
+pub use cluster::Cluster;

@@ -1,0 +1,16 @@
+//! The extension's SQL objects that are plain SQL.
+
+pgrx::extension_sql!(
+    r#"
+COMMENT ON SCHEMA decant IS 'decant: change capture for zero-downtime PostgreSQL migration';
+
+-- Keeps a decant slot moving on an idle or low-traffic database: a
+-- non-transactional logical message goes through every slot, so the
+-- consumer sees WAL progress and can confirm it, and the source can recycle
+-- WAL. Returns the message's LSN.
+CREATE FUNCTION decant.heartbeat() RETURNS pg_lsn
+LANGUAGE sql VOLATILE
+AS $$ SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text) $$;
+"#,
+    name = "decant_sql",
+);
