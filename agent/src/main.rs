@@ -1,1 +1,16 @@
-fn main() {}
+//! The `decant` binary: parses the command line and runs the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = decant_agent::cli::Cli::parse();
+    match decant_agent::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("decant: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
