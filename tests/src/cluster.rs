@@ -292,7 +292,8 @@ impl Cluster {
             "max_replication_slots = 20",
             "max_wal_senders = 20",
             "fsync = off",
-            "synchronous_commit = off",
+            // synchronous_commit stays on: logical decoding reads only WAL that
+            // is flushed, and tests read a slot right after committing.
             "full_page_writes = off",
             "shared_buffers = 128MB",
             "log_min_messages = warning",

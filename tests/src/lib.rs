@@ -4,3 +4,4 @@
 mod cluster;
 
 pub use cluster::Cluster;
+pub mod slot;

@@ -1,0 +1,39 @@
+//! Reading a `decant` slot through the SQL interface and decoding it.
+
+use decant_proto::{decode, Record};
+
+/// Session settings under which `Text` values are produced; the tests'
+/// source queries run under the same ones, so text forms compare exactly.
+pub const TEXT_SETTINGS: &str =
+    "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = UTC; SET extra_float_digits = 3; SET bytea_output = hex";
+
+/// A source database with the extension and a `decant` slot named `slot`.
+pub fn prepare_source(client: &mut postgres::Client, slot: &str) {
+    client.batch_execute(TEXT_SETTINGS).expect("settings");
+    client.batch_execute("CREATE EXTENSION IF NOT EXISTS decant").expect("CREATE EXTENSION decant");
+    client.query("SELECT pg_create_logical_replication_slot($1, 'decant')", &[&slot]).expect("create slot");
+}
+
+/// Consumes everything pending in `slot`: one message per row, each exactly
+/// one record. Options are (name, value) pairs for the plugin.
+pub fn get_changes(client: &mut postgres::Client, slot: &str, options: &[(&str, &str)]) -> Result<Vec<Vec<u8>>, postgres::Error> {
+    let flat: Vec<String> = options.iter().flat_map(|(n, v)| [n.to_string(), v.to_string()]).collect();
+    let rows = client.query(
+        "SELECT data FROM pg_logical_slot_get_binary_changes($1, NULL, NULL, VARIADIC $2::text[])",
+        &[&slot, &flat],
+    )?;
+    Ok(rows.into_iter().map(|r| r.get::<_, Vec<u8>>(0)).collect())
+}
+
+/// Decodes messages, asserting that each is one whole record with a good CRC.
+pub fn decode_all(messages: &[Vec<u8>]) -> Vec<Record<'_>> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (record, used) = decode(m).unwrap_or_else(|e| panic!("message {i}: {e}"));
+            assert_eq!(used, m.len(), "message {i} has bytes after its record");
+            record
+        })
+        .collect()
+}
