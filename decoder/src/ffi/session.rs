@@ -172,7 +172,9 @@ impl ChangeScope {
         ChangeScope { cx, previous }
     }
 
-    /// Allocates `len` bytes that live until the scope ends.
+    /// Allocates `len` bytes that live until the scope ends. Every call
+    /// returns a fresh allocation, so the `&mut` never aliases.
+    #[allow(clippy::mut_from_ref)]
     pub fn alloc(&self, len: usize) -> &mut [u8] {
         if len == 0 {
             return &mut [];
