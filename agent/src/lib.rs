@@ -1,4 +1,6 @@
 //! decant's agent-side library: the commands of the `decant` binary.
 
 pub mod cli;
+pub mod connect;
+pub mod replication;
 pub mod inspect;

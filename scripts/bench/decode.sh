@@ -83,6 +83,9 @@ runuser -u postgres -- "$BINDIR/initdb" -D "$PGDATA" -U postgres --auth=trust -E
     echo "synchronous_commit = off"
     echo "shared_buffers = 256MB"
     echo "max_wal_size = 4GB"
+    # Autovacuum of the freshly loaded tables would otherwise compete with the
+    # first timed drains on a small machine; it does not change what is decoded.
+    echo "autovacuum = off"
     # Only some builds have this GUC; where present, every plugin must be listed.
     # (grep -q would exit early and, with pipefail, fail the pipeline via SIGPIPE)
     if "$BINDIR/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
@@ -132,8 +135,11 @@ declare -A OPTS=(
     [wal2json_1]="format-version=1"
     [wal2json_2]="format-version=2"
 )
+# decoderbufs sends "INFO: Exiting startup callback" whenever it starts (INFO
+# ignores client_min_messages), so plugin stderr goes to files, shown on error.
 for s in "${SLOTS[@]}"; do
-    psql_ -d "$DB" -c "SELECT pg_create_logical_replication_slot('$s', '${PLUGIN[$s]}')" >/dev/null
+    psql_ -d "$DB" -c "SELECT pg_create_logical_replication_slot('$s', '${PLUGIN[$s]}')" >/dev/null 2>"$WORK/slot.err" \
+        || { cat "$WORK/slot.err" >&2; die "could not create slot $s"; }
 done
 say "created slots: ${SLOTS[*]}"
 
@@ -192,13 +198,14 @@ peek_args() { # name=value words -> ", 'name', 'value', ..."
 for s in "${SLOTS[@]}"; do
     t0=$(date +%s.%N)
     if ! out=$(psql_ -d "$DB" -F ' ' -c "SELECT count(*), coalesce(sum(octet_length(data)), 0)
-              FROM pg_logical_slot_peek_binary_changes('$s', '$END_LSN', NULL$(peek_args "${OPTS[$s]:-}"))" 2>&1); then
+              FROM pg_logical_slot_peek_binary_changes('$s', '$END_LSN', NULL$(peek_args "${OPTS[$s]:-}"))" 2>"$WORK/peek.err"); then
         if [[ $s == decoderbufs ]]; then
-            EXCLUDED[$s]="peek failed: $(echo "$out" | head -n 1)"
+            EXCLUDED[$s]="peek failed: $(head -n 1 "$WORK/peek.err")"
             say "excluding $s: ${EXCLUDED[$s]}"
             continue
         fi
-        die "peek of slot $s failed: $out"
+        cat "$WORK/peek.err" >&2
+        die "peek of slot $s failed"
     fi
     read -r COUNT[$s] BYTES[$s] <<<"$out"
     say "peek $s: ${COUNT[$s]} messages, ${BYTES[$s]} bytes ($(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s)"
