@@ -1,6 +1,8 @@
 //! decant's agent-side library: the commands of the `decant` binary.
 
+pub mod applier;
 pub mod cli;
 pub mod connect;
 pub mod replication;
 pub mod inspect;
+pub mod metrics;

@@ -10,6 +10,16 @@
 # stdout: PostgreSQL version + parameters, a table, and as the LAST line one
 # JSON object. Progress goes to stderr ("bench: ...").
 #
+# Notes on what is measured:
+#   - seconds = wall time of one pg_recvlogical run (walsender decode + stream
+#     + client write), so per-message transport cost is included: plugins that
+#     send one message per transaction (wal2json format-version=1) pay it less.
+#   - output bytes = exact sum of message sizes, from a non-consuming peek with
+#     the same options (pg_recvlogical's per-message newline is not counted).
+#   - changes = INSERT/UPDATE/DELETE rows, counted in test_decoding's output.
+#   - decant is drained first and again last (slot decant_2); the faster run is
+#     used for the ratios. Timings are noisy on a busy machine (see loadavg).
+#
 # Run as root (PostgreSQL server commands run as the `postgres` user).
 # Environment:
 #   TXNS=100000      pgbench transactions in total (4 clients, TXNS/4 each)
@@ -137,11 +147,13 @@ declare -A OPTS=(
 )
 # decoderbufs sends "INFO: Exiting startup callback" whenever it starts (INFO
 # ignores client_min_messages), so plugin stderr goes to files, shown on error.
-for s in "${SLOTS[@]}"; do
-    psql_ -d "$DB" -c "SELECT pg_create_logical_replication_slot('$s', '${PLUGIN[$s]}')" >/dev/null 2>"$WORK/slot.err" \
+# "warmup" is drained untimed before the others: in trials the first drain
+# after the load was consistently ~25% slower whichever plugin it used.
+for s in "${SLOTS[@]}" warmup; do
+    psql_ -d "$DB" -c "SELECT pg_create_logical_replication_slot('$s', '${PLUGIN[$s]:-test_decoding}')" >/dev/null 2>"$WORK/slot.err" \
         || { cat "$WORK/slot.err" >&2; die "could not create slot $s"; }
 done
-say "created slots: ${SLOTS[*]}"
+say "created slots: ${SLOTS[*]} warmup"
 
 # --- load --------------------------------------------------------------------------
 say "pgbench tpcb-like: $TXNS transactions (-c 4 -j 2 -t $((TXNS / 4)))"
@@ -212,6 +224,17 @@ for s in "${SLOTS[@]}"; do
 done
 
 # --- timed drains, one at a time; decant first and (via decant_2) last ---------------
+# Timings are only comparable on an otherwise idle machine; flag contention.
+LOADAVG=$(cut -d' ' -f1 /proc/loadavg)
+if python3 -c "import sys; sys.exit(0 if $LOADAVG >= 1.0 else 1)"; then
+    say "WARNING: load average $LOADAVG before the timed drains; other work may skew timings"
+fi
+say "untimed warm-up drain (test_decoding)"
+"$BINDIR/pg_recvlogical" "${CONN[@]}" -d "$DB" --slot warmup --start --endpos="$END_LSN" \
+    --no-loop -F 0 -f "$WORK/warmup.out" 2>"$WORK/warmup.err" \
+    || { cat "$WORK/warmup.err" >&2; die "warm-up drain failed"; }
+rm -f "$WORK/warmup.out"
+
 CHANGES=
 for s in "${SLOTS[@]}"; do
     [[ -z ${EXCLUDED[$s]:-} ]] || continue
@@ -256,7 +279,7 @@ for s in "${SLOTS[@]}"; do
     fi
 done
 
-PG_VERSION=$PG_VERSION TXNS=$TXNS SCALE=$SCALE CHANGES=$CHANGES END_LSN=$END_LSN \
+PG_VERSION=$PG_VERSION TXNS=$TXNS SCALE=$SCALE CHANGES=$CHANGES END_LSN=$END_LSN LOADAVG=$LOADAVG \
     python3 - "$results" <<'EOF'
 import json, os, sys
 
@@ -279,7 +302,8 @@ peers = [s for s in rows if rows[s]["plugin"] != "decant"]
 fastest = max(peers, key=lambda s: rows[s]["changes_per_second"])
 
 print(f"PostgreSQL {env['PG_VERSION']}; pgbench TXNS={env['TXNS']} SCALE={env['SCALE']}; "
-      f"changes={changes} (from test_decoding); end LSN {env['END_LSN']}")
+      f"changes={changes} (from test_decoding); end LSN {env['END_LSN']}; "
+      f"load average before drains {env['LOADAVG']}")
 print()
 hdr = ("plugin", "seconds", "changes/s", "output bytes", "bytes/change",
        "bytes/chg vs decant", "speed decant/peer")
@@ -304,7 +328,7 @@ print("speed decant/peer = decant changes/s / peer changes/s (>1: decant is fast
 pgo = rows["pgoutput_text"]
 summary = {
     "pg_version": env["PG_VERSION"], "txns": int(env["TXNS"]), "scale": int(env["SCALE"]),
-    "end_lsn": env["END_LSN"], "changes": changes,
+    "end_lsn": env["END_LSN"], "loadavg_before_drains": float(env["LOADAVG"]), "changes": changes,
     "decant_seconds": decant["seconds"],
     "decant_seconds_runs": [rows["decant"]["seconds"], rows["decant_2"]["seconds"]],
     "decant_bytes": decant["bytes"],

@@ -1,0 +1,139 @@
+//! SQL for applying one relation's changes, built from its RELATION record.
+
+use decant_proto::{Relation, ReplicaIdentity};
+
+/// What the applier knows of a source relation.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub oid: u32,
+    /// `"schema"."table"` on the destination.
+    pub qualified: String,
+    /// For messages: `schema.table`.
+    pub display: String,
+    pub columns: Vec<String>,
+    /// Indexes of the columns that identify a row on the destination: the
+    /// replica identity key, else the primary key.
+    pub key: Vec<usize>,
+    pub identity: ReplicaIdentity,
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl Target {
+    pub fn from_relation(r: &Relation<'_>) -> Target {
+        let schema = String::from_utf8_lossy(r.namespace).into_owned();
+        let name = String::from_utf8_lossy(r.name).into_owned();
+        let mut key: Vec<usize> = r.identity_key().collect();
+        if key.is_empty() {
+            key = r.columns.iter().enumerate().filter(|(_, c)| c.flags.primary_key()).map(|(i, _)| i).collect();
+        }
+        Target {
+            oid: r.oid,
+            qualified: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
+            display: format!("{schema}.{name}"),
+            columns: r.columns.iter().map(|c| String::from_utf8_lossy(c.name).into_owned()).collect(),
+            key,
+            identity: r.replica_identity,
+        }
+    }
+
+    fn col(&self, i: usize) -> String {
+        quote_ident(&self.columns[i])
+    }
+
+    /// `INSERT … VALUES ($1 …)`, overwriting an existing row with the same
+    /// key when `upsert` and the relation has a key.
+    pub fn insert_sql(&self, upsert: bool) -> String {
+        let cols: Vec<String> = (0..self.columns.len()).map(|i| self.col(i)).collect();
+        let params: Vec<String> = (1..=self.columns.len()).map(|n| format!("${n}")).collect();
+        let mut sql = format!("INSERT INTO {} ({}) VALUES ({})", self.qualified, cols.join(", "), params.join(", "));
+        if upsert && !self.key.is_empty() {
+            let key: Vec<String> = self.key.iter().map(|&i| self.col(i)).collect();
+            let set: Vec<String> = (0..self.columns.len())
+                .filter(|i| !self.key.contains(i))
+                .map(|i| format!("{c} = EXCLUDED.{c}", c = self.col(i)))
+                .collect();
+            if set.is_empty() {
+                sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", key.join(", ")));
+            } else {
+                sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", key.join(", "), set.join(", ")));
+            }
+        }
+        sql
+    }
+
+    /// The row locator of UPDATE/DELETE, with parameters from `$first`:
+    /// the key columns, or — for a table without one (REPLICA IDENTITY FULL
+    /// on a table without primary key) — every column compared as text,
+    /// limited to one row.
+    fn locator(&self, first: usize) -> String {
+        if !self.key.is_empty() {
+            let conds: Vec<String> = self.key.iter().enumerate().map(|(n, &i)| format!("{} = ${}", self.col(i), first + n)).collect();
+            conds.join(" AND ")
+        } else {
+            let cols: Vec<String> = (0..self.columns.len()).map(|i| format!("{}::text", self.col(i))).collect();
+            let params: Vec<String> = (0..self.columns.len()).map(|n| format!("${}::text", first + n)).collect();
+            format!(
+                "ctid = (SELECT ctid FROM {} WHERE ({}) IS NOT DISTINCT FROM ({}) LIMIT 1)",
+                self.qualified,
+                cols.join(", "),
+                params.join(", ")
+            )
+        }
+    }
+
+    /// Number of parameters the locator takes.
+    pub fn locator_len(&self) -> usize {
+        if self.key.is_empty() {
+            self.columns.len()
+        } else {
+            self.key.len()
+        }
+    }
+
+    /// `UPDATE … SET` the columns in `set` (indexes), then the locator.
+    pub fn update_sql(&self, set: &[usize]) -> String {
+        let assignments: Vec<String> = set.iter().enumerate().map(|(n, &i)| format!("{} = ${}", self.col(i), n + 1)).collect();
+        format!("UPDATE {} SET {} WHERE {}", self.qualified, assignments.join(", "), self.locator(set.len() + 1))
+    }
+
+    pub fn delete_sql(&self) -> String {
+        format!("DELETE FROM {} WHERE {}", self.qualified, self.locator(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(key: Vec<usize>) -> Target {
+        Target {
+            oid: 1,
+            qualified: "\"s\".\"t\"".into(),
+            display: "s.t".into(),
+            columns: vec!["id".into(), "a".into(), "b\"q".into()],
+            key,
+            identity: ReplicaIdentity::Default,
+        }
+    }
+
+    #[test]
+    fn statements() {
+        let t = target(vec![0]);
+        assert_eq!(
+            t.insert_sql(true),
+            "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") VALUES ($1, $2, $3) ON CONFLICT (\"id\") DO UPDATE SET \"a\" = EXCLUDED.\"a\", \"b\"\"q\" = EXCLUDED.\"b\"\"q\""
+        );
+        assert_eq!(t.insert_sql(false), "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") VALUES ($1, $2, $3)");
+        assert_eq!(t.update_sql(&[1]), "UPDATE \"s\".\"t\" SET \"a\" = $1 WHERE \"id\" = $2");
+        assert_eq!(t.delete_sql(), "DELETE FROM \"s\".\"t\" WHERE \"id\" = $1");
+        let keyless = target(vec![]);
+        assert_eq!(keyless.insert_sql(true), "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") VALUES ($1, $2, $3)");
+        assert!(keyless.delete_sql().contains("IS NOT DISTINCT FROM ($1::text, $2::text, $3::text) LIMIT 1"));
+        assert_eq!(keyless.locator_len(), 3);
+        let all_key = target(vec![0, 1, 2]);
+        assert!(all_key.insert_sql(true).ends_with("DO NOTHING"));
+    }
+}

@@ -1,0 +1,78 @@
+//! Ordinary (SQL) connections with tokio-postgres, from the same
+//! connection strings and TLS settings as the replication client.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::conninfo::{ConnInfo, Host, SslMode};
+use super::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot connect to {target}: {source}")]
+    Postgres { target: String, source: tokio_postgres::Error },
+}
+
+impl ConnectError {
+    pub fn postgres(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            ConnectError::Postgres { source, .. } => Some(source),
+            ConnectError::Tls(_) => None,
+        }
+    }
+}
+
+/// Settings every decant SQL session uses, so values travel as text the
+/// same way on every side.
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex";
+
+/// Connects and spawns the connection task; the task ends when the client
+/// is dropped or the connection fails.
+pub async fn connect(info: &ConnInfo, application_name: &str, extra_options: &str) -> Result<(tokio_postgres::Client, JoinHandle<()>), ConnectError> {
+    let mut config = tokio_postgres::Config::new();
+    match &info.host {
+        Host::Tcp(h) => config.host(h),
+        Host::Socket(dir) => config.host_path(dir),
+    };
+    config.port(info.port).user(&info.user).dbname(&info.dbname);
+    config.application_name(info.application_name.as_deref().unwrap_or(application_name));
+    if let Some(p) = &info.password {
+        config.password(p);
+    }
+    if let Some(t) = info.connect_timeout {
+        config.connect_timeout(Duration::from_secs(t));
+    }
+    let mut options = SESSION_OPTIONS.to_owned();
+    if !extra_options.is_empty() {
+        options.push(' ');
+        options.push_str(extra_options);
+    }
+    if let Some(user) = &info.options {
+        options.push(' ');
+        options.push_str(user);
+    }
+    config.options(&options);
+    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    let target = format!("{}:{}/{}", info.host, info.port, info.dbname);
+    let tls_config = if matches!(info.host, Host::Socket(_)) { None } else { tls::client_config(info)? };
+    config.ssl_mode(match (info.sslmode, &tls_config) {
+        (_, None) | (SslMode::Disable, _) => tokio_postgres::config::SslMode::Disable,
+        (SslMode::Allow | SslMode::Prefer, _) => tokio_postgres::config::SslMode::Prefer,
+        _ => tokio_postgres::config::SslMode::Require,
+    });
+    let err = |source| ConnectError::Postgres { target: target.clone(), source };
+    match tls_config {
+        Some(tls_config) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
+            let (client, connection) = config.connect(tls).await.map_err(err)?;
+            Ok((client, tokio::spawn(async move { let _ = connection.await; })))
+        }
+        None => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(err)?;
+            Ok((client, tokio::spawn(async move { let _ = connection.await; })))
+        }
+    }
+}
