@@ -2,6 +2,7 @@
 
 pub mod applier;
 pub mod cli;
+pub mod config;
 pub mod connect;
 pub mod replication;
 pub mod inspect;

@@ -1,0 +1,439 @@
+//! Task configuration: one TOML file for both roles, with command-line
+//! overrides (`--set section.key=value`). `decant default-config` prints
+//! [`DEFAULT_CONFIG`], which documents every setting and is checked to
+//! parse to exactly [`Config::default`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::applier::apply::ConflictPolicy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("configuration {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("--set {0:?}: expected section.key=value")]
+    BadOverride(String),
+    #[error("configuration: {key} = {value}: {reason}")]
+    Invalid { key: &'static str, value: String, reason: String },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub task_id: String,
+    pub source: Source,
+    pub destination: Destination,
+    pub agent: Agent,
+    pub applier: Applier,
+    pub transport: Transport,
+    pub retry: Retry,
+    pub log: Log,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Source {
+    pub dsn: String,
+    pub slot: String,
+    pub create_slot: bool,
+    pub include_tables: Vec<String>,
+    pub exclude_tables: Vec<String>,
+    pub heartbeat_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Destination {
+    pub dsn: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Agent {
+    pub applier_url: String,
+    pub batch_max_bytes: usize,
+    pub batch_max_delay_ms: u64,
+    pub max_batches_in_flight: usize,
+    pub status_interval_seconds: u64,
+    pub metrics_listen: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Applier {
+    pub listen: String,
+    pub group_max_transactions: usize,
+    pub group_max_bytes: usize,
+    pub group_max_delay_ms: u64,
+    pub pipeline_depth: usize,
+    pub on_conflict: ConflictPolicy,
+    pub apply_truncate: bool,
+    pub apply_messages: bool,
+    pub metrics_listen: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Transport {
+    pub token: String,
+    pub token_file: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_ca: String,
+    pub tls_domain: String,
+    pub compression: Option<Compression>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    pub connection_minutes: u64,
+    pub other_minutes: u64,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            task_id: "decant".into(),
+            source: Source::default(),
+            destination: Destination::default(),
+            agent: Agent::default(),
+            applier: Applier::default(),
+            transport: Transport::default(),
+            retry: Retry::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Source {
+    fn default() -> Self {
+        Source { dsn: String::new(), slot: "decant".into(), create_slot: true, include_tables: vec![], exclude_tables: vec![], heartbeat_seconds: 10 }
+    }
+}
+
+impl Default for Destination {
+    fn default() -> Self {
+        Destination { dsn: String::new() }
+    }
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Agent {
+            applier_url: "http://127.0.0.1:7480".into(),
+            batch_max_bytes: 1 << 20,
+            batch_max_delay_ms: 20,
+            max_batches_in_flight: 8,
+            status_interval_seconds: 10,
+            metrics_listen: "127.0.0.1:9631".into(),
+        }
+    }
+}
+
+impl Default for Applier {
+    fn default() -> Self {
+        Applier {
+            listen: "127.0.0.1:7480".into(),
+            group_max_transactions: 2000,
+            group_max_bytes: 32 << 20,
+            group_max_delay_ms: 200,
+            pipeline_depth: 512,
+            on_conflict: ConflictPolicy::Overwrite,
+            apply_truncate: true,
+            apply_messages: false,
+            metrics_listen: "127.0.0.1:9632".into(),
+        }
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { connection_minutes: 720, other_minutes: 10 }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// The documented default configuration, printed by `decant default-config`.
+pub const DEFAULT_CONFIG: &str = r#"# decant task configuration. Both roles read the same file; each uses its
+# sections. Override any setting on the command line with
+# `--set section.key=value` (TOML value syntax, e.g. --set retry.other_minutes=5).
+
+# Names the task on both sides; the applier refuses an agent of another task.
+# Letters, digits and underscores.
+task_id = "decant"
+
+[source]                      # read by `decant agent`
+# libpq connection string or URI of the source database, for a user with
+# REPLICATION (or superuser). TLS: sslmode, sslrootcert, sslcert, sslkey,
+# sslpassword as in libpq; PG* environment variables and ~/.pgpass apply.
+dsn = ""
+# Logical replication slot (plugin decant) to stream from.
+slot = "decant"
+# Create the slot when it does not exist.
+create_slot = true
+# Only these tables ("schema.table", "*" wildcard); empty means all.
+include_tables = []
+# Never these tables.
+exclude_tables = []
+# Seconds between heartbeats (decant.heartbeat(), when the extension is
+# installed in the source database) that keep an idle slot moving; 0 = off.
+heartbeat_seconds = 10
+
+[destination]                 # read by `decant applier`
+# Connection string of the destination database; the user must own the
+# target tables and may set session_replication_role (superuser, or
+# GRANT SET ON PARAMETER session_replication_role on PostgreSQL 15+).
+dsn = ""
+
+[agent]
+# Where the applier listens: http://host:port, or https://host:port with TLS.
+applier_url = "http://127.0.0.1:7480"
+# A record batch is sent when it reaches this many bytes ...
+batch_max_bytes = 1048576
+# ... or when its first record is this old.
+batch_max_delay_ms = 20
+# Batches queued for the applier before reading from the source pauses:
+# the agent holds at most about batch_max_bytes * (this + 1) of records.
+max_batches_in_flight = 8
+# Seconds between standby status updates to the source.
+status_interval_seconds = 10
+# Prometheus metrics at http://<this>/metrics; "" = off.
+metrics_listen = "127.0.0.1:9631"
+
+[applier]
+# Address the gRPC server listens on.
+listen = "127.0.0.1:7480"
+# One destination transaction applies up to this many source transactions ...
+group_max_transactions = 2000
+# ... or this many bytes of records ...
+group_max_bytes = 33554432
+# ... or is committed after this long.
+group_max_delay_ms = 200
+# Statements sent ahead of their results.
+pipeline_depth = 512
+# "overwrite": an INSERT over an existing key updates the row, an UPDATE or
+# DELETE of a missing row is counted and logged. "stop": those are errors.
+on_conflict = "overwrite"
+# Apply TRUNCATE.
+apply_truncate = true
+# Re-emit the source's transactional logical messages on the destination.
+apply_messages = false
+# Prometheus metrics at http://<this>/metrics; "" = off.
+metrics_listen = "127.0.0.1:9632"
+
+[transport]                   # agent <-> applier
+# Shared secret both sides must present; or read it from token_file.
+token = ""
+token_file = ""
+# TLS: the applier's certificate and key (PEM); on the agent, a client
+# certificate and key for mutual TLS.
+tls_cert = ""
+tls_key = ""
+# CA certificate (PEM): on the agent, the CA that signed the applier's
+# certificate; on the applier, the CA that signs agent certificates (mutual TLS).
+tls_ca = ""
+# Name to expect in the applier's certificate (default: the URL's host).
+tls_domain = ""
+# "zstd" to compress batches; off when not set.
+# compression = "zstd"
+
+[retry]
+# Keep retrying lost connections (source, destination, agent <-> applier)
+# for this many minutes (10-1440).
+connection_minutes = 720
+# Keep retrying other errors for this many minutes (1-1440, less than
+# connection_minutes), then stop with a report.
+other_minutes = 10
+
+[log]
+# "text" or "json".
+format = "text"
+# error, warn, info, debug or trace (RUST_LOG syntax also works).
+level = "info"
+"#;
+
+impl Config {
+    /// Reads `path` (when given), then applies `overrides`, then validates.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(defaults)".to_owned()),
+        };
+        Self::parse(&text, &name, overrides)
+    }
+
+    pub fn parse(text: &str, name: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_owned(), message: e.to_string() })?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_owned(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, reason: &str| Err(ConfigError::Invalid { key, value, reason: reason.to_owned() });
+        if self.task_id.is_empty() || !self.task_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || self.task_id.len() > 48 {
+            return invalid("task_id", self.task_id.clone(), "use 1-48 letters, digits or underscores");
+        }
+        if !(10..=1440).contains(&self.retry.connection_minutes) {
+            return invalid("retry.connection_minutes", self.retry.connection_minutes.to_string(), "must be between 10 and 1440");
+        }
+        if !(1..=1440).contains(&self.retry.other_minutes) {
+            return invalid("retry.other_minutes", self.retry.other_minutes.to_string(), "must be between 1 and 1440");
+        }
+        if self.retry.other_minutes >= self.retry.connection_minutes {
+            return invalid(
+                "retry.other_minutes",
+                self.retry.other_minutes.to_string(),
+                &format!("must be less than retry.connection_minutes ({})", self.retry.connection_minutes),
+            );
+        }
+        if self.agent.batch_max_bytes < 1024 || self.agent.batch_max_bytes > (64 << 20) {
+            return invalid("agent.batch_max_bytes", self.agent.batch_max_bytes.to_string(), "must be between 1024 and 67108864");
+        }
+        if self.agent.max_batches_in_flight == 0 {
+            return invalid("agent.max_batches_in_flight", "0".into(), "must be at least 1");
+        }
+        if self.applier.group_max_transactions == 0 {
+            return invalid("applier.group_max_transactions", "0".into(), "must be at least 1");
+        }
+        if self.applier.pipeline_depth == 0 {
+            return invalid("applier.pipeline_depth", "0".into(), "must be at least 1");
+        }
+        if self.transport.tls_cert.is_empty() != self.transport.tls_key.is_empty() {
+            return invalid("transport.tls_cert", self.transport.tls_cert.clone(), "tls_cert and tls_key must be given together");
+        }
+        if !self.transport.token.is_empty() && !self.transport.token_file.is_empty() {
+            return invalid("transport.token", "(hidden)".into(), "give token or token_file, not both");
+        }
+        decant_proto::options::PluginOptions::parse(self.plugin_option_pairs().iter().map(|(k, v)| (*k, Some(v.as_str()))))
+            .map_err(|e| ConfigError::Invalid { key: "source.include_tables", value: self.source.include_tables.join(","), reason: e.message })?;
+        Ok(())
+    }
+
+    /// Plugin options for the slot, from the table filters.
+    pub fn plugin_option_pairs(&self) -> Vec<(&'static str, String)> {
+        let mut o = Vec::new();
+        if !self.source.include_tables.is_empty() {
+            o.push(("include_tables", self.source.include_tables.join(",")));
+        }
+        if !self.source.exclude_tables.is_empty() {
+            o.push(("exclude_tables", self.source.exclude_tables.join(",")));
+        }
+        o
+    }
+
+    /// The shared token, from `token` or `token_file`.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        if !self.transport.token.is_empty() {
+            return Ok(Some(self.transport.token.clone()));
+        }
+        if self.transport.token_file.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.transport.token_file)
+            .map_err(|source| ConfigError::Read { path: self.transport.token_file.clone(), source })?;
+        Ok(Some(text.trim().to_owned()))
+    }
+
+    pub fn connection_retry(&self) -> Duration {
+        Duration::from_secs(self.retry.connection_minutes * 60)
+    }
+
+    pub fn other_retry(&self) -> Duration {
+        Duration::from_secs(self.retry.other_minutes * 60)
+    }
+
+    pub fn path(s: &str) -> Option<PathBuf> {
+        (!s.is_empty()).then(|| PathBuf::from(s))
+    }
+}
+
+fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
+    let (key, value) = o.split_once('=').ok_or_else(|| ConfigError::BadOverride(o.to_owned()))?;
+    let value: toml::Value = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let mut parts: Vec<&str> = key.trim().split('.').collect();
+    let last = parts.pop().filter(|l| !l.is_empty()).ok_or_else(|| ConfigError::BadOverride(o.to_owned()))?;
+    let mut current = table;
+    for part in parts {
+        current = current
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::BadOverride(o.to_owned()))?;
+    }
+    current.insert(last.to_owned(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_defaults_are_the_defaults() {
+        assert_eq!(Config::parse(DEFAULT_CONFIG, "default", &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn overrides_and_validation() {
+        let c = Config::parse(
+            "task_id = \"t1\"\n[source]\ndsn = \"host=a\"\n",
+            "x",
+            &["retry.other_minutes=5".into(), "source.slot=s2".into(), "applier.on_conflict=stop".into()],
+        )
+        .unwrap();
+        assert_eq!((c.retry.other_minutes, c.source.slot.as_str(), c.applier.on_conflict), (5, "s2", ConflictPolicy::Stop));
+        let err = |text: &str, o: &[&str]| Config::parse(text, "x", &o.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_err().to_string();
+        assert!(err("", &["retry.other_minutes=800"]).contains("less than retry.connection_minutes"));
+        assert!(err("", &["retry.connection_minutes=5"]).contains("between 10 and 1440"));
+        assert!(err("[source]\nslott = \"x\"", &[]).contains("unknown field `slott`"));
+        assert!(err("task_id = \"a-b\"", &[]).contains("task_id"));
+        assert!(err("[applier]\non_conflict = \"maybe\"", &[]).contains("on_conflict"));
+        assert!(err("[source]\ninclude_tables = [\"nodot\"]", &[]).contains("schema.table"));
+        assert!(err("", &["noequals"]).contains("section.key=value"));
+    }
+}
