@@ -5,5 +5,6 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod replication;
+pub mod transport;
 pub mod inspect;
 pub mod metrics;

@@ -11,6 +11,7 @@ fn generated_grpc_code_is_current() {
     let out = tempfile_dir();
     tonic_prost_build::configure()
         .build_transport(true)
+        .bytes(".")
         .out_dir(&out)
         .compile_protos(&[root.join("proto/decant.proto")], &[root.join("proto")])
         .expect("protoc must be installed (scripts/setup.sh installs protobuf-compiler)");

@@ -18,7 +18,9 @@
 #     the same options (pg_recvlogical's per-message newline is not counted).
 #   - changes = INSERT/UPDATE/DELETE rows, counted in test_decoding's output.
 #   - decant is drained first and again last (slot decant_2); the faster run is
-#     used for the ratios. Timings are noisy on a busy machine (see loadavg).
+#     used for the ratios. Timings are noisy on a busy machine (see CPU busy).
+#   - "peek s", for reference: the same decode through
+#     pg_logical_slot_peek_binary_changes (no walsender, no client).
 #
 # Run as root (PostgreSQL server commands run as the `postgres` user).
 # Environment:
@@ -202,7 +204,7 @@ END_LSN=$(psql_ -d "$DB" -c "SELECT pg_current_wal_lsn()")
 say "end LSN $END_LSN"
 
 # --- exact output sizes (peek does not consume) -------------------------------------
-declare -A COUNT BYTES SECS FILE_BYTES EXCLUDED
+declare -A COUNT BYTES SECS PEEK_SECS FILE_BYTES EXCLUDED
 peek_args() { # name=value words -> ", 'name', 'value', ..."
     local o
     for o in $1; do printf ", '%s', '%s'" "${o%%=*}" "${o#*=}"; done
@@ -220,14 +222,25 @@ for s in "${SLOTS[@]}"; do
         die "peek of slot $s failed"
     fi
     read -r COUNT[$s] BYTES[$s] <<<"$out"
-    say "peek $s: ${COUNT[$s]} messages, ${BYTES[$s]} bytes ($(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s)"
+    PEEK_SECS[$s]=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.3f}')")
+    say "peek $s: ${COUNT[$s]} messages, ${BYTES[$s]} bytes (${PEEK_SECS[$s]} s)"
 done
 
 # --- timed drains, one at a time; decant first and (via decant_2) last ---------------
-# Timings are only comparable on an otherwise idle machine; flag contention.
-LOADAVG=$(cut -d' ' -f1 /proc/loadavg)
-if python3 -c "import sys; sys.exit(0 if $LOADAVG >= 1.0 else 1)"; then
-    say "WARNING: load average $LOADAVG before the timed drains; other work may skew timings"
+# Timings are only comparable on an otherwise idle machine. Our cluster is
+# idle here (autovacuum is off), so CPU use now is someone else's; the load
+# average would mostly reflect our own pgbench run.
+CPU_BUSY=$(python3 - <<'EOF'
+import time
+def sample():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v), v[3] + v[4]  # total, idle + iowait
+t0, i0 = sample(); time.sleep(2); t1, i1 = sample()
+print(round(100 * (1 - (i1 - i0) / max(t1 - t0, 1))))
+EOF
+)
+if ((CPU_BUSY >= 20)); then
+    say "WARNING: CPU ${CPU_BUSY}% busy before the timed drains; other work may skew timings"
 fi
 say "untimed warm-up drain (test_decoding)"
 "$BINDIR/pg_recvlogical" "${CONN[@]}" -d "$DB" --slot warmup --start --endpos="$END_LSN" \
@@ -273,13 +286,13 @@ results=$WORK/results.tsv
 : >"$results"
 for s in "${SLOTS[@]}"; do
     if [[ -n ${EXCLUDED[$s]:-} ]]; then
-        printf '%s\t%s\texcluded\t\t\t%s\n' "$s" "${PLUGIN[$s]}" "${EXCLUDED[$s]}" >>"$results"
+        printf '%s\t%s\texcluded\t\t\t\t%s\n' "$s" "${PLUGIN[$s]}" "${EXCLUDED[$s]}" >>"$results"
     else
-        printf '%s\t%s\tok\t%s\t%s\t\n' "$s" "${PLUGIN[$s]}" "${SECS[$s]}" "${BYTES[$s]}" >>"$results"
+        printf '%s\t%s\tok\t%s\t%s\t%s\t\n' "$s" "${PLUGIN[$s]}" "${SECS[$s]}" "${BYTES[$s]}" "${PEEK_SECS[$s]}" >>"$results"
     fi
 done
 
-PG_VERSION=$PG_VERSION TXNS=$TXNS SCALE=$SCALE CHANGES=$CHANGES END_LSN=$END_LSN LOADAVG=$LOADAVG \
+PG_VERSION=$PG_VERSION TXNS=$TXNS SCALE=$SCALE CHANGES=$CHANGES END_LSN=$END_LSN CPU_BUSY=$CPU_BUSY \
     python3 - "$results" <<'EOF'
 import json, os, sys
 
@@ -287,12 +300,12 @@ env = os.environ
 changes = int(env["CHANGES"])
 rows, excluded = {}, {}
 for line in open(sys.argv[1]):
-    slot, plugin, status, secs, nbytes, note = line.rstrip("\n").split("\t")
+    slot, plugin, status, secs, nbytes, peek, note = line.rstrip("\n").split("\t")
     if status == "excluded":
         excluded[slot] = note
         continue
     secs, nbytes = float(secs), int(nbytes)
-    rows[slot] = {"plugin": plugin, "seconds": secs, "bytes": nbytes,
+    rows[slot] = {"plugin": plugin, "seconds": secs, "bytes": nbytes, "peek_seconds": float(peek),
                   "bytes_per_change": nbytes / changes, "changes_per_second": changes / secs}
 
 # The better of the two decant runs, to reduce page-cache warm-up bias.
@@ -303,17 +316,18 @@ fastest = max(peers, key=lambda s: rows[s]["changes_per_second"])
 
 print(f"PostgreSQL {env['PG_VERSION']}; pgbench TXNS={env['TXNS']} SCALE={env['SCALE']}; "
       f"changes={changes} (from test_decoding); end LSN {env['END_LSN']}; "
-      f"load average before drains {env['LOADAVG']}")
+      f"CPU busy before drains {env['CPU_BUSY']}%")
 print()
 hdr = ("plugin", "seconds", "changes/s", "output bytes", "bytes/change",
-       "bytes/chg vs decant", "speed decant/peer")
-fmt = "{:<18} {:>9} {:>11} {:>14} {:>13} {:>20} {:>18}"
+       "bytes/chg vs decant", "speed decant/peer", "peek s")
+fmt = "{:<18} {:>9} {:>11} {:>14} {:>13} {:>20} {:>18} {:>8}"
 print(fmt.format(*hdr))
 def line(name, r):
     print(fmt.format(name, f"{r['seconds']:.3f}", f"{r['changes_per_second']:,.0f}", f"{r['bytes']:,}",
                      f"{r['bytes_per_change']:.2f}",
                      f"{r['bytes_per_change'] / decant['bytes_per_change']:.2f}",
-                     f"{decant['changes_per_second'] / r['changes_per_second']:.2f}"))
+                     f"{decant['changes_per_second'] / r['changes_per_second']:.2f}",
+                     f"{r['peek_seconds']:.3f}"))
 line("decant (best)", decant)
 line("  decant run 1", rows["decant"])
 line("  decant run 2", rows["decant_2"])
@@ -323,12 +337,13 @@ for s, note in excluded.items():
     print(f"{s:<18} excluded: {note}")
 print()
 print("bytes/chg vs decant = peer bytes/change / decant bytes/change (>1: peer output is larger);")
-print("speed decant/peer = decant changes/s / peer changes/s (>1: decant is faster).")
+print("speed decant/peer = decant changes/s / peer changes/s (>1: decant is faster);")
+print("peek s = the same decode via pg_logical_slot_peek_binary_changes (no streaming; reference only).")
 
 pgo = rows["pgoutput_text"]
 summary = {
     "pg_version": env["PG_VERSION"], "txns": int(env["TXNS"]), "scale": int(env["SCALE"]),
-    "end_lsn": env["END_LSN"], "loadavg_before_drains": float(env["LOADAVG"]), "changes": changes,
+    "end_lsn": env["END_LSN"], "cpu_busy_percent_before_drains": int(env["CPU_BUSY"]), "changes": changes,
     "decant_seconds": decant["seconds"],
     "decant_seconds_runs": [rows["decant"]["seconds"], rows["decant_2"]["seconds"]],
     "decant_bytes": decant["bytes"],
@@ -338,7 +353,8 @@ summary = {
     "throughput_ratio_vs_fastest_peer": round(decant["changes_per_second"] / rows[fastest]["changes_per_second"], 4),
     "fastest_peer": fastest,
     "plugins": {s: {"seconds": r["seconds"], "bytes": r["bytes"],
-                    "bytes_per_change": round(r["bytes_per_change"], 4)} for s, r in rows.items()},
+                    "bytes_per_change": round(r["bytes_per_change"], 4),
+                    "peek_seconds": r["peek_seconds"]} for s, r in rows.items()},
     "excluded": excluded,
 }
 print(json.dumps(summary, separators=(",", ":")))

@@ -40,8 +40,8 @@ pub struct RecordBatch {
     #[prost(uint64, tag = "1")]
     pub sequence: u64,
     /// Whole decant frames, concatenated, in source commit order.
-    #[prost(bytes = "vec", tag = "2")]
-    pub records: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub records: ::prost::bytes::Bytes,
     /// Number of frames in records.
     #[prost(uint32, tag = "3")]
     pub count: u32,

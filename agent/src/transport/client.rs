@@ -1,0 +1,83 @@
+//! The agent's end of the channel.
+
+use decant_proto::grpc::agent_message::Body as AgentBody;
+use decant_proto::grpc::applier_client::ApplierClient;
+use decant_proto::grpc::applier_message::Body as ApplierBody;
+use decant_proto::grpc::{AgentMessage, ApplierMessage, Hello};
+use decant_proto::Lsn;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+use tonic::{Status, Streaming};
+
+use super::{compression, TransportError, TransportSettings, MAX_MESSAGE_BYTES};
+
+/// An open stream to the applier.
+pub struct ApplierStream {
+    /// Queue of messages to send; bounded, so a slow applier slows the agent.
+    pub outbound: mpsc::Sender<AgentMessage>,
+    pub inbound: Streaming<ApplierMessage>,
+    /// Where the applier says to resume.
+    pub resume_lsn: Lsn,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("cannot reach the applier at {url}: {source}")]
+    Connect { url: String, source: tonic::transport::Error },
+    #[error("applier: {}", .0.message())]
+    Status(Status),
+    #[error("applier: the stream ended before Welcome")]
+    NoWelcome,
+}
+
+impl StreamError {
+    /// A lost or refused connection, as opposed to an answer.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            StreamError::Connect { .. } | StreamError::NoWelcome => true,
+            StreamError::Status(s) => matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown),
+            StreamError::Transport(_) => false,
+        }
+    }
+}
+
+/// Connects, says Hello, and waits for Welcome.
+pub async fn open(url: &str, settings: &TransportSettings, hello: Hello, queue: usize) -> Result<ApplierStream, StreamError> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| TransportError::Url(url.to_owned(), e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    if url.starts_with("https://") {
+        let host = endpoint.uri().host().unwrap_or_default().to_owned();
+        endpoint = endpoint.tls_config(settings.client_tls(&host)).map_err(TransportError::from)?;
+    }
+    let channel = endpoint.connect().await.map_err(|source| StreamError::Connect { url: url.to_owned(), source })?;
+    let token: Option<MetadataValue<_>> = match &settings.token {
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| TransportError::Url(url.to_owned(), "the token contains characters not allowed in a header".into()))?),
+        None => None,
+    };
+    let mut client = ApplierClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(t) = &token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    if let Some(c) = compression(settings) {
+        client = client.send_compressed(c).accept_compressed(c);
+    }
+    let (tx, rx) = mpsc::channel(queue.max(1));
+    tx.send(AgentMessage { body: Some(AgentBody::Hello(hello)) }).await.map_err(|_| StreamError::NoWelcome)?;
+    let mut inbound = client.replicate(ReceiverStream::new(rx)).await.map_err(StreamError::Status)?.into_inner();
+    match inbound.message().await {
+        Ok(Some(ApplierMessage { body: Some(ApplierBody::Welcome(w)) })) => Ok(ApplierStream { outbound: tx, inbound, resume_lsn: Lsn(w.resume_lsn) }),
+        Ok(_) => Err(StreamError::NoWelcome),
+        Err(s) => Err(StreamError::Status(s)),
+    }
+}

@@ -1,0 +1,195 @@
+//! The applier's gRPC server: one agent stream at a time per task.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use decant_proto::grpc::agent_message::Body as AgentBody;
+use decant_proto::grpc::applier_message::Body as ApplierBody;
+use decant_proto::grpc::applier_server::{Applier as ApplierRpc, ApplierServer};
+use decant_proto::grpc::{Ack, AgentMessage, ApplierMessage, Welcome};
+use decant_proto::FORMAT_VERSION;
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{check_token, compression, MAX_MESSAGE_BYTES};
+use crate::applier::apply::{ApplyError, ApplySettings, Applier};
+use crate::connect::ConnInfo;
+use crate::metrics::Metrics;
+
+pub struct ApplierService {
+    pub task_id: String,
+    pub destination: ConnInfo,
+    pub settings: ApplySettings,
+    pub metrics: Arc<Metrics>,
+    /// Held while an agent streams, so a second agent is refused.
+    pub busy: Arc<Mutex<()>>,
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<ApplierMessage, Status>> + Send>>;
+
+fn status_of(e: &ApplyError) -> Status {
+    let message = e.to_string();
+    match e {
+        ApplyError::Corrupt { .. } => Status::data_loss(message),
+        _ if e.is_connection_loss() => Status::unavailable(message),
+        ApplyError::MissingTable { .. } | ApplyError::NoIdentity { .. } | ApplyError::MissingRow { .. } => Status::failed_precondition(message),
+        _ => Status::aborted(message),
+    }
+}
+
+fn ack(committed: decant_proto::Lsn, sequence: u64) -> Result<ApplierMessage, Status> {
+    Ok(ApplierMessage { body: Some(ApplierBody::Ack(Ack { committed_lsn: committed.0, applied_sequence: sequence })) })
+}
+
+#[tonic::async_trait]
+impl ApplierRpc for ApplierService {
+    type ReplicateStream = Outbound;
+
+    async fn replicate(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
+        let guard = self
+            .busy
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| Status::resource_exhausted(format!("task {}: another agent is already streaming to this applier", self.task_id)))?;
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(AgentMessage { body: Some(AgentBody::Hello(h)) }) => h,
+            _ => return Err(Status::invalid_argument("the stream must start with Hello")),
+        };
+        if hello.task_id != self.task_id {
+            return Err(Status::permission_denied(format!(
+                "this applier serves task {:?}, the agent is configured for task {:?}",
+                self.task_id, hello.task_id
+            )));
+        }
+        if hello.format_version != u32::from(FORMAT_VERSION) {
+            return Err(Status::failed_precondition(format!(
+                "record format version {} is not supported by this applier (it reads version {FORMAT_VERSION}); upgrade the applier",
+                hello.format_version
+            )));
+        }
+        let mut applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| status_of(&e))?;
+        tracing::info!(agent_version = %hello.agent_version, source_system = %hello.source_system_id, database = %hello.source_database, resume_lsn = %applier.resume_lsn(), "agent connected");
+        let welcome = ApplierMessage {
+            body: Some(ApplierBody::Welcome(Welcome {
+                resume_lsn: applier.resume_lsn().0,
+                format_version: u32::from(FORMAT_VERSION),
+                applier_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+        };
+        // Acks are cumulative: only the latest matters, so a watch channel
+        // carries them and a slow reader never blocks the applier.
+        let (ack_tx, ack_rx) = watch::channel(Ok(welcome));
+        let (end_tx, end_rx) = mpsc::channel::<Result<ApplierMessage, Status>>(1);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let result = run(&mut applier, inbound, &ack_tx, &metrics).await;
+            if let Err(e) = result {
+                metrics.errors.inc();
+                tracing::error!(error = %e.message(), "apply stream ended with an error");
+                applier.abort().await;
+                let _ = end_tx.send(Err(e)).await;
+            }
+        });
+        let acks = WatchStream::new(ack_rx);
+        let out: Outbound = Box::pin(acks.merge(ReceiverStream::new(end_rx)));
+        Ok(Response::new(out))
+    }
+}
+
+/// Applies batches until the agent ends the stream or an error occurs.
+async fn run(
+    applier: &mut Applier,
+    mut inbound: Streaming<AgentMessage>,
+    acks: &watch::Sender<Result<ApplierMessage, Status>>,
+    metrics: &Metrics,
+) -> Result<(), Status> {
+    // Batches are read by their own task so the apply loop can tell
+    // whether more input is already waiting (then it keeps the group open).
+    let (batch_tx, mut batches) = mpsc::channel::<Result<(u64, Bytes), Status>>(4);
+    let reader = {
+        tokio::spawn(async move {
+            loop {
+                let item = match inbound.message().await {
+                    Ok(Some(AgentMessage { body: Some(AgentBody::Batch(b)) })) => Ok((b.sequence, b.records)),
+                    Ok(Some(_)) => Err(Status::invalid_argument("unexpected message after Hello")),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                let stop = item.is_err();
+                if batch_tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        })
+    };
+    let mut applied_sequence = 0;
+    let mut durable = applier.resume_lsn();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let result = loop {
+        tokio::select! {
+            next = batches.recv() => {
+                let Some(next) = next else { break Ok(()) };
+                let (sequence, records) = match next {
+                    Ok(b) => b,
+                    Err(e) => break Err(e),
+                };
+                if let Err(e) = applier.apply_batch(sequence, &records).await {
+                    break Err(status_of(&e));
+                }
+                applied_sequence = sequence;
+                if batches.is_empty() {
+                    if let Err(e) = applier.flush().await {
+                        break Err(status_of(&e));
+                    }
+                }
+                let _ = acks.send(ack(durable, applied_sequence));
+            }
+            _ = tick.tick() => {
+                if let Err(e) = applier.flush().await {
+                    break Err(status_of(&e));
+                }
+                if applier.has_undurable_commits() {
+                    match applier.durable_lsn().await {
+                        Ok(lsn) if lsn != durable => {
+                            durable = lsn;
+                            metrics.applied_lsn.set(lsn.0);
+                            let _ = acks.send(ack(durable, applied_sequence));
+                        }
+                        Ok(_) => {}
+                        Err(e) => break Err(status_of(&e)),
+                    }
+                }
+            }
+        }
+    };
+    reader.abort();
+    result
+}
+
+/// Serves the applier until `shutdown` resolves.
+pub async fn serve(
+    listen: std::net::SocketAddr,
+    service: ApplierService,
+    transport: &super::TransportSettings,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), super::TransportError> {
+    let mut builder = tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(20))).http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = transport.server_tls()? {
+        builder = builder.tls_config(tls)?;
+    }
+    let token = transport.token.clone();
+    let mut server = ApplierServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    if let Some(c) = compression(transport) {
+        server = server.accept_compressed(c).send_compressed(c);
+    }
+    let server = tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| check_token(req, token.as_deref()));
+    tracing::info!(%listen, tls = transport.server_tls_enabled(), token = transport.token.is_some(), "applier listening");
+    builder.add_service(server).serve_with_shutdown(listen, shutdown).await?;
+    Ok(())
+}
