@@ -1,8 +1,12 @@
 //! Command line of the `decant` binary.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, DEFAULT_CONFIG};
+use crate::metrics::Metrics;
 
 #[derive(Debug, Parser)]
 #[command(name = "decant", version, about = "Zero-downtime PostgreSQL migration: schema, full copy, then change capture")]
@@ -13,8 +17,24 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Source side: stream the decant slot to the applier (a long-running service).
+    Agent(RoleArgs),
+    /// Destination side: receive records from the agent and apply them (a long-running service).
+    Applier(RoleArgs),
+    /// Print the default configuration, with every setting documented.
+    DefaultConfig,
     /// Decode and print decant change records, checking every CRC.
     Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RoleArgs {
+    /// The task's TOML configuration (see `decant default-config`).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override a setting: section.key=value (TOML value syntax), repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -53,5 +73,66 @@ pub struct InspectArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => crate::inspect::run(args),
+        Command::DefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Agent(args) => {
+            let config = Config::load(Some(&args.config), &args.overrides)?;
+            serve_role(config, |config, metrics, shutdown| async move {
+                let listen = config.agent.metrics_listen.clone();
+                let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
+                crate::agent::run(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+            })
+        }
+        Command::Applier(args) => {
+            let config = Config::load(Some(&args.config), &args.overrides)?;
+            serve_role(config, |config, metrics, shutdown| async move {
+                let listen = config.applier.metrics_listen.clone();
+                let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
+                crate::applier::run(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+            })
+        }
     }
+}
+
+async fn start_metrics(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = listen.parse().map_err(|e| anyhow::anyhow!("metrics_listen {listen:?}: {e}"))?;
+    let handle = crate::metrics::serve(addr, metrics).await.map_err(|e| anyhow::anyhow!("metrics_listen {listen}: {e}"))?;
+    Ok(Some(handle))
+}
+
+/// Sets up logging, a runtime and signal handling, then runs a role.
+fn serve_role<F, Fut>(config: Config, role: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Config, Arc<Metrics>, tokio::sync::watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            tracing::info!("stopping");
+            let _ = stop_tx.send(true);
+        });
+        role(config, Arc::new(Metrics::default()), stop_rx).await
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},tokio_postgres=warn,h2=warn", config.log.level)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
 }

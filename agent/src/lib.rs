@@ -1,10 +1,12 @@
 //! decant's agent-side library: the commands of the `decant` binary.
 
+pub mod agent;
 pub mod applier;
 pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod replication;
+pub mod retry;
 pub mod transport;
 pub mod inspect;
 pub mod metrics;

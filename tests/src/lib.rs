@@ -5,3 +5,4 @@ mod cluster;
 
 pub use cluster::Cluster;
 pub mod slot;
+pub mod process;

@@ -90,8 +90,12 @@ impl ApplierRpc for ApplierService {
             let _guard = guard;
             let result = run(&mut applier, inbound, &ack_tx, &metrics).await;
             if let Err(e) = result {
-                metrics.errors.inc();
-                tracing::error!(error = %e.message(), "apply stream ended with an error");
+                if matches!(e.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
+                    tracing::info!(reason = %e.message(), "agent disconnected");
+                } else {
+                    metrics.errors.inc();
+                    tracing::error!(error = %e.message(), "apply stream ended with an error");
+                }
                 applier.abort().await;
                 let _ = end_tx.send(Err(e)).await;
             }

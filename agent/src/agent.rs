@@ -1,0 +1,392 @@
+//! `decant agent`: streams the source slot to the applier, and confirms to
+//! the source only what the destination has durably committed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use decant_proto::grpc::agent_message::Body as AgentBody;
+use decant_proto::grpc::applier_message::Body as ApplierBody;
+use decant_proto::grpc::{AgentMessage, Hello, RecordBatch};
+use decant_proto::{decode, DecodeError, Lsn, Record, FORMAT_VERSION};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
+use crate::metrics::Metrics;
+use crate::replication::client::quote_literal;
+use crate::replication::messages::{pg_now, StatusUpdate};
+use crate::replication::{ReplicationClient, ReplicationError, Streamed};
+use crate::retry::{ErrorClass, Retry};
+use crate::transport::client::{open, ApplierStream, StreamError};
+use crate::transport::{TransportError, TransportSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("source connection string: {0}")]
+    ConnInfo(#[from] ConnInfoError),
+    #[error("source: {0}")]
+    Source(#[from] ReplicationError),
+    #[error("{0}")]
+    Applier(#[from] StreamError),
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("source slot {slot:?}: {problem}")]
+    Slot { slot: String, problem: String, class: ErrorClass },
+    #[error("corrupt record from the source at {lsn}: {error}")]
+    Corrupt { lsn: Lsn, error: DecodeError },
+    #[error("the applier closed the stream")]
+    ApplierClosed,
+}
+
+impl AgentError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            AgentError::ConnInfo(_) | AgentError::Transport(_) => ErrorClass::Fatal,
+            AgentError::Source(e) if e.is_connection_loss() => ErrorClass::Connection,
+            AgentError::Source(e) => match e.code() {
+                // bad password / no such role / not allowed by pg_hba,
+                // wal_level not logical, plugin missing or not allowed,
+                // insufficient privilege, no such database, bad option.
+                Some("28P01" | "28000" | "55000" | "58P01" | "42501" | "3D000" | "22023" | "42704") => ErrorClass::Fatal,
+                _ => match e {
+                    ReplicationError::Tls(_) | ReplicationError::TlsRefused(_) | ReplicationError::PasswordNeeded(_) | ReplicationError::UnsupportedAuth(_) => {
+                        ErrorClass::Fatal
+                    }
+                    _ => ErrorClass::Other,
+                },
+            },
+            AgentError::Applier(e) if e.is_connection_loss() => ErrorClass::Connection,
+            AgentError::Applier(StreamError::Status(s))
+                if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument) =>
+            {
+                ErrorClass::Fatal
+            }
+            AgentError::Applier(_) => ErrorClass::Other,
+            AgentError::Slot { class, .. } => *class,
+            AgentError::Corrupt { .. } => ErrorClass::Other,
+            AgentError::ApplierClosed => ErrorClass::Connection,
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` turns true, retrying per the policy.
+pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv)?;
+    let transport = TransportSettings::from_config(&config)?;
+    let mut retry = Retry::new(config.connection_retry(), config.other_retry());
+    tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
+    loop {
+        let mut session = Session::new(&config, &metrics);
+        let result = session.run(&source, &transport, &mut retry, &mut shutdown).await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                metrics.errors.inc();
+                let class = e.class();
+                match retry.failed(class) {
+                    Some(wait) => {
+                        metrics.retries.inc();
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.changed() => return Ok(()),
+                        }
+                    }
+                    None => {
+                        if class != ErrorClass::Fatal {
+                            tracing::error!(error = %e, failing_for_s = retry.failing_for().as_secs(), "agent gives up: retry time exhausted");
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// State of one connected session (source slot + applier stream).
+struct Session<'c> {
+    config: &'c Config,
+    metrics: &'c Metrics,
+    batch: BytesMut,
+    batch_count: u32,
+    batch_started: Option<Instant>,
+    sequence: u64,
+    pending: Option<AgentMessage>,
+    in_txn: bool,
+    last_commit_end: Lsn,
+    last_received: Lsn,
+    wal_end: Lsn,
+    committed: Lsn,
+    confirmed: Lsn,
+}
+
+impl<'c> Session<'c> {
+    fn new(config: &'c Config, metrics: &'c Metrics) -> Self {
+        Session {
+            config,
+            metrics,
+            batch: BytesMut::new(),
+            batch_count: 0,
+            batch_started: None,
+            sequence: 0,
+            pending: None,
+            in_txn: false,
+            last_commit_end: Lsn(0),
+            last_received: Lsn(0),
+            wal_end: Lsn(0),
+            committed: Lsn(0),
+            confirmed: Lsn(0),
+        }
+    }
+
+    async fn run(&mut self, source: &ConnInfo, transport: &TransportSettings, retry: &mut Retry, shutdown: &mut watch::Receiver<bool>) -> Result<(), AgentError> {
+        let config = self.config;
+        let slot = config.source.slot.as_str();
+        let mut repl = ReplicationClient::connect(source, "decant agent").await?;
+        let system = repl.identify_system().await?;
+        self.ensure_slot(&mut repl, slot).await?;
+        let hello = Hello {
+            task_id: config.task_id.clone(),
+            format_version: u32::from(FORMAT_VERSION),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            source_system_id: system.system_id.clone(),
+            source_database: system.database.clone().unwrap_or_default(),
+        };
+        let mut applier = open(&config.agent.applier_url, transport, hello, config.agent.max_batches_in_flight).await?;
+        self.committed = applier.resume_lsn;
+        self.confirmed = applier.resume_lsn;
+        self.last_commit_end = applier.resume_lsn;
+        let options: Vec<(&str, String)> = config.plugin_option_pairs();
+        repl.start_replication(slot, applier.resume_lsn, &options).await?;
+        tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, "streaming");
+        let heartbeat = spawn_heartbeat(source.clone(), config.source.heartbeat_seconds);
+        let result = self.pump(&mut repl, &mut applier, retry, shutdown).await;
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
+        if result.is_ok() {
+            repl.close().await;
+        }
+        result
+    }
+
+    /// Creates the slot if allowed and missing; refuses a slot of another
+    /// plugin; reports who holds a busy slot.
+    async fn ensure_slot(&self, repl: &mut ReplicationClient, slot: &str) -> Result<(), AgentError> {
+        let rows = repl
+            .simple_query(&format!(
+                "SELECT plugin, active_pid::text, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = {}",
+                quote_literal(slot)
+            ))
+            .await?;
+        let problem = |problem: String, class| AgentError::Slot { slot: slot.to_owned(), problem, class };
+        match rows.first() {
+            None if self.config.source.create_slot => {
+                let created = repl.create_logical_slot(slot, "decant", false).await?;
+                tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");
+                Ok(())
+            }
+            None => Err(problem("does not exist on the source; create it with plugin decant, or set source.create_slot = true".into(), ErrorClass::Fatal)),
+            Some(row) => {
+                let plugin = row.first().cloned().flatten().unwrap_or_default();
+                if plugin != "decant" {
+                    return Err(problem(format!("uses output plugin {plugin:?}, not decant; use another slot name"), ErrorClass::Fatal));
+                }
+                if let Some(pid) = row.get(1).cloned().flatten() {
+                    return Err(problem(
+                        format!(
+                            "is in use by the source process with PID {pid}: another agent for this slot, or a stale connection \
+                             that the source drops after wal_sender_timeout (or end it with pg_terminate_backend({pid}))"
+                        ),
+                        ErrorClass::Other,
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves records from the slot to the applier and acks back.
+    async fn pump(&mut self, repl: &mut ReplicationClient, applier: &mut ApplierStream, retry: &mut Retry, shutdown: &mut watch::Receiver<bool>) -> Result<(), AgentError> {
+        let config = self.config;
+        let batch_delay = Duration::from_millis(config.agent.batch_max_delay_ms);
+        let mut status_tick = tokio::time::interval(Duration::from_secs(config.agent.status_interval_seconds.max(1)));
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.batch_started.map(|s| s + batch_delay);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                ack = applier.inbound.message() => {
+                    match ack {
+                        Ok(Some(m)) => {
+                            if let Some(ApplierBody::Ack(a)) = m.body {
+                                if Lsn(a.committed_lsn) > self.committed {
+                                    self.committed = Lsn(a.committed_lsn);
+                                    retry.succeeded();
+                                    self.send_status(repl, false).await?;
+                                }
+                            }
+                        }
+                        Ok(None) => return Err(AgentError::ApplierClosed),
+                        Err(status) => return Err(StreamError::Status(status).into()),
+                    }
+                }
+                permit = applier.outbound.reserve(), if self.pending.is_some() => {
+                    let permit = permit.map_err(|_| AgentError::ApplierClosed)?;
+                    if let Some(msg) = self.pending.take() {
+                        permit.send(msg);
+                        self.metrics.batches_sent.inc();
+                    }
+                }
+                _ = status_tick.tick() => self.send_status(repl, false).await?,
+                _ = sleep_until(deadline), if deadline.is_some() && self.pending.is_none() => self.cut_batch(),
+                msg = repl.recv(), if self.pending.is_none() => {
+                    match msg? {
+                        Streamed::Data { wal_start, wal_end, payload, .. } => {
+                            self.wal_end = self.wal_end.max(wal_end);
+                            self.last_received = self.last_received.max(wal_start);
+                            self.take_record(wal_start, &payload)?;
+                        }
+                        Streamed::Keepalive { wal_end, reply_requested, .. } => {
+                            self.wal_end = self.wal_end.max(wal_end);
+                            self.send_status(repl, reply_requested).await?;
+                        }
+                        Streamed::End => return Err(AgentError::Source(ReplicationError::Protocol("the source ended the replication stream".into()))),
+                    }
+                    self.metrics.source_wal_end.set(self.wal_end.0);
+                }
+            }
+        }
+        self.drain_on_shutdown(repl, applier).await
+    }
+
+    fn take_record(&mut self, at: Lsn, payload: &[u8]) -> Result<(), AgentError> {
+        let (record, _) = decode(payload).map_err(|error| AgentError::Corrupt { lsn: at, error })?;
+        match record {
+            Record::Begin(_) => self.in_txn = true,
+            Record::Commit(c) => {
+                self.in_txn = false;
+                self.last_commit_end = c.end_lsn;
+            }
+            _ => {}
+        }
+        self.metrics.records_received.inc();
+        self.metrics.bytes_received.add(payload.len() as u64);
+        if self.batch.is_empty() {
+            self.batch_started = Some(Instant::now());
+        }
+        self.batch.extend_from_slice(payload);
+        self.batch_count += 1;
+        if self.batch.len() >= self.config.agent.batch_max_bytes {
+            self.cut_batch();
+        }
+        Ok(())
+    }
+
+    fn cut_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.sequence += 1;
+        let records = self.batch.split().freeze();
+        self.pending = Some(AgentMessage {
+            body: Some(AgentBody::Batch(RecordBatch {
+                sequence: self.sequence,
+                records,
+                count: self.batch_count,
+                source_wal_end: self.wal_end.0,
+                sent_at: pg_now(),
+            })),
+        });
+        self.batch_count = 0;
+        self.batch_started = None;
+    }
+
+    /// What may be confirmed to the source: what the destination durably
+    /// committed, or — when nothing is in flight — the WAL end the source
+    /// reported, so an idle slot keeps moving.
+    fn confirmable(&self) -> Lsn {
+        let idle = !self.in_txn && self.batch.is_empty() && self.pending.is_none() && self.committed >= self.last_commit_end;
+        if idle {
+            self.committed.max(self.wal_end)
+        } else {
+            self.committed
+        }
+    }
+
+    async fn send_status(&mut self, repl: &mut ReplicationClient, reply_requested_by_server: bool) -> Result<(), AgentError> {
+        // Sent on every request and interval even when unchanged: it is also
+        // how the source knows this receiver is alive.
+        let _ = reply_requested_by_server;
+        let confirm = self.confirmable().max(self.confirmed);
+        self.confirmed = confirm;
+        repl.send_status(StatusUpdate {
+            written: self.last_received.max(confirm),
+            flushed: confirm,
+            applied: confirm,
+            clock: pg_now(),
+            reply_requested: false,
+        })
+        .await?;
+        self.metrics.confirmed_lsn.set(confirm.0);
+        self.metrics.lag_bytes.set(self.wal_end.0.saturating_sub(confirm.0));
+        Ok(())
+    }
+
+    /// On shutdown: send what was read, wait a little for the applier to
+    /// commit it, confirm what it did.
+    async fn drain_on_shutdown(&mut self, repl: &mut ReplicationClient, applier: &mut ApplierStream) -> Result<(), AgentError> {
+        self.cut_batch();
+        if let Some(msg) = self.pending.take() {
+            let _ = applier.outbound.send(msg).await;
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.committed < self.last_commit_end && Instant::now() < until {
+            match tokio::time::timeout_at(until.into(), applier.inbound.message()).await {
+                Ok(Ok(Some(m))) => {
+                    if let Some(ApplierBody::Ack(a)) = m.body {
+                        self.committed = self.committed.max(Lsn(a.committed_lsn));
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.send_status(repl, false).await?;
+        tracing::info!(confirmed = %self.confirmed, "agent stopped");
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Emits a heartbeat message on the source every `seconds`, so a slot on an
+/// otherwise idle database still sees WAL go by.
+fn spawn_heartbeat(source: ConnInfo, seconds: u64) -> Option<tokio::task::JoinHandle<()>> {
+    if seconds == 0 {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(seconds));
+        let mut client = None;
+        loop {
+            tick.tick().await;
+            if client.is_none() {
+                client = crate::connect::sql::connect(&source, "decant heartbeat", "").await.ok().map(|(c, _)| c);
+            }
+            if let Some(c) = &client {
+                if let Err(e) = c.batch_execute("SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text)").await {
+                    tracing::debug!(error = %e, "heartbeat failed");
+                    client = None;
+                }
+            }
+        }
+    }))
+}

@@ -1,0 +1,75 @@
+//! How long to keep trying: every error is classified as fatal (bad
+//! configuration or input, retrying cannot help), a lost connection
+//! (retried for `retry.connection_minutes`) or other (retried for
+//! `retry.other_minutes`), with exponential backoff.
+
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    Fatal,
+    Connection,
+    Other,
+}
+
+pub struct Retry {
+    connection_window: Duration,
+    other_window: Duration,
+    /// When the current run of failures started.
+    failing_since: Option<Instant>,
+    backoff: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Retry {
+    pub fn new(connection_window: Duration, other_window: Duration) -> Self {
+        Retry { connection_window, other_window, failing_since: None, backoff: FIRST_BACKOFF }
+    }
+
+    /// Work succeeded: the next failure starts a new run.
+    pub fn succeeded(&mut self) {
+        self.failing_since = None;
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// After a failure: `Some(wait)` to retry after waiting, `None` to give up.
+    pub fn failed(&mut self, class: ErrorClass) -> Option<Duration> {
+        let window = match class {
+            ErrorClass::Fatal => return None,
+            ErrorClass::Connection => self.connection_window,
+            ErrorClass::Other => self.other_window,
+        };
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= window {
+            return None;
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        Some(wait)
+    }
+
+    pub fn failing_for(&self) -> Duration {
+        self.failing_since.map(|s| s.elapsed()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_and_backoff() {
+        let mut r = Retry::new(Duration::from_secs(3600), Duration::ZERO);
+        assert_eq!(r.failed(ErrorClass::Fatal), None);
+        assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF));
+        assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF * 2));
+        assert_eq!(r.failed(ErrorClass::Other), None, "the other window (zero) is over");
+        r.succeeded();
+        assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF));
+        for _ in 0..20 {
+            assert!(r.failed(ErrorClass::Connection).unwrap() <= MAX_BACKOFF);
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Running `decant` roles as child processes, and comparing databases.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `decant` child process, killed on drop; its output goes to a log file
+/// that is printed when a test fails.
+pub struct Role {
+    child: Child,
+    log: PathBuf,
+    name: String,
+}
+
+impl Role {
+    pub fn start(bin: &Path, role: &str, config: &Path, log: &Path) -> Role {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("role log");
+        let err = out.try_clone().unwrap();
+        let child = Command::new(bin)
+            .args([role, "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} {role}: {e}", bin.display()));
+        Role { child, log: log.to_owned(), name: role.to_owned() }
+    }
+
+    /// SIGKILL, as in a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Option<i32> {
+        // SAFETY-free: use the kill command rather than libc.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("===== decant {} log =====\n{}", self.name, self.log());
+        }
+        self.kill9();
+    }
+}
+
+/// A checksum of a table's rows in key order (text forms), and the count.
+pub fn table_digest(client: &mut postgres::Client, table: &str, order_by: &str) -> (i64, String) {
+    let row = client
+        .query_one(
+            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {order_by})), '') FROM {table} t"),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("digest of {table}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// Waits until `f` returns true, up to `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
