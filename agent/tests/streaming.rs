@@ -152,3 +152,115 @@ fn streams_pgbench_and_mixed_types_exactly() {
         eprintln!("{}\n{}", agent.log(), applier.log());
     }
 }
+
+/// pgbench for `seconds` in the background; failures (a restarted source)
+/// are expected and ignored.
+fn background_load(p: &Pair, seconds: u32) -> std::thread::JoinHandle<()> {
+    let mut cmd = pg_tool(&p.source, "pgbench");
+    cmd.args(["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string(), "postgres"]);
+    std::thread::spawn(move || {
+        let _ = cmd.output();
+    })
+}
+
+fn pause(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+#[test]
+fn survives_kill9_of_agent_and_applier_and_restarts_of_both_databases() {
+    let p = pair("");
+    let mut applier = p.role("applier");
+    let mut agent = p.role("agent");
+
+    let load = background_load(&p, 3);
+    pause(1500);
+    agent.kill9();
+    pause(300);
+    agent = p.role("agent");
+    load.join().unwrap();
+
+    let load = background_load(&p, 3);
+    pause(1500);
+    applier.kill9();
+    pause(300);
+    applier = p.role("applier");
+    load.join().unwrap();
+    p.mixed_changes(1);
+
+    let load = background_load(&p, 3);
+    pause(1500);
+    p.dest.restart();
+    load.join().unwrap();
+    p.mixed_changes(2);
+
+    let load = background_load(&p, 3);
+    pause(1500);
+    p.source.restart();
+    load.join().unwrap();
+    p.pgbench(&["-t", "200"]);
+    p.mixed_changes(3);
+
+    p.wait_equal();
+    assert!(agent.is_running() && applier.is_running(), "agent: {}\napplier: {}", agent.log(), applier.log());
+    // The crashes and restarts really interrupted the stream.
+    let reconnects = applier.log().matches("agent connected").count();
+    assert!(reconnects >= 2, "the agent reconnected {reconnects} times to the last applier:\n{}", applier.log());
+    assert!(agent.log().contains("retrying"), "{}", agent.log());
+    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(applier.stop(), Some(0));
+}
+
+#[test]
+fn an_idle_source_keeps_advancing_the_slot() {
+    let p = pair("");
+    let _applier = p.role("applier");
+    let _agent = p.role("agent");
+    p.pgbench(&["-t", "10"]);
+    p.wait_equal();
+    // WAL written by another database only: nothing for this slot to
+    // stream, yet its confirmed position must follow the WAL.
+    let mut admin = p.source.connect();
+    admin.batch_execute("CREATE DATABASE other").unwrap();
+    let mut other = p.source.connect_db("other");
+    other.batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 50000) g").unwrap();
+    let target: String = admin.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    wait_for("confirmed_flush_lsn to pass the WAL written elsewhere", Duration::from_secs(60), || {
+        admin
+            .query_one("SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'decant_t'", &[&target])
+            .unwrap()
+            .get::<_, bool>(0)
+    });
+}
+
+#[test]
+fn metrics_endpoint_reports_progress() {
+    let metrics_port = free_port();
+    let p = pair("");
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    // The applier's metrics_listen is the second one in the file.
+    let at = config.rfind("metrics_listen = \"\"").unwrap();
+    let config = format!("{}metrics_listen = \"127.0.0.1:{metrics_port}\"{}", &config[..at], &config[at + "metrics_listen = \"\"".len()..]);
+    std::fs::write(&p.config, config).unwrap();
+    let _applier = p.role("applier");
+    let _agent = p.role("agent");
+    p.pgbench(&["-t", "50"]);
+    p.wait_equal();
+    let body = http_get(metrics_port, "/metrics");
+    let value = |name: &str| -> u64 {
+        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{name} missing in\n{body}"))
+    };
+    assert!(value("decant_changes_applied_total") >= 200, "{body}");
+    assert!(value("decant_transactions_applied_total") >= 50, "{body}");
+    assert!(value("decant_destination_commits_total") >= 1, "{body}");
+    assert!(http_get(metrics_port, "/other").contains("only /metrics"));
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
