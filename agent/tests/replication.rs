@@ -141,3 +141,70 @@ fn creates_a_slot_streams_records_and_confirms_progress() {
         client.drop_slot("s").await.unwrap_or_else(|e| panic!("{e}"));
     });
 }
+
+/// TLS to the source: sslmode semantics, certificate checks, client
+/// certificates (with an encrypted key), and SCRAM channel binding.
+#[test]
+fn tls_modes_client_certificates_and_channel_binding() {
+    use decant_tests::certs::Certs;
+    let certs = Certs::new("cert_user");
+    let cluster = Cluster::start();
+    let mut admin = cluster.connect();
+    for line in certs.install_in_server(cluster.data_dir()) {
+        let (k, v) = line.split_once(" = ").unwrap();
+        admin.batch_execute(&format!("ALTER SYSTEM SET {k} = {v}")).unwrap();
+    }
+    admin
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram secret';
+             CREATE ROLE cert_user LOGIN REPLICATION;",
+        )
+        .unwrap();
+    set_hba(
+        &cluster,
+        "local all all trust\n\
+         host all postgres 127.0.0.1/32 trust\n\
+         hostssl all,replication scram_user 127.0.0.1/32 scram-sha-256\n\
+         hostssl all,replication cert_user 127.0.0.1/32 cert\n",
+    );
+    let base = format!("host=localhost port={} dbname=postgres", cluster.port());
+    let ca = certs.ca.display().to_string();
+    let scram = format!("{base} user=scram_user password='scram secret'");
+    runtime().block_on(async {
+        let ssl_in_use = |mut c: ReplicationClient| async move {
+            let rows = c.simple_query("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await.unwrap();
+            c.close().await;
+            rows[0][0].clone()
+        };
+        // verify-full against the right CA; SCRAM-SHA-256-PLUS binds the channel.
+        let c = ReplicationClient::connect(&info(&format!("{scram} sslmode=verify-full sslrootcert={ca}")), "t").await.unwrap();
+        assert_eq!(ssl_in_use(c).await.as_deref(), Some("true"));
+        // require, prefer: encrypted too.
+        for mode in ["require", "prefer"] {
+            let c = ReplicationClient::connect(&info(&format!("{scram} sslmode={mode}")), "t").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+            assert_eq!(ssl_in_use(c).await.as_deref(), Some("true"), "{mode}");
+        }
+        // The wrong CA is refused.
+        let other = certs.other_ca.display().to_string();
+        let err = ReplicationClient::connect(&info(&format!("{scram} sslmode=verify-full sslrootcert={other}")), "t").await.err().unwrap();
+        assert!(matches!(err, ReplicationError::TlsHandshake { .. }), "{err}");
+        // verify-full without a root certificate is a configuration error.
+        let err = ReplicationClient::connect(&info(&format!("{scram} sslmode=verify-full sslrootcert=/nonexistent/root.crt")), "t").await.err().unwrap();
+        assert!(err.to_string().contains("/nonexistent/root.crt"), "{err}");
+        // Without TLS, hostssl lines do not match.
+        let err = ReplicationClient::connect(&info(&format!("{scram} sslmode=disable")), "t").await.err().unwrap();
+        assert_eq!(err.code(), Some("28000"), "{err}");
+        // Client certificate authentication, with an encrypted key.
+        let cert = certs.client_cert.display().to_string();
+        let key = certs.client_key_encrypted.display().to_string();
+        std::fs::set_permissions(&certs.client_key_encrypted, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let with_cert = format!("{base} user=cert_user sslmode=verify-full sslrootcert={ca} sslcert={cert} sslkey={key}");
+        let c = ReplicationClient::connect(&info(&format!("{with_cert} sslpassword='{}'", Certs::KEY_PASSWORD)), "t").await.unwrap();
+        assert_eq!(ssl_in_use(c).await.as_deref(), Some("true"));
+        let err = ReplicationClient::connect(&info(&format!("{with_cert} sslpassword=wrong")), "t").await.err().unwrap();
+        assert!(err.to_string().contains("cannot decrypt"), "{err}");
+        let err = ReplicationClient::connect(&info(&with_cert), "t").await.err().unwrap();
+        assert!(err.to_string().contains("sslpassword"), "{err}");
+    });
+}

@@ -264,3 +264,40 @@ fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+#[test]
+fn mutual_tls_and_token_between_agent_and_applier() {
+    use decant_tests::certs::Certs;
+    let certs = Certs::new("decant-agent");
+    let p = pair("");
+    let config = std::fs::read_to_string(&p.config).unwrap().replace("applier_url = \"http://", "applier_url = \"https://");
+    let path = |p: &Path| p.display().to_string();
+    let config = format!(
+        "{config}\n[transport]\ntoken = \"correct horse\"\ntls_ca = \"{}\"\ntls_domain = \"localhost\"\n",
+        path(&certs.ca)
+    );
+    std::fs::write(&p.config, config).unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_decant"));
+    let log = |n: &str| p.dir.path().join(n);
+    let applier_tls = [format!("transport.tls_cert=\"{}\"", path(&certs.server_cert)), format!("transport.tls_key=\"{}\"", path(&certs.server_key))];
+    let agent_tls = [format!("transport.tls_cert=\"{}\"", path(&certs.client_cert)), format!("transport.tls_key=\"{}\"", path(&certs.client_key))];
+    let _applier = Role::start_with(bin, "applier", &p.config, &applier_tls, &log("applier.log"));
+
+    // A wrong token is refused, and the agent stops with a clear error.
+    let mut wrong: Vec<String> = agent_tls.to_vec();
+    wrong.push("transport.token=\"wrong\"".into());
+    let mut agent = Role::start_with(bin, "agent", &p.config, &wrong, &log("agent-wrong-token.log"));
+    assert_ne!(agent.wait_exit(Duration::from_secs(30)), Some(0), "{}", agent.log());
+    assert!(agent.log().contains("token does not match"), "{}", agent.log());
+    // Without a client certificate the TLS handshake fails (mutual TLS).
+    let mut agent = Role::start_with(bin, "agent", &p.config, &["retry.connection_minutes=10".into()], &log("agent-no-cert.log"));
+    p.pgbench(&["-t", "5"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let dest_history = table_digest(&mut p.dest.connect(), "pgbench_history", "t::text");
+    assert_eq!(dest_history.0, 0, "nothing may arrive without a client certificate");
+    agent.kill9();
+    // With both, data flows.
+    let _agent = Role::start_with(bin, "agent", &p.config, &agent_tls, &log("agent.log"));
+    p.pgbench(&["-t", "50"]);
+    p.wait_equal();
+}

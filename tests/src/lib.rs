@@ -6,3 +6,4 @@ mod cluster;
 pub use cluster::Cluster;
 pub mod slot;
 pub mod process;
+pub mod certs;

@@ -14,17 +14,35 @@ pub struct Role {
 
 impl Role {
     pub fn start(bin: &Path, role: &str, config: &Path, log: &Path) -> Role {
+        Self::start_with(bin, role, config, &[], log)
+    }
+
+    /// With `--set` overrides.
+    pub fn start_with(bin: &Path, role: &str, config: &Path, overrides: &[String], log: &Path) -> Role {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("role log");
         let err = out.try_clone().unwrap();
         let child = Command::new(bin)
             .args([role, "--config"])
             .arg(config)
+            .args(overrides.iter().flat_map(|o| ["--set", o.as_str()]))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} {role}: {e}", bin.display()));
         Role { child, log: log.to_owned(), name: role.to_owned() }
+    }
+
+    /// Waits for the process to exit by itself, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGKILL, as in a crash.
@@ -35,7 +53,6 @@ impl Role {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Option<i32> {
-        // SAFETY-free: use the kill command rather than libc.
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let until = Instant::now() + Duration::from_secs(20);
         while Instant::now() < until {
