@@ -76,14 +76,23 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
     let transport = TransportSettings::from_config(&config)?;
     let mut retry = Retry::new(config.connection_retry(), config.other_retry());
     tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
+    // Until the first session streams, a connection that cannot be made ends
+    // the agent with its error: at start that is almost always
+    // configuration (and a service manager restarts the agent anyway).
+    // Once streaming, lost connections are retried for the connection time.
+    let mut streamed_once = false;
     loop {
         let mut session = Session::new(&config, &metrics);
         let result = session.run(&source, &transport, &mut retry, &mut shutdown).await;
+        streamed_once |= session.streaming;
         match result {
             Ok(()) => return Ok(()),
             Err(e) => {
                 metrics.errors.inc();
-                let class = e.class();
+                let class = match e.class() {
+                    ErrorClass::Connection if !streamed_once => ErrorClass::Fatal,
+                    class => class,
+                };
                 match retry.failed(class) {
                     Some(wait) => {
                         metrics.retries.inc();
@@ -120,6 +129,8 @@ struct Session<'c> {
     wal_end: Lsn,
     committed: Lsn,
     confirmed: Lsn,
+    /// Both ends connected and the stream started.
+    streaming: bool,
 }
 
 impl<'c> Session<'c> {
@@ -138,6 +149,7 @@ impl<'c> Session<'c> {
             wal_end: Lsn(0),
             committed: Lsn(0),
             confirmed: Lsn(0),
+            streaming: false,
         }
     }
 
@@ -161,6 +173,7 @@ impl<'c> Session<'c> {
         let options: Vec<(&str, String)> = config.plugin_option_pairs();
         repl.start_replication(slot, applier.resume_lsn, &options).await?;
         tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, "streaming");
+        self.streaming = true;
         let heartbeat = spawn_heartbeat(source.clone(), config.source.heartbeat_seconds);
         let result = self.pump(&mut repl, &mut applier, retry, shutdown).await;
         if let Some(h) = heartbeat {

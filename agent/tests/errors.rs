@@ -1,0 +1,145 @@
+//! Bad input gives one clear error naming the object and the fix, and a
+//! non-zero exit; never a panic.
+
+use std::path::Path;
+use std::time::Duration;
+
+use decant_tests::process::Role;
+use decant_tests::Cluster;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        Setup { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn config(&self, source: &str, destination: &str, extra: &str) -> std::path::PathBuf {
+        let port = free_port();
+        let path = self.dir.path().join(format!("task-{port}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "task_id = \"e\"\n[source]\ndsn = \"{source}\"\nheartbeat_seconds = 0\n[destination]\ndsn = \"{destination}\"\n\
+                 [agent]\napplier_url = \"http://127.0.0.1:{port}\"\nmetrics_listen = \"\"\n\
+                 [applier]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn role(&self, name: &str, config: &Path, overrides: &[&str]) -> Role {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let log = self.dir.path().join(format!("{name}-{}.log", free_port()));
+        Role::start_with(Path::new(env!("CARGO_BIN_EXE_decant")), name, config, &overrides, &log)
+    }
+}
+
+/// Runs a role that must fail, and returns its output.
+fn fails(role: &mut Role) -> String {
+    let code = role.wait_exit(Duration::from_secs(60));
+    let log = role.log();
+    assert!(code.is_some() && code != Some(0), "expected a non-zero exit, got {code:?}:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    log
+}
+
+fn expect(log: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(log.contains(p), "missing {p:?} in:\n{log}");
+    }
+}
+
+#[test]
+fn configuration_and_source_errors() {
+    let s = Setup::new();
+    let good_dest = Cluster::start();
+    let dest = good_dest.conninfo("postgres");
+
+    // A bad configuration value.
+    let cfg = s.config("host=127.0.0.1", &dest, "");
+    expect(&fails(&mut s.role("agent", &cfg, &["retry.other_minutes=0"])), &["retry.other_minutes", "between 1 and 1440"]);
+    expect(&fails(&mut s.role("agent", &cfg, &["source.slott=\"x\""])), &["unknown field `slott`"]);
+
+    // An unreachable source.
+    let cfg = s.config("host=127.0.0.1 port=1 user=postgres", &dest, "");
+    expect(&fails(&mut s.role("agent", &cfg, &[])), &["cannot connect to 127.0.0.1:1"]);
+
+    // Wrong password.
+    let source = Cluster::start();
+    source.connect().batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'").unwrap();
+    std::fs::write(source.data_dir().join("pg_hba.conf"), "local all all trust\nhost all,replication postgres 127.0.0.1/32 trust\nhost all,replication app 127.0.0.1/32 scram-sha-256\n").unwrap();
+    source.connect().batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let cfg = s.config(&format!("host=127.0.0.1 port={} user=app password=wrong dbname=postgres", source.port()), &dest, "");
+    expect(&fails(&mut s.role("agent", &cfg, &[])), &["password authentication failed for user \"app\"", "28P01"]);
+
+    // A missing slot, with slot creation off.
+    let cfg = s.config(&source.conninfo("postgres"), &dest, "");
+    let mut applier = s.role("applier", &cfg, &[]);
+    expect(&fails(&mut s.role("agent", &cfg, &["source.create_slot=false", "source.slot=\"nope\""])), &["slot \"nope\"", "does not exist", "create_slot"]);
+
+    // A slot of another plugin.
+    source.connect().batch_execute("SELECT pg_create_logical_replication_slot('td', 'test_decoding')").unwrap();
+    expect(&fails(&mut s.role("agent", &cfg, &["source.slot=\"td\""])), &["slot \"td\"", "test_decoding", "not decant"]);
+    applier.kill9();
+
+    // wal_level not logical.
+    let replica = Cluster::start_with(&["wal_level = replica"]);
+    let cfg = s.config(&replica.conninfo("postgres"), &dest, "");
+    let _applier = s.role("applier", &cfg, &[]);
+    expect(&fails(&mut s.role("agent", &cfg, &[])), &["wal_level"]);
+
+    // The plugin not allowed by output_plugin_libraries (where the server has it).
+    let restricted = Cluster::start_with(&[]);
+    let known: bool = restricted.connect().query_one("SELECT count(*) = 1 FROM pg_settings WHERE name = 'output_plugin_libraries'", &[]).unwrap().get(0);
+    if known {
+        let mut c = restricted.connect();
+        c.batch_execute("ALTER SYSTEM SET output_plugin_libraries = 'pgoutput'").unwrap();
+        c.batch_execute("SELECT pg_reload_conf()").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let cfg = s.config(&restricted.conninfo("postgres"), &dest, "");
+        let _applier = s.role("applier", &cfg, &[]);
+        expect(&fails(&mut s.role("agent", &cfg, &[])), &["decant", "output_plugin_libraries"]);
+    }
+}
+
+#[test]
+fn applier_and_stream_errors() {
+    let s = Setup::new();
+    let source = Cluster::start();
+    let dest = Cluster::start();
+    // A wrong destination database: the applier stops at start.
+    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("no_such_db"), "");
+    expect(&fails(&mut s.role("applier", &cfg, &[])), &["no_such_db", "does not exist"]);
+
+    // No applier listening: the agent stops at start, naming it.
+    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("postgres"), "");
+    expect(&fails(&mut s.role("agent", &cfg, &[])), &["cannot reach the applier at http://127.0.0.1:"]);
+
+    // A destination table that does not exist: reported with the fix.
+    source.connect().batch_execute("CREATE TABLE only_on_source (id int PRIMARY KEY)").unwrap();
+    let mut applier = s.role("applier", &cfg, &[]);
+    let mut agent = s.role("agent", &cfg, &["retry.other_minutes=1"]);
+    let mut c = source.connect();
+    decant_tests::process::wait_for("the agent to stream", Duration::from_secs(30), || {
+        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[]).unwrap().get::<_, i64>(0) == 1
+    });
+    c.batch_execute("INSERT INTO only_on_source VALUES (1)").unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !applier.log().contains("public.only_on_source does not exist") && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(applier.log().contains("does not exist"), "applier:\n{}\nagent:\n{}", applier.log(), agent.log());
+    expect(&applier.log(), &["destination table public.only_on_source does not exist", "create it"]);
+    expect(&agent.log(), &["public.only_on_source does not exist"]);
+    agent.kill9();
+    applier.kill9();
+}
