@@ -96,7 +96,7 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
                 match retry.failed(class) {
                     Some(wait) => {
                         metrics.retries.inc();
-                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
+                        tracing::warn!(error = %crate::error::report(&e), retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
                             _ = shutdown.changed() => return Ok(()),
@@ -104,7 +104,7 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
                     }
                     None => {
                         if class != ErrorClass::Fatal {
-                            tracing::error!(error = %e, failing_for_s = retry.failing_for().as_secs(), "agent gives up: retry time exhausted");
+                            tracing::error!(error = %crate::error::report(&e), failing_for_s = retry.failing_for().as_secs(), "agent gives up: retry time exhausted");
                         }
                         return Err(e);
                     }

@@ -5,6 +5,7 @@ pub mod applier;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod error;
 pub mod replication;
 pub mod retry;
 pub mod transport;

@@ -9,7 +9,8 @@ fn main() -> ExitCode {
     match decant_agent::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("decant: error: {e:#}");
+            let root: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("decant: error: {}", decant_agent::error::report(root));
             ExitCode::FAILURE
         }
     }

@@ -13,15 +13,18 @@ fn free_port() -> u16 {
 
 struct Setup {
     dir: tempfile::TempDir,
+    /// Applier port of the last configuration written.
+    port: std::cell::Cell<u16>,
 }
 
 impl Setup {
     fn new() -> Setup {
-        Setup { dir: tempfile::tempdir().unwrap() }
+        Setup { dir: tempfile::tempdir().unwrap(), port: std::cell::Cell::new(0) }
     }
 
     fn config(&self, source: &str, destination: &str, extra: &str) -> std::path::PathBuf {
         let port = free_port();
+        self.port.set(port);
         let path = self.dir.path().join(format!("task-{port}.toml"));
         std::fs::write(
             &path,
@@ -38,7 +41,11 @@ impl Setup {
     fn role(&self, name: &str, config: &Path, overrides: &[&str]) -> Role {
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         let log = self.dir.path().join(format!("{name}-{}.log", free_port()));
-        Role::start_with(Path::new(env!("CARGO_BIN_EXE_decant")), name, config, &overrides, &log)
+        let role = Role::start_with(Path::new(env!("CARGO_BIN_EXE_decant")), name, config, &overrides, &log);
+        if name == "applier" {
+            decant_tests::process::wait_port(self.port.get());
+        }
+        role
     }
 }
 
@@ -118,7 +125,9 @@ fn applier_and_stream_errors() {
     let dest = Cluster::start();
     // A wrong destination database: the applier stops at start.
     let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("no_such_db"), "");
-    expect(&fails(&mut s.role("applier", &cfg, &[])), &["no_such_db", "does not exist"]);
+    let log = s.dir.path().join("bad-applier.log");
+    let mut bad = Role::start_with(Path::new(env!("CARGO_BIN_EXE_decant")), "applier", &cfg, &[], &log);
+    expect(&fails(&mut bad), &["no_such_db", "does not exist"]);
 
     // No applier listening: the agent stops at start, naming it.
     let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("postgres"), "");

@@ -21,6 +21,7 @@ struct Pair {
     dest: Cluster,
     dir: tempfile::TempDir,
     config: PathBuf,
+    port: u16,
 }
 
 fn free_port() -> u16 {
@@ -79,12 +80,17 @@ fn pair(extra_config: &str) -> Pair {
         ),
     )
     .unwrap();
-    Pair { source, dest, dir, config }
+    Pair { source, dest, dir, config, port }
 }
 
 impl Pair {
+    /// Starts a role; an applier is waited for until it listens.
     fn role(&self, name: &str) -> Role {
-        Role::start(Path::new(env!("CARGO_BIN_EXE_decant")), name, &self.config, &self.dir.path().join(format!("{name}.log")))
+        let role = Role::start(Path::new(env!("CARGO_BIN_EXE_decant")), name, &self.config, &self.dir.path().join(format!("{name}.log")));
+        if name == "applier" {
+            decant_tests::process::wait_port(self.port);
+        }
+        role
     }
 
     fn pgbench(&self, args: &[&str]) {
@@ -282,6 +288,7 @@ fn mutual_tls_and_token_between_agent_and_applier() {
     let applier_tls = [format!("transport.tls_cert=\"{}\"", path(&certs.server_cert)), format!("transport.tls_key=\"{}\"", path(&certs.server_key))];
     let agent_tls = [format!("transport.tls_cert=\"{}\"", path(&certs.client_cert)), format!("transport.tls_key=\"{}\"", path(&certs.client_key))];
     let _applier = Role::start_with(bin, "applier", &p.config, &applier_tls, &log("applier.log"));
+    decant_tests::process::wait_port(p.port);
 
     // A wrong token is refused, and the agent stops with a clear error.
     let mut wrong: Vec<String> = agent_tls.to_vec();

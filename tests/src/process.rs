@@ -105,3 +105,8 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out after {timeout:?} waiting for {what}");
 }
+
+/// Waits until something listens on 127.0.0.1:`port`.
+pub fn wait_port(port: u16) {
+    wait_for(&format!("a listener on port {port}"), Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+}

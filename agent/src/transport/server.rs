@@ -32,7 +32,7 @@ pub struct ApplierService {
 type Outbound = Pin<Box<dyn Stream<Item = Result<ApplierMessage, Status>> + Send>>;
 
 fn status_of(e: &ApplyError) -> Status {
-    let message = e.to_string();
+    let message = crate::error::report(e);
     match e {
         ApplyError::Corrupt { .. } => Status::data_loss(message),
         _ if e.is_connection_loss() => Status::unavailable(message),
