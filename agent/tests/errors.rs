@@ -152,3 +152,70 @@ fn applier_and_stream_errors() {
     agent.kill9();
     applier.kill9();
 }
+
+/// A batch with a corrupt record is refused as a whole with a clear error;
+/// what was committed before it stays.
+#[test]
+fn a_crc_mismatch_stops_the_stream_and_applies_nothing_of_the_batch() {
+    use decant_agent::transport::client::open;
+    use decant_agent::transport::TransportSettings;
+    use decant_proto::grpc::{agent_message::Body, AgentMessage, Hello, RecordBatch};
+    use decant_proto::*;
+
+    let s = Setup::new();
+    let dest = Cluster::start();
+    dest.connect().batch_execute("CREATE TABLE t (id int PRIMARY KEY)").unwrap();
+    let cfg = s.config("host=127.0.0.1", &dest.conninfo("postgres"), "");
+    let _applier = s.role("applier", &cfg, &[]);
+    let config = decant_agent::config::Config::load(Some(&cfg), &[]).unwrap();
+    let transaction = |id: i64, lsn: u64| {
+        let mut buf = Vec::new();
+        encode(&Record::Begin(Begin { xid: 1, final_lsn: Lsn(lsn), commit_time: 0 }), &mut buf);
+        encode(
+            &Record::Relation(Relation {
+                oid: 1,
+                namespace: b"public",
+                name: b"t",
+                replica_identity: ReplicaIdentity::Default,
+                columns: vec![Column { name: b"id", type_oid: 23, typmod: -1, type_name: b"integer", flags: ColumnFlags(3) }],
+            }),
+            &mut buf,
+        );
+        encode(&Record::Insert(Insert { relation: 1, new: Tuple(vec![Value::Int(id)]) }), &mut buf);
+        encode(&Record::Commit(Commit { end_lsn: Lsn(lsn + 8), commit_time: 0 }), &mut buf);
+        buf
+    };
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let hello = Hello { task_id: "e".into(), format_version: FORMAT_VERSION.into(), ..Default::default() };
+        let mut stream = open(&config.agent.applier_url, &TransportSettings::from_config(&config).unwrap(), hello, 4).await.unwrap();
+        let batch = |sequence: u64, records: Vec<u8>| AgentMessage {
+            body: Some(Body::Batch(RecordBatch { sequence, count: 4, records: records.into(), ..Default::default() })),
+        };
+        stream.outbound.send(batch(1, transaction(1, 100))).await.unwrap();
+        // Batch 1 is committed (and durable) before batch 2 is sent.
+        loop {
+            let m = stream.inbound.message().await.unwrap().unwrap();
+            if let Some(decant_proto::grpc::applier_message::Body::Ack(a)) = m.body {
+                if a.committed_lsn == 108 {
+                    break;
+                }
+            }
+        }
+        let mut corrupt = transaction(2, 200);
+        let at = corrupt.len() - 20;
+        corrupt[at] ^= 0x01;
+        stream.outbound.send(batch(2, corrupt)).await.unwrap();
+        let status = loop {
+            match stream.inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+        assert!(status.message().contains("CRC mismatch") && status.message().contains("batch 2"), "{}", status.message());
+        assert!(status.message().contains("nothing of this batch was applied"), "{}", status.message());
+    });
+    let ids: Vec<i32> = dest.connect().query("SELECT id FROM t ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [1]);
+}
