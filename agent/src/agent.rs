@@ -70,6 +70,9 @@ impl AgentError {
     }
 }
 
+/// Size of the messages the plugin packs records into for the agent.
+const PACKED_MESSAGE_BYTES: u32 = 64 * 1024;
+
 /// Runs the agent until `shutdown` turns true, retrying per the policy.
 pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv)?;
@@ -170,7 +173,10 @@ impl<'c> Session<'c> {
         self.committed = applier.resume_lsn;
         self.confirmed = applier.resume_lsn;
         self.last_commit_end = applier.resume_lsn;
-        let options: Vec<(&str, String)> = config.plugin_option_pairs();
+        let mut options: Vec<(&str, String)> = config.plugin_option_pairs();
+        // Records of a transaction packed into messages of up to 64 KiB:
+        // far fewer messages for the walsender and for us to handle.
+        options.push(("max_message_bytes", PACKED_MESSAGE_BYTES.to_string()));
         repl.start_replication(slot, applier.resume_lsn, &options).await?;
         tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, "streaming");
         self.streaming = true;
@@ -261,7 +267,7 @@ impl<'c> Session<'c> {
                         Streamed::Data { wal_start, wal_end, payload, .. } => {
                             self.wal_end = self.wal_end.max(wal_end);
                             self.last_received = self.last_received.max(wal_start);
-                            self.take_record(wal_start, &payload)?;
+                            self.take_records(wal_start, &payload)?;
                         }
                         Streamed::Keepalive { wal_end, reply_requested, .. } => {
                             self.wal_end = self.wal_end.max(wal_end);
@@ -276,15 +282,25 @@ impl<'c> Session<'c> {
         self.drain_on_shutdown(repl, applier).await
     }
 
-    fn take_record(&mut self, at: Lsn, payload: &[u8]) -> Result<(), AgentError> {
-        let (record, _) = decode(payload).map_err(|error| AgentError::Corrupt { lsn: at, error })?;
-        match record {
-            Record::Begin(_) => self.in_txn = true,
-            Record::Commit(c) => {
-                self.in_txn = false;
-                self.last_commit_end = c.end_lsn;
+    /// Takes the records of one message (several when the plugin packs
+    /// them, see `max_message_bytes`) into the current batch.
+    fn take_records(&mut self, at: Lsn, payload: &[u8]) -> Result<(), AgentError> {
+        let mut offset = 0;
+        while offset < payload.len() {
+            let (record, used) = decode(&payload[offset..]).map_err(|mut error| {
+                error.offset += offset;
+                AgentError::Corrupt { lsn: at, error }
+            })?;
+            match record {
+                Record::Begin(_) => self.in_txn = true,
+                Record::Commit(c) => {
+                    self.in_txn = false;
+                    self.last_commit_end = c.end_lsn;
+                }
+                _ => {}
             }
-            _ => {}
+            self.batch_count += 1;
+            offset += used;
         }
         self.metrics.records_received.inc();
         self.metrics.bytes_received.add(payload.len() as u64);
@@ -292,7 +308,6 @@ impl<'c> Session<'c> {
             self.batch_started = Some(Instant::now());
         }
         self.batch.extend_from_slice(payload);
-        self.batch_count += 1;
         if self.batch.len() >= self.config.agent.batch_max_bytes {
             self.cut_batch();
         }

@@ -71,29 +71,47 @@ fn read_file(path: &Path, limit: u64, printer: &mut Printer<impl Write>) -> anyh
             Ok(None) => bail!("{}: truncated record at byte offset {offset}: the file ends inside its length prefix", path.display()),
             Err(e) => bail!("{}: bad record at byte offset {}: {}", path.display(), offset + e.offset as u64, e.kind),
         };
-        fill(&mut buf, &mut start, &mut base, total + 1, &mut eof)?;
-        let offset = base + start as u64;
-        let frame = &buf[start..buf.len().min(start + total)];
-        let (record, used) = match decode(frame) {
-            Ok(ok) => ok,
-            Err(e) => bail!("{}: bad record at byte offset {}: {}", path.display(), offset + e.offset as u64, e.kind),
+        fill(&mut buf, &mut start, &mut base, total, &mut eof)?;
+        let used = {
+            let (record, used) = match decode(&buf[start..]) {
+                Ok(ok) => ok,
+                Err(e) => bail!("{}: bad record at byte offset {}: {}", path.display(), offset + e.offset as u64, e.kind),
+            };
+            if is_change(&record) {
+                changes += 1;
+            }
+            printer.record(None, &record, used)?;
+            used
         };
-        match buf.get(start + used) {
-            Some(b'\n') => {}
-            _ => bail!(
-                "{}: byte offset {}: expected the newline pg_recvlogical writes after each message; \
-                 is this a file written by `pg_recvlogical -P decant -f FILE`?",
-                path.display(),
-                offset + used as u64
-            ),
-        }
-        if is_change(&record) {
-            changes += 1;
-        }
-        printer.record(None, &record, used)?;
-        start += used + 1;
+        start += used;
         if changes >= limit {
             return Ok(());
+        }
+        // pg_recvlogical ends each message with a newline; a message holds
+        // one record, or several when the plugin packs them
+        // (max_message_bytes). So a record is followed by a newline or by
+        // the next record; a newline byte that begins a whole record with a
+        // valid CRC is that record.
+        fill(&mut buf, &mut start, &mut base, 11, &mut eof)?;
+        match buf.get(start) {
+            None => bail!(
+                "{}: byte offset {}: the file ends without the newline pg_recvlogical writes after each message",
+                path.display(),
+                base + start as u64
+            ),
+            Some(b'\n') => {
+                let record_here = match frame_len(&buf[start..]) {
+                    Ok(Some(n)) => {
+                        fill(&mut buf, &mut start, &mut base, n, &mut eof)?;
+                        decode(&buf[start..]).is_ok()
+                    }
+                    _ => false,
+                };
+                if !record_here {
+                    start += 1;
+                }
+            }
+            Some(_) => {}
         }
     }
 }
@@ -132,11 +150,13 @@ fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, prin
             let lsn: String = row.get(0);
             let data: &[u8] = row.get(1);
             let lsn: Lsn = lsn.parse().map_err(anyhow::Error::msg)?;
-            let (record, used) = decode(data).map_err(|e| anyhow::anyhow!("slot {slot:?}, message at LSN {lsn}: {e}"))?;
-            if used != data.len() {
-                bail!("slot {slot:?}, message at LSN {lsn}: {} bytes after the record", data.len() - used);
+            // One record per message, or several (max_message_bytes).
+            let mut at = 0;
+            while at < data.len() {
+                let (record, used) = decode(&data[at..]).map_err(|e| anyhow::anyhow!("slot {slot:?}, message at LSN {lsn}, byte {}: {}", at + e.offset, e.kind))?;
+                printer.record(Some(lsn), &record, used)?;
+                at += used;
             }
-            printer.record(Some(lsn), &record, used)?;
         }
         drop(client);
         let _ = conn.await;

@@ -69,10 +69,16 @@ fn serde_json_check(line: &str) {
 }
 
 fn recvlogical(cluster: &Cluster, client: &mut postgres::Client, file: &Path) {
+    recvlogical_with(cluster, client, file, &[]);
+}
+
+fn recvlogical_with(cluster: &Cluster, client: &mut postgres::Client, file: &Path, options: &[&str]) {
     let end: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
     let out = Command::new(cluster.bindir().join("pg_recvlogical"))
         .args(["-h", cluster.host(), "-p", &cluster.port().to_string(), "-U", "postgres", "-d", "postgres"])
-        .args(["--slot", "s", "--start", "--no-loop", "--endpos", &end, "-f"])
+        .args(["--slot", "s", "--start", "--no-loop", "--endpos", &end])
+        .args(options.iter().flat_map(|o| ["-o", o]))
+        .arg("-f")
         .arg(file)
         .output()
         .expect("run pg_recvlogical");
@@ -114,4 +120,16 @@ fn inspects_a_pg_recvlogical_file_and_reports_corruption_with_its_offset() {
     std::fs::write(&bad, b"BEGIN 123\ntable public.t: INSERT: id[integer]:1\n").unwrap();
     let out = decant(&["inspect", "--file", bad.to_str().unwrap()]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("byte offset 0"));
+}
+
+#[test]
+fn inspects_a_file_of_packed_messages() {
+    let (cluster, mut client) = source();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("packed.bin");
+    recvlogical_with(&cluster, &mut client, &file, &["max_message_bytes=1024"]);
+    let json = stdout(&decant(&["inspect", "--file", file.to_str().unwrap(), "--json"]));
+    for want in EXPECTED_JSON {
+        assert!(json.contains(want), "missing {want} in\n{json}");
+    }
 }

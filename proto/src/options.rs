@@ -20,7 +20,15 @@ pub struct PluginOptions {
     pub include_tables: Vec<TablePattern>,
     /// Never emit tables matching one of these.
     pub exclude_tables: Vec<TablePattern>,
+    /// 0: one record per output message. Otherwise the records of a
+    /// transaction are packed into messages of up to this many bytes (a
+    /// message is always sent at COMMIT), which saves the per-message cost
+    /// of the walsender and the consumer. Memory stays bounded by this size.
+    pub max_message_bytes: u32,
 }
+
+/// Bounds of `max_message_bytes` (besides 0).
+pub const MESSAGE_BYTES_RANGE: std::ops::RangeInclusive<u32> = 1024..=(16 << 20);
 
 impl Default for PluginOptions {
     fn default() -> Self {
@@ -30,6 +38,7 @@ impl Default for PluginOptions {
             origin: OriginFilter::Any,
             include_tables: Vec::new(),
             exclude_tables: Vec::new(),
+            max_message_bytes: 0,
         }
     }
 }
@@ -44,7 +53,7 @@ pub enum OriginFilter {
 }
 
 /// The names of every option, for documentation and error messages.
-pub const OPTION_NAMES: &[&str] = &["format_version", "include_messages", "origin", "include_tables", "exclude_tables"];
+pub const OPTION_NAMES: &[&str] = &["format_version", "include_messages", "origin", "include_tables", "exclude_tables", "max_message_bytes"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptionError {
@@ -101,6 +110,22 @@ impl PluginOptions {
                 }
                 "include_tables" => o.include_tables = TablePattern::parse_list(name, required()?)?,
                 "exclude_tables" => o.exclude_tables = TablePattern::parse_list(name, required()?)?,
+                "max_message_bytes" => {
+                    let v = required()?;
+                    o.max_message_bytes = match v.trim().parse::<u32>() {
+                        Ok(n) if n == 0 || MESSAGE_BYTES_RANGE.contains(&n) => n,
+                        _ => {
+                            return Err(error(
+                                name,
+                                format!(
+                                    "invalid value {v:?}: expected 0 (one record per message) or {} to {}",
+                                    MESSAGE_BYTES_RANGE.start(),
+                                    MESSAGE_BYTES_RANGE.end()
+                                ),
+                            ))
+                        }
+                    };
+                }
                 _ => {
                     return Err(OptionError {
                         option: name.to_owned(),
@@ -203,7 +228,7 @@ mod tests {
         let e = parse(&[("include_mesages", Some("on"))]).unwrap_err();
         assert_eq!(e.option, "include_mesages");
         assert!(e.to_string().contains("unknown option"), "{e}");
-        for (name, value) in [("format_version", "2"), ("include_messages", "maybe"), ("origin", "some"), ("include_tables", "nodot")] {
+        for (name, value) in [("format_version", "2"), ("include_messages", "maybe"), ("origin", "some"), ("include_tables", "nodot"), ("max_message_bytes", "10")] {
             let e = parse(&[(name, Some(value))]).unwrap_err();
             assert_eq!(e.option, name);
             assert!(e.to_string().contains(value), "{e}");

@@ -37,3 +37,17 @@ pub fn decode_all(messages: &[Vec<u8>]) -> Vec<Record<'_>> {
         })
         .collect()
 }
+
+/// Decodes messages that may each hold several records (`max_message_bytes`).
+pub fn decode_packed(messages: &[Vec<u8>]) -> Vec<Record<'_>> {
+    let mut records = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let mut at = 0;
+        while at < m.len() {
+            let (record, used) = decode(&m[at..]).unwrap_or_else(|e| panic!("message {i}, byte {at}: {e}"));
+            records.push(record);
+            at += used;
+        }
+    }
+    records
+}

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use decant_proto::{OldTuple, Record, ReplicaIdentity, Tuple, Value};
-use decant_tests::slot::{decode_all, get_changes, prepare_source, TEXT_SETTINGS};
+use decant_tests::slot::{decode_all, decode_packed, get_changes, prepare_source, TEXT_SETTINGS};
 use decant_tests::Cluster;
 
 /// A decoded value, owned, for comparisons.
@@ -511,9 +511,36 @@ fn options_are_validated_and_applied() {
         ["app.orders [Text(\"1\")]", "app.audit [Text(\"1\")]", "public.t [Text(\"1\")]"],
         "changes that carry a replication origin are skipped with origin=none"
     );
+    // Packed messages carry the same records in fewer messages; the COMMIT
+    // always ends a message.
+    let flat: Vec<String> = ["max_message_bytes", "1024"].iter().map(|s| s.to_string()).collect();
+    let packed: Vec<Vec<u8>> = s
+        .client
+        .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, VARIADIC $1::text[])", &[&flat])
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let single = get_changes_peek(&mut s);
+    assert_eq!(decode_packed(&packed), decode_all(&single));
+    assert!(packed.len() < single.len(), "{} packed messages, {} single", packed.len(), single.len());
+    for m in &packed {
+        let last = decode_packed(std::slice::from_ref(m)).pop().unwrap();
+        assert!(matches!(last, Record::Commit(_) | Record::Message(_)), "a message ends with COMMIT or a non-transactional message: {last:?}");
+    }
+
     // Transactions whose changes are all filtered out produce no output at all.
     let msgs = get_changes(&mut s.client, "s", &[("include_tables", "nomatch.*"), ("include_messages", "off")]).unwrap();
     assert!(msgs.is_empty(), "{} messages", msgs.len());
+}
+
+fn get_changes_peek(s: &mut Source) -> Vec<Vec<u8>> {
+    s.client
+        .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL)", &[])
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 #[test]

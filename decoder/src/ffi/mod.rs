@@ -20,7 +20,7 @@ mod relation;
 mod session;
 mod tuple;
 
-use output::write_record;
+use output::{write_record, Flush};
 use session::{with_session, ChangeScope, Session};
 
 ::pgrx::pg_module_magic!(name, version);
@@ -100,14 +100,14 @@ unsafe extern "C-unwind" fn commit(
     let commit = unsafe { Commit { end_lsn: Lsn((*txn).end_lsn), commit_time: compat::commit_time(txn) } };
     let scope = ChangeScope::enter();
     // SAFETY: ctx is valid for the call.
-    unsafe { write_record(ctx, &scope, &Record::Commit(commit)) };
+    unsafe { write_record(ctx, &scope, &Record::Commit(commit), Flush::Now) };
 }
 
 /// Writes the transaction's BEGIN if it has not been written yet.
 unsafe fn flush_begin(ctx: *mut pg_sys::LogicalDecodingContext, scope: &ChangeScope) {
     if let Some(begin) = with_session(|s| s.pending_begin.take()) {
         // SAFETY: ctx is valid for the callback that called us.
-        unsafe { write_record(ctx, scope, &Record::Begin(begin)) };
+        unsafe { write_record(ctx, scope, &Record::Begin(begin), Flush::Later) };
     }
 }
 
@@ -150,7 +150,7 @@ unsafe extern "C-unwind" fn change(
             // never reach an output plugin's change callback.
             _ => return,
         };
-        write_record(ctx, &scope, &record);
+        write_record(ctx, &scope, &record, Flush::Later);
     }
 }
 
@@ -180,7 +180,7 @@ unsafe extern "C-unwind" fn truncate(
             cascade: t.cascade,
             restart_identity: t.restart_seqs,
         });
-        write_record(ctx, &scope, &record);
+        write_record(ctx, &scope, &record, Flush::Later);
     }
 }
 
@@ -206,6 +206,6 @@ unsafe extern "C-unwind" fn message(
         }
         let content: &[u8] = if message_size == 0 { &[] } else { std::slice::from_raw_parts(message.cast::<u8>(), message_size) };
         let record = Record::Message(Message { transactional, lsn: Lsn(message_lsn), prefix: CStr::from_ptr(prefix).to_bytes(), content });
-        write_record(ctx, &scope, &record);
+        write_record(ctx, &scope, &record, if transactional { Flush::Later } else { Flush::Now });
     }
 }

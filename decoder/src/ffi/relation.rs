@@ -6,7 +6,7 @@ use decant_proto::{Column, ColumnFlags, Record, Relation, ReplicaIdentity};
 use pgrx::pg_sys;
 use pgrx::PgTupleDesc;
 
-use super::output::write_record;
+use super::output::{write_record, Flush};
 use super::session::{with_session, ChangeScope};
 
 /// Whether the table filter selects `rel` (cached per session).
@@ -82,7 +82,7 @@ pub(super) unsafe fn send_if_needed(ctx: *mut pg_sys::LogicalDecodingContext, sc
             });
         }
         let record = Record::Relation(Relation { oid: relid.to_u32(), namespace, name, replica_identity, columns });
-        write_record(ctx, scope, &record);
+        write_record(ctx, scope, &record, Flush::Later);
     }
     with_session(|s| s.relations.entry(relid).or_default().sent = true);
 }

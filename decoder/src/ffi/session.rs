@@ -31,6 +31,8 @@ pub(super) struct Session {
     pub relations: HashMap<pg_sys::Oid, RelationState>,
     /// The current transaction's BEGIN, until its first emitted change.
     pub pending_begin: Option<Begin>,
+    /// Records not yet sent (option max_message_bytes).
+    pub pending: Vec<u8>,
     filtered_in_a_row: u32,
 }
 
@@ -83,6 +85,7 @@ impl Session {
                     change_cx,
                     relations: HashMap::new(),
                     pending_begin: None,
+                    pending: Vec::new(),
                     filtered_in_a_row: 0,
                 })
             });
