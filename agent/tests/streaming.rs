@@ -272,14 +272,14 @@ fn http_get(port: u16, path: &str) -> String {
 }
 
 #[test]
-fn mutual_tls_and_token_between_agent_and_applier() {
+fn mutual_tls_token_and_compression_between_agent_and_applier() {
     use decant_tests::certs::Certs;
     let certs = Certs::new("decant-agent");
     let p = pair("");
     let config = std::fs::read_to_string(&p.config).unwrap().replace("applier_url = \"http://", "applier_url = \"https://");
     let path = |p: &Path| p.display().to_string();
     let config = format!(
-        "{config}\n[transport]\ntoken = \"correct horse\"\ntls_ca = \"{}\"\ntls_domain = \"localhost\"\n",
+        "{config}\n[transport]\ntoken = \"correct horse\"\ntls_ca = \"{}\"\ntls_domain = \"localhost\"\ncompression = \"zstd\"\n",
         path(&certs.ca)
     );
     std::fs::write(&p.config, config).unwrap();
