@@ -86,7 +86,7 @@ impl Metrics {
         gauge("source_wal_end_lsn", "Source WAL end seen on the stream.", self.source_wal_end.get());
         gauge("confirmed_lsn", "Source position confirmed to the slot.", self.confirmed_lsn.get());
         gauge("lag_bytes", "Source WAL end minus the confirmed position.", self.lag_bytes.get());
-        gauge("lag_seconds", "Age of the last applied source commit when it was applied.", self.lag_seconds.get());
+        gauge("lag_seconds", "Age, in whole seconds, of the last source commit when the destination committed it.", self.lag_seconds.get());
         gauge("applied_lsn", "End LSN of the last source transaction committed on the destination.", self.applied_lsn.get());
         gauge("last_group_transactions", "Source transactions in the last destination transaction.", self.group_size.get());
         out

@@ -252,6 +252,10 @@ impl Applier {
         self.metrics.transactions.add(group.source_transactions as u64);
         self.metrics.group_size.set(group.source_transactions as u64);
         self.metrics.applied_lsn.set(group.last_end.0);
+        if group.last_commit_time != 0 {
+            let age_us = crate::replication::messages::pg_now() - group.last_commit_time;
+            self.metrics.lag_seconds.set(age_us / 1_000_000);
+        }
         Ok(())
     }
 
