@@ -104,11 +104,15 @@ impl Pair {
                 "UPDATE mixed SET n = n + {round}, ts = ts + interval '1 day' WHERE id % 7 = {r};
                  UPDATE mixed SET f = 'NaN', t = t || ' ü' WHERE id % 10 = 0 AND id % 3 = {r3};
                  DELETE FROM mixed WHERE id = {del};
+                 UPDATE mixed SET id = id + 5000 WHERE id = {moved};
+                 UPDATE mixed SET id = id + 7000, big = 'moved' WHERE id = {moved2};
                  INSERT INTO mixed VALUES ({ins}, 'NaN', '-Infinity', NULL, '\\x00ff', 'infinity', '{{\"x\": 1.50}}', '{{1,NULL}}', repeat('x', 9000), 'z')
                  ON CONFLICT (id) DO NOTHING;",
                 r = round % 7,
                 r3 = round % 3,
                 del = 100 + round,
+                moved = 10 * round + 10,
+                moved2 = 10 * round + 15,
                 ins = 1000 + round
             ))
             .unwrap();

@@ -215,7 +215,13 @@ try:
     agent.send_signal(signal.SIGTERM)
     agent.wait(timeout=30)
     sql(d_native, "ALTER SUBSCRIPTION sub DISABLE")
-    time.sleep(2)
+    for _ in range(300):
+        if sql(d_native, "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL")[0][0] == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise SystemExit("bench: the native apply worker did not stop after DISABLE")
+    before = sql(d_native, "SELECT count(*) FROM pgbench_history")[0][0]
     say(f"backlog: pgbench -c 4 -j 2 -T {BACKLOG} with synchronous_commit = off")
     env = dict(os.environ, PGOPTIONS="-c synchronous_commit=off")
     out = pgbench(src, "-n", "-c", "4", "-j", "2", "-T", str(BACKLOG), env=env)
@@ -224,6 +230,9 @@ try:
     want = sql(src, "SELECT count(*) FROM pgbench_history")[0][0]
     backlog_bytes = sql(src, "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots "
                              "WHERE slot_name = 'decant_bench'")[0][0]
+
+    # The paused subscriber really applied nothing meanwhile.
+    assert sql(d_native, "SELECT count(*) FROM pgbench_history")[0][0] == before, "native kept applying while disabled"
 
     def drain(dest):
         t0 = time.time()

@@ -19,6 +19,7 @@ use decant_proto::{decode, DecodeError, Lsn, OldTuple, Record, Tuple, Value};
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
+use super::bulk::{self, StageSql, Text};
 use super::progress::{Durability, ProgressError, ProgressStore};
 use super::statements::Target;
 use crate::connect::sql::{connect, ConnectError};
@@ -143,7 +144,20 @@ pub struct Applier {
     /// The current source transaction was applied before (a resend).
     skipping: bool,
     pipeline: std::collections::VecDeque<InFlight>,
+    /// Changes folded per table for set-based apply (tables with a key).
+    bulk: HashMap<u32, bulk::Buffer>,
+    /// INSERTs into tables without a key, as COPY text, until the next
+    /// other change of that table.
+    appends: HashMap<u32, BytesMut>,
+    /// Staging SQL per table; a new generation when the table's shape changes.
+    stages: HashMap<u32, StageSql>,
+    /// Staging tables that exist in this session.
+    stages_created: std::collections::HashSet<u32>,
+    generation: u64,
 }
+
+/// Folded changes are merged when they reach this much memory.
+const BULK_FLUSH_BYTES: usize = 8 << 20;
 
 impl Applier {
     /// Connects to the destination and reads the resume position.
@@ -167,6 +181,11 @@ impl Applier {
             in_source_txn: false,
             skipping: false,
             pipeline: Default::default(),
+            bulk: HashMap::new(),
+            appends: HashMap::new(),
+            stages: HashMap::new(),
+            stages_created: Default::default(),
+            generation: 0,
         })
     }
 
@@ -240,6 +259,10 @@ impl Applier {
     }
 
     async fn commit_group(&mut self) -> Result<(), ApplyError> {
+        if self.group.is_none() {
+            return Ok(());
+        }
+        self.flush_all_bulk().await?;
         let Some(group) = self.group.take() else { return Ok(()) };
         self.drain_pipeline(0).await?;
         if group.source_transactions > 0 {
@@ -284,12 +307,29 @@ impl Applier {
                 self.metrics.source_commit_time.set(c.commit_time);
             }
             Record::Relation(r) => {
+                self.flush_bulk(r.oid).await?;
                 let target = Target::from_relation(r);
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
+                self.stages.remove(&r.oid);
                 self.targets.insert(r.oid, target);
             }
             Record::Insert(i) if !self.skipping => {
                 let target = self.target(i.relation)?;
+                if self.folds(&target) {
+                    if let Some(key) = key_texts(&target, &i.new.0, batch) {
+                        let (values, _) = texts(&i.new.0, batch);
+                        self.bulk.entry(target.oid).or_default().insert(key, values);
+                        return self.folded().await;
+                    }
+                }
+                if target.key.is_empty() {
+                    // No key: nothing to fold, but inserts can be copied in.
+                    let (values, _) = texts(&i.new.0, batch);
+                    let buf = self.appends.entry(target.oid).or_default();
+                    bulk::append_row(buf, &values);
+                    return self.folded().await;
+                }
+                self.flush_bulk(target.oid).await?;
                 let upsert = self.settings.on_conflict == ConflictPolicy::Overwrite;
                 let sql = target.insert_sql(upsert);
                 let params = params(&i.new.0, batch);
@@ -297,6 +337,18 @@ impl Applier {
             }
             Record::Update(u) if !self.skipping => {
                 let target = self.target(u.relation)?;
+                if self.folds(&target) {
+                    let new_key = key_texts(&target, &u.new.0, batch);
+                    let old_key = locator_values(&target, u.old.as_ref(), Some(&u.new)).and_then(|v| all_text(&v, batch));
+                    if let (Some(key), Some(old)) = (new_key, old_key) {
+                        let (values, unchanged) = texts(&u.new.0, batch);
+                        let moved = (old != key).then_some(old);
+                        if self.bulk.entry(target.oid).or_default().update(moved, key, values, unchanged).is_ok() {
+                            return self.folded().await;
+                        }
+                    }
+                }
+                self.flush_bulk(target.oid).await?;
                 let set: Vec<usize> = u.new.0.iter().enumerate().filter(|(_, v)| !matches!(v, Value::UnchangedToast)).map(|(i, _)| i).collect();
                 let Some(locator) = locator_values(&target, u.old.as_ref(), Some(&u.new)) else {
                     return self.no_identity("UPDATE", &target);
@@ -307,6 +359,13 @@ impl Applier {
             }
             Record::Delete(d) if !self.skipping => {
                 let target = self.target(d.relation)?;
+                if self.folds(&target) {
+                    if let Some(key) = locator_values(&target, d.old.as_ref(), None).and_then(|v| all_text(&v, batch)) {
+                        self.bulk.entry(target.oid).or_default().delete(key);
+                        return self.folded().await;
+                    }
+                }
+                self.flush_bulk(target.oid).await?;
                 let Some(locator) = locator_values(&target, d.old.as_ref(), None) else {
                     return self.no_identity("DELETE", &target);
                 };
@@ -321,12 +380,14 @@ impl Applier {
                 if t.cascade {
                     sql.push_str(" CASCADE");
                 }
+                self.flush_all_bulk().await?;
                 self.drain_pipeline(0).await?;
                 self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement { op: "TRUNCATE", table: tables.join(", "), source })?;
             }
             Record::Message(m) if !self.skipping && m.transactional && self.settings.apply_messages && !m.prefix.starts_with(b"decant.") => {
                 let prefix = String::from_utf8_lossy(m.prefix).into_owned();
                 let content = m.content.to_vec();
+                self.flush_all_bulk().await?;
                 self.drain_pipeline(0).await?;
                 self.client
                     .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&prefix, &content])
@@ -403,8 +464,107 @@ impl Applier {
         Ok(())
     }
 
+    /// Whether changes of `target` are folded for set-based apply: tables
+    /// with a key, under the overwrite policy (the stop policy applies row by
+    /// row so that the first offending row is the one reported).
+    fn folds(&self, target: &Target) -> bool {
+        !target.key.is_empty() && self.settings.on_conflict == ConflictPolicy::Overwrite
+    }
+
+    /// After folding a change: merge when the folded changes grew large.
+    async fn folded(&mut self) -> Result<(), ApplyError> {
+        self.metrics.changes.inc();
+        let held = self.bulk.values().map(|b| b.bytes).sum::<usize>() + self.appends.values().map(BytesMut::len).sum::<usize>();
+        if held >= BULK_FLUSH_BYTES {
+            self.flush_all_bulk().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_all_bulk(&mut self) -> Result<(), ApplyError> {
+        let oids: Vec<u32> = self.bulk.keys().chain(self.appends.keys()).copied().collect();
+        for oid in oids {
+            self.flush_bulk(oid).await?;
+        }
+        Ok(())
+    }
+
+    /// Merges the folded changes of one table: COPY into its staging table,
+    /// then delete, update and insert from it.
+    async fn flush_bulk(&mut self, oid: u32) -> Result<(), ApplyError> {
+        if let Some(rows) = self.appends.remove(&oid) {
+            self.drain_pipeline(0).await?;
+            let target = self.target(oid)?;
+            let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
+            let copy = format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", "));
+            let err = |source: tokio_postgres::Error| {
+                if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                    ApplyError::MissingTable { table: target.display.clone() }
+                } else {
+                    ApplyError::Statement { op: "COPY", table: target.display.clone(), source }
+                }
+            };
+            use futures_util::SinkExt;
+            let sink = self.client.copy_in::<_, Bytes>(&copy).await.map_err(err)?;
+            let mut sink = std::pin::pin!(sink);
+            sink.send(rows.freeze()).await.map_err(err)?;
+            sink.as_mut().finish().await.map_err(err)?;
+        }
+        let Some(buffer) = self.bulk.remove(&oid) else { return Ok(()) };
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        self.drain_pipeline(0).await?;
+        let target = self.target(oid)?;
+        let table = target.display.clone();
+        let stmt_err = |op: &'static str| {
+            let table = table.clone();
+            move |source: tokio_postgres::Error| {
+                if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                    ApplyError::MissingTable { table: table.clone() }
+                } else {
+                    ApplyError::Statement { op, table: table.clone(), source }
+                }
+            }
+        };
+        if !self.stages.contains_key(&oid) {
+            self.generation += 1;
+            self.stages.insert(oid, StageSql::new(&target, self.generation));
+            self.stages_created.remove(&oid);
+        }
+        let stage = &self.stages[&oid];
+        if !self.stages_created.contains(&oid) {
+            self.client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
+            self.stages_created.insert(oid);
+        }
+        let (data, counts) = buffer.copy_data(&target);
+        {
+            use futures_util::SinkExt;
+            let sink = self.client.copy_in::<_, Bytes>(&stage.copy).await.map_err(stmt_err("COPY"))?;
+            let mut sink = std::pin::pin!(sink);
+            sink.send(data.freeze()).await.map_err(stmt_err("COPY"))?;
+            sink.as_mut().finish().await.map_err(stmt_err("COPY"))?;
+        }
+        let deleted = self.client.execute(&stage.delete, &[]).await.map_err(stmt_err("DELETE"))? as usize;
+        let updated = match &stage.update {
+            Some(sql) => self.client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
+            None => counts.updates,
+        };
+        self.client.execute(&stage.insert, &[]).await.map_err(stmt_err("INSERT"))?;
+        self.client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
+        let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
+        if missing > 0 {
+            self.metrics.missing_rows.add(missing as u64);
+            tracing::warn!(table = %table, rows = missing, "rows not found on the destination for UPDATE or DELETE; changes counted and skipped");
+        }
+        Ok(())
+    }
+
     /// Rolls back an open group (after an error, before reconnecting).
     pub async fn abort(&mut self) {
+        self.bulk.clear();
+        self.appends.clear();
+        self.stages_created.clear();
         self.pipeline.clear();
         if self.group.take().is_some() {
             let _ = self.client.batch_execute("ROLLBACK").await;
@@ -432,6 +592,31 @@ fn locator_values<'a>(target: &Target, old: Option<&OldTuple<'a>>, new: Option<&
         // new row can tell.
         _ => new.and_then(|n| target.key.iter().map(|&i| n.0.get(i).copied()).collect()),
     }
+}
+
+/// Text forms of a tuple's values, and which are unchanged TOAST.
+fn texts(values: &[Value<'_>], batch: &Bytes) -> (Vec<Text>, Vec<bool>) {
+    let unchanged = values.iter().map(|v| matches!(v, Value::UnchangedToast)).collect();
+    (values.iter().map(|v| text(v, batch)).collect(), unchanged)
+}
+
+fn text(v: &Value<'_>, batch: &Bytes) -> Text {
+    v.to_pg_text().map(|t| match t {
+        std::borrow::Cow::Borrowed(b) => slice(batch, b),
+        std::borrow::Cow::Owned(v) => Bytes::from(v),
+    })
+}
+
+/// Every value as text, or `None` if one is NULL or unchanged (then it
+/// cannot serve as a key).
+fn all_text(values: &[Value<'_>], batch: &Bytes) -> Option<Vec<Text>> {
+    values.iter().map(|v| text(v, batch).map(Some)).collect()
+}
+
+/// The key columns of a full row, as text.
+fn key_texts(target: &Target, row: &[Value<'_>], batch: &Bytes) -> Option<Vec<Text>> {
+    let key: Vec<Value<'_>> = target.key.iter().map(|&i| row.get(i).copied()).collect::<Option<_>>()?;
+    all_text(&key, batch)
 }
 
 fn params(values: &[Value<'_>], batch: &Bytes) -> Vec<Option<Param>> {

@@ -2,6 +2,7 @@
 //! receives them from the agent.
 
 pub mod apply;
+pub mod bulk;
 pub mod progress;
 pub mod statements;
 
