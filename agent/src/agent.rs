@@ -50,9 +50,10 @@ impl AgentError {
                 // insufficient privilege, no such database, bad option.
                 Some("28P01" | "28000" | "55000" | "58P01" | "42501" | "3D000" | "22023" | "42704") => ErrorClass::Fatal,
                 _ => match e {
-                    ReplicationError::Tls(_) | ReplicationError::TlsRefused(_) | ReplicationError::PasswordNeeded(_) | ReplicationError::UnsupportedAuth(_) => {
-                        ErrorClass::Fatal
-                    }
+                    ReplicationError::Tls(_)
+                    | ReplicationError::TlsRefused(_)
+                    | ReplicationError::PasswordNeeded(_)
+                    | ReplicationError::UnsupportedAuth(_) => ErrorClass::Fatal,
                     _ => ErrorClass::Other,
                 },
             },
@@ -156,7 +157,13 @@ impl<'c> Session<'c> {
         }
     }
 
-    async fn run(&mut self, source: &ConnInfo, transport: &TransportSettings, retry: &mut Retry, shutdown: &mut watch::Receiver<bool>) -> Result<(), AgentError> {
+    async fn run(
+        &mut self,
+        source: &ConnInfo,
+        transport: &TransportSettings,
+        retry: &mut Retry,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
         let config = self.config;
         let slot = config.source.slot.as_str();
         let mut repl = ReplicationClient::connect(source, "decant agent").await?;
@@ -207,7 +214,10 @@ impl<'c> Session<'c> {
                 tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");
                 Ok(())
             }
-            None => Err(problem("does not exist on the source; create it with plugin decant, or set source.create_slot = true".into(), ErrorClass::Fatal)),
+            None => Err(problem(
+                "does not exist on the source; create it with plugin decant, or set source.create_slot = true".into(),
+                ErrorClass::Fatal,
+            )),
             Some(row) => {
                 let plugin = row.first().cloned().flatten().unwrap_or_default();
                 if plugin != "decant" {
@@ -228,7 +238,13 @@ impl<'c> Session<'c> {
     }
 
     /// Moves records from the slot to the applier and acks back.
-    async fn pump(&mut self, repl: &mut ReplicationClient, applier: &mut ApplierStream, retry: &mut Retry, shutdown: &mut watch::Receiver<bool>) -> Result<(), AgentError> {
+    async fn pump(
+        &mut self,
+        repl: &mut ReplicationClient,
+        applier: &mut ApplierStream,
+        retry: &mut Retry,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
         let config = self.config;
         let batch_delay = Duration::from_millis(config.agent.batch_max_delay_ms);
         let mut status_tick = tokio::time::interval(Duration::from_secs(config.agent.status_interval_seconds.max(1)));

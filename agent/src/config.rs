@@ -46,7 +46,7 @@ pub struct Source {
     pub heartbeat_seconds: u64,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Destination {
     pub dsn: String,
@@ -134,13 +134,14 @@ impl Default for Config {
 
 impl Default for Source {
     fn default() -> Self {
-        Source { dsn: String::new(), slot: "decant".into(), create_slot: true, include_tables: vec![], exclude_tables: vec![], heartbeat_seconds: 10 }
-    }
-}
-
-impl Default for Destination {
-    fn default() -> Self {
-        Destination { dsn: String::new() }
+        Source {
+            dsn: String::new(),
+            slot: "decant".into(),
+            create_slot: true,
+            include_tables: vec![],
+            exclude_tables: vec![],
+            heartbeat_seconds: 10,
+        }
     }
 }
 
@@ -298,7 +299,8 @@ impl Config {
     }
 
     pub fn parse(text: &str, name: &str, overrides: &[String]) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_owned(), message: e.to_string() })?;
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_owned(), message: e.to_string() })?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
@@ -345,8 +347,9 @@ impl Config {
         if !self.transport.token.is_empty() && !self.transport.token_file.is_empty() {
             return invalid("transport.token", "(hidden)".into(), "give token or token_file, not both");
         }
-        decant_proto::options::PluginOptions::parse(self.plugin_option_pairs().iter().map(|(k, v)| (*k, Some(v.as_str()))))
-            .map_err(|e| ConfigError::Invalid { key: "source.include_tables", value: self.source.include_tables.join(","), reason: e.message })?;
+        decant_proto::options::PluginOptions::parse(self.plugin_option_pairs().iter().map(|(k, v)| (*k, Some(v.as_str())))).map_err(
+            |e| ConfigError::Invalid { key: "source.include_tables", value: self.source.include_tables.join(","), reason: e.message },
+        )?;
         Ok(())
     }
 
@@ -427,7 +430,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.retry.other_minutes, c.source.slot.as_str(), c.applier.on_conflict), (5, "s2", ConflictPolicy::Stop));
-        let err = |text: &str, o: &[&str]| Config::parse(text, "x", &o.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_err().to_string();
+        let err = |text: &str, o: &[&str]| {
+            Config::parse(text, "x", &o.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_err().to_string()
+        };
         assert!(err("", &["retry.other_minutes=800"]).contains("less than retry.connection_minutes"));
         assert!(err("", &["retry.connection_minutes=5"]).contains("between 10 and 1440"));
         assert!(err("[source]\nslott = \"x\"", &[]).contains("unknown field `slott`"));

@@ -21,7 +21,16 @@ pub const TEXT_OUTPUT_SETTINGS: &str =
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let stdout = io::stdout().lock();
-    let mut printer = Printer::new(BufWriter::new(stdout), if args.json { Style::Json } else if args.summary { Style::Summary } else { Style::Text });
+    let mut printer = Printer::new(
+        BufWriter::new(stdout),
+        if args.json {
+            Style::Json
+        } else if args.summary {
+            Style::Summary
+        } else {
+            Style::Text
+        },
+    );
     let limit = args.limit.unwrap_or(u64::MAX);
     match (&args.file, &args.slot) {
         (Some(path), _) => read_file(path, limit, &mut printer)?,
@@ -153,7 +162,8 @@ fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, prin
             // One record per message, or several (max_message_bytes).
             let mut at = 0;
             while at < data.len() {
-                let (record, used) = decode(&data[at..]).map_err(|e| anyhow::anyhow!("slot {slot:?}, message at LSN {lsn}, byte {}: {}", at + e.offset, e.kind))?;
+                let (record, used) = decode(&data[at..])
+                    .map_err(|e| anyhow::anyhow!("slot {slot:?}, message at LSN {lsn}, byte {}: {}", at + e.offset, e.kind))?;
                 printer.record(Some(lsn), &record, used)?;
                 at += used;
             }
@@ -290,13 +300,7 @@ impl<W: Write> Printer<W> {
                         format!("{} {}{flags}", lossy(c.name), lossy(c.type_name))
                     })
                     .collect();
-                format!(
-                    "RELATION {} {} replica identity {}: {}",
-                    r.oid,
-                    self.table(r.oid),
-                    r.replica_identity.name(),
-                    cols.join(", ")
-                )
+                format!("RELATION {} {} replica identity {}: {}", r.oid, self.table(r.oid), r.replica_identity.name(), cols.join(", "))
             }
             Record::Insert(i) => format!("INSERT {}: {}", self.table(i.relation), self.text_tuple(i.relation, false, &i.new)),
             Record::Update(u) => {

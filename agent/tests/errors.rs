@@ -81,8 +81,15 @@ fn configuration_and_source_errors() {
 
     // Wrong password.
     let source = Cluster::start();
-    source.connect().batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'").unwrap();
-    std::fs::write(source.data_dir().join("pg_hba.conf"), "local all all trust\nhost all,replication postgres 127.0.0.1/32 trust\nhost all,replication app 127.0.0.1/32 scram-sha-256\n").unwrap();
+    source
+        .connect()
+        .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'")
+        .unwrap();
+    std::fs::write(
+        source.data_dir().join("pg_hba.conf"),
+        "local all all trust\nhost all,replication postgres 127.0.0.1/32 trust\nhost all,replication app 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
     source.connect().batch_execute("SELECT pg_reload_conf()").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let cfg = s.config(&format!("host=127.0.0.1 port={} user=app password=wrong dbname=postgres", source.port()), &dest, "");
@@ -91,7 +98,10 @@ fn configuration_and_source_errors() {
     // A missing slot, with slot creation off.
     let cfg = s.config(&source.conninfo("postgres"), &dest, "");
     let mut applier = s.role("applier", &cfg, &[]);
-    expect(&fails(&mut s.role("agent", &cfg, &["source.create_slot=false", "source.slot=\"nope\""])), &["slot \"nope\"", "does not exist", "create_slot"]);
+    expect(
+        &fails(&mut s.role("agent", &cfg, &["source.create_slot=false", "source.slot=\"nope\""])),
+        &["slot \"nope\"", "does not exist", "create_slot"],
+    );
 
     // A slot of another plugin.
     source.connect().batch_execute("SELECT pg_create_logical_replication_slot('td', 'test_decoding')").unwrap();
@@ -106,7 +116,8 @@ fn configuration_and_source_errors() {
 
     // The plugin not allowed by output_plugin_libraries (where the server has it).
     let restricted = Cluster::start_with(&[]);
-    let known: bool = restricted.connect().query_one("SELECT count(*) = 1 FROM pg_settings WHERE name = 'output_plugin_libraries'", &[]).unwrap().get(0);
+    let known: bool =
+        restricted.connect().query_one("SELECT count(*) = 1 FROM pg_settings WHERE name = 'output_plugin_libraries'", &[]).unwrap().get(0);
     if known {
         let mut c = restricted.connect();
         c.batch_execute("ALTER SYSTEM SET output_plugin_libraries = 'pgoutput'").unwrap();

@@ -19,9 +19,7 @@ fn source() -> (Cluster, postgres::Client) {
     let cluster = Cluster::start();
     let mut client = cluster.connect();
     prepare_source(&mut client, "s");
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, price numeric, note text, at timestamptz)")
-        .unwrap();
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY, price numeric, note text, at timestamptz)").unwrap();
     client.batch_execute("INSERT INTO t VALUES (1, 12.50, 'a ''quoted'' note', '2024-01-02 03:04:05+00'), (2, NULL, NULL, NULL)").unwrap();
     client.batch_execute("UPDATE t SET note = 'x' WHERE id = 2").unwrap();
     client.batch_execute("DELETE FROM t WHERE id = 1").unwrap();
@@ -61,7 +59,11 @@ fn inspects_a_slot_without_consuming_it() {
     assert!(!no_messages.contains("MESSAGE"));
     let bad = decant(&["inspect", "--slot", "s", "--dsn", &dsn, "-o", "include_mesages=off"]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"include_mesages\": unknown option"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("\"include_mesages\": unknown option"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }
 
 fn serde_json_check(line: &str) {

@@ -50,7 +50,12 @@ fn authenticates_with_trust_password_md5_and_scram() {
     );
     let base = format!("host=127.0.0.1 port={} dbname=postgres sslmode=disable", cluster.port());
     runtime().block_on(async {
-        for (user, password) in [("postgres", None), ("md5_user", Some("md5 secret")), ("scram_user", Some("scram secret")), ("plain_user", Some("plain secret"))] {
+        for (user, password) in [
+            ("postgres", None),
+            ("md5_user", Some("md5 secret")),
+            ("scram_user", Some("scram secret")),
+            ("plain_user", Some("plain secret")),
+        ] {
             let conninfo = match password {
                 Some(p) => format!("{base} user={user} password='{p}'"),
                 None => format!("{base} user={user}"),
@@ -61,7 +66,10 @@ fn authenticates_with_trust_password_md5_and_scram() {
             assert_eq!(id.database.as_deref(), Some("postgres"));
             client.close().await;
         }
-        let wrong = ReplicationClient::connect(&info(&format!("{base} user=scram_user password=wrong")), "t").await.err().expect("wrong password accepted");
+        let wrong = ReplicationClient::connect(&info(&format!("{base} user=scram_user password=wrong")), "t")
+            .await
+            .err()
+            .expect("wrong password accepted");
         assert_eq!(wrong.code(), Some("28P01"), "{wrong}");
         assert!(wrong.to_string().contains("password authentication failed"), "{wrong}");
         let missing = ReplicationClient::connect(&info(&format!("{base} user=md5_user")), "t").await.err().unwrap();
@@ -107,17 +115,33 @@ fn creates_a_slot_streams_records_and_confirms_progress() {
                     kinds.push(record.kind().name());
                 }
                 Streamed::Keepalive { reply_requested: true, wal_end, .. } => {
-                    stream.send_status(StatusUpdate { written: wal_end, flushed: Lsn(0), applied: Lsn(0), clock: pg_now(), reply_requested: false }).await.unwrap();
+                    stream
+                        .send_status(StatusUpdate {
+                            written: wal_end,
+                            flushed: Lsn(0),
+                            applied: Lsn(0),
+                            clock: pg_now(),
+                            reply_requested: false,
+                        })
+                        .await
+                        .unwrap();
                 }
                 _ => {}
             }
         }
         assert_eq!(kinds, ["BEGIN", "RELATION", "INSERT", "INSERT", "COMMIT"]);
-        stream.send_status(StatusUpdate { written: end, flushed: end, applied: end, clock: pg_now(), reply_requested: true }).await.unwrap();
+        stream
+            .send_status(StatusUpdate { written: end, flushed: end, applied: end, clock: pg_now(), reply_requested: true })
+            .await
+            .unwrap();
         // The confirmation reaches the slot.
         let mut confirmed = String::new();
         for _ in 0..50 {
-            confirmed = admin.query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's'", &[]).await.unwrap().get(0);
+            confirmed = admin
+                .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's'", &[])
+                .await
+                .unwrap()
+                .get(0);
             if confirmed.parse::<Lsn>().unwrap() >= end {
                 break;
             }
@@ -182,7 +206,8 @@ fn tls_modes_client_certificates_and_channel_binding() {
         assert_eq!(ssl_in_use(c).await.as_deref(), Some("true"));
         // require, prefer: encrypted too.
         for mode in ["require", "prefer"] {
-            let c = ReplicationClient::connect(&info(&format!("{scram} sslmode={mode}")), "t").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
+            let c =
+                ReplicationClient::connect(&info(&format!("{scram} sslmode={mode}")), "t").await.unwrap_or_else(|e| panic!("{mode}: {e}"));
             assert_eq!(ssl_in_use(c).await.as_deref(), Some("true"), "{mode}");
         }
         // The wrong CA is refused.
@@ -190,7 +215,10 @@ fn tls_modes_client_certificates_and_channel_binding() {
         let err = ReplicationClient::connect(&info(&format!("{scram} sslmode=verify-full sslrootcert={other}")), "t").await.err().unwrap();
         assert!(matches!(err, ReplicationError::TlsHandshake { .. }), "{err}");
         // verify-full without a root certificate is a configuration error.
-        let err = ReplicationClient::connect(&info(&format!("{scram} sslmode=verify-full sslrootcert=/nonexistent/root.crt")), "t").await.err().unwrap();
+        let err = ReplicationClient::connect(&info(&format!("{scram} sslmode=verify-full sslrootcert=/nonexistent/root.crt")), "t")
+            .await
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("/nonexistent/root.crt"), "{err}");
         // Without TLS, hostssl lines do not match.
         let err = ReplicationClient::connect(&info(&format!("{scram} sslmode=disable")), "t").await.err().unwrap();

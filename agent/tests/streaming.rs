@@ -59,7 +59,12 @@ fn pair(extra_config: &str) -> Pair {
         .unwrap();
     let dump = pg_tool(&source, "pg_dump").args(["-d", "postgres"]).output().unwrap();
     assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
-    let mut psql = pg_tool(&dest, "psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut psql = pg_tool(&dest, "psql")
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     std::io::Write::write_all(psql.stdin.as_mut().unwrap(), &dump.stdout).unwrap();
     drop(psql.stdin.take());
     assert!(psql.wait().unwrap().success());
@@ -258,7 +263,10 @@ fn metrics_endpoint_reports_progress() {
     p.wait_equal();
     let body = http_get(metrics_port, "/metrics");
     let value = |name: &str| -> u64 {
-        body.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{name} missing in\n{body}"))
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{body}"))
     };
     assert!(value("decant_changes_applied_total") >= 200, "{body}");
     assert!(value("decant_transactions_applied_total") >= 50, "{body}");
@@ -289,8 +297,10 @@ fn mutual_tls_token_and_compression_between_agent_and_applier() {
     std::fs::write(&p.config, config).unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_decant"));
     let log = |n: &str| p.dir.path().join(n);
-    let applier_tls = [format!("transport.tls_cert=\"{}\"", path(&certs.server_cert)), format!("transport.tls_key=\"{}\"", path(&certs.server_key))];
-    let agent_tls = [format!("transport.tls_cert=\"{}\"", path(&certs.client_cert)), format!("transport.tls_key=\"{}\"", path(&certs.client_key))];
+    let applier_tls =
+        [format!("transport.tls_cert=\"{}\"", path(&certs.server_cert)), format!("transport.tls_key=\"{}\"", path(&certs.server_key))];
+    let agent_tls =
+        [format!("transport.tls_cert=\"{}\"", path(&certs.client_cert)), format!("transport.tls_key=\"{}\"", path(&certs.client_key))];
     let _applier = Role::start_with(bin, "applier", &p.config, &applier_tls, &log("applier.log"));
     decant_tests::process::wait_port(p.port);
 

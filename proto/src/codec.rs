@@ -299,9 +299,7 @@ fn length_prefix(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
     match varint::decode_u64(buf) {
         Ok(None) => Ok(None),
         Err(()) => Err(DecodeError { offset: 0, kind: DecodeErrorKind::BadLength }),
-        Ok(Some((len, _))) if len > MAX_RECORD_LEN as u64 => {
-            Err(DecodeError { offset: 0, kind: DecodeErrorKind::TooLong(len) })
-        }
+        Ok(Some((len, _))) if len > MAX_RECORD_LEN as u64 => Err(DecodeError { offset: 0, kind: DecodeErrorKind::TooLong(len) }),
         Ok(Some((len, n))) => Ok(Some((len as usize, n))),
     }
 }
@@ -316,17 +314,11 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
 /// record and the number of bytes it occupied.
 pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
     let Some((body, prefix)) = length_prefix(buf)? else {
-        return Err(DecodeError {
-            offset: 0,
-            kind: DecodeErrorKind::Truncated { needed: buf.len() + 1, available: buf.len() },
-        });
+        return Err(DecodeError { offset: 0, kind: DecodeErrorKind::Truncated { needed: buf.len() + 1, available: buf.len() } });
     };
     let total = prefix + body + 4;
     if buf.len() < total {
-        return Err(DecodeError {
-            offset: 0,
-            kind: DecodeErrorKind::Truncated { needed: total, available: buf.len() },
-        });
+        return Err(DecodeError { offset: 0, kind: DecodeErrorKind::Truncated { needed: total, available: buf.len() } });
     }
     let (covered, crc_bytes) = buf[..total].split_at(total - 4);
     let stored = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
@@ -421,10 +413,9 @@ impl<'a> Reader<'a> {
                 final_lsn: Lsn(self.varint("begin: final LSN")?),
                 commit_time: self.zigzag("begin: commit time")?,
             }),
-            RecordKind::Commit => Record::Commit(Commit {
-                end_lsn: Lsn(self.varint("commit: end LSN")?),
-                commit_time: self.zigzag("commit: commit time")?,
-            }),
+            RecordKind::Commit => {
+                Record::Commit(Commit { end_lsn: Lsn(self.varint("commit: end LSN")?), commit_time: self.zigzag("commit: commit time")? })
+            }
             RecordKind::Relation => {
                 let oid = self.u32("relation: OID")?;
                 let at = self.pos;

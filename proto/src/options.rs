@@ -53,7 +53,8 @@ pub enum OriginFilter {
 }
 
 /// The names of every option, for documentation and error messages.
-pub const OPTION_NAMES: &[&str] = &["format_version", "include_messages", "origin", "include_tables", "exclude_tables", "max_message_bytes"];
+pub const OPTION_NAMES: &[&str] =
+    &["format_version", "include_messages", "origin", "include_tables", "exclude_tables", "max_message_bytes"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptionError {
@@ -172,7 +173,10 @@ impl TablePattern {
                     patterns.push(TablePattern { schema, table });
                     Ok(())
                 }
-                _ => Err(error(option, format!("invalid table pattern list {list:?}: each entry must be schema.table (\"*\" matches any characters)"))),
+                _ => Err(error(
+                    option,
+                    format!("invalid table pattern list {list:?}: each entry must be schema.table (\"*\" matches any characters)"),
+                )),
             }
         };
         while let Some(b) = bytes.next() {
@@ -228,7 +232,13 @@ mod tests {
         let e = parse(&[("include_mesages", Some("on"))]).unwrap_err();
         assert_eq!(e.option, "include_mesages");
         assert!(e.to_string().contains("unknown option"), "{e}");
-        for (name, value) in [("format_version", "2"), ("include_messages", "maybe"), ("origin", "some"), ("include_tables", "nodot"), ("max_message_bytes", "10")] {
+        for (name, value) in [
+            ("format_version", "2"),
+            ("include_messages", "maybe"),
+            ("origin", "some"),
+            ("include_tables", "nodot"),
+            ("max_message_bytes", "10"),
+        ] {
             let e = parse(&[(name, Some(value))]).unwrap_err();
             assert_eq!(e.option, name);
             assert!(e.to_string().contains(value), "{e}");

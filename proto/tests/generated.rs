@@ -21,7 +21,10 @@ fn generated_grpc_code_is_current() {
         std::fs::write(&committed_path, &fresh).unwrap();
     }
     let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
-    assert!(committed == fresh, "src/generated/decant.v1.rs is stale: run `DECANT_REGENERATE=1 cargo test -p decant-proto --test generated`");
+    assert!(
+        committed == fresh,
+        "src/generated/decant.v1.rs is stale: run `DECANT_REGENERATE=1 cargo test -p decant-proto --test generated`"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

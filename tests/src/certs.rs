@@ -29,15 +29,79 @@ impl Certs {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for ca in ["ca", "other_ca"] {
-            openssl(d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.crt"), "-days", "2", "-subj", &format!("/CN=decant test {ca}")]);
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.crt"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=decant test {ca}"),
+                ],
+            );
         }
         std::fs::write(d.join("server.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
         std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
         for (name, cn) in [("server", "localhost"), ("client", client_cn)] {
-            openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}")]);
-            openssl(d, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{name}.crt"), "-days", "2", "-extfile", &format!("{name}.ext")]);
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={cn}"),
+                ],
+            );
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.crt"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &format!("{name}.ext"),
+                ],
+            );
         }
-        openssl(d, &["pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", "client.key", "-out", "client.enc.key", "-passout", &format!("pass:{}", Self::KEY_PASSWORD)]);
+        openssl(
+            d,
+            &[
+                "pkcs8",
+                "-topk8",
+                "-v2",
+                "aes-256-cbc",
+                "-in",
+                "client.key",
+                "-out",
+                "client.enc.key",
+                "-passout",
+                &format!("pass:{}", Self::KEY_PASSWORD),
+            ],
+        );
         Certs {
             ca: d.join("ca.crt"),
             other_ca: d.join("other_ca.crt"),
@@ -57,9 +121,19 @@ impl Certs {
         for (from, to) in [(&self.server_cert, "server.crt"), (&self.server_key, "server.key"), (&self.ca, "root.crt")] {
             std::fs::copy(from, data_dir.join(to)).unwrap();
         }
-        let status = Command::new("chown").arg("postgres:postgres").arg(data_dir.join("server.crt")).arg(data_dir.join("server.key")).arg(data_dir.join("root.crt")).status();
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(data_dir.join("server.crt"))
+            .arg(data_dir.join("server.key"))
+            .arg(data_dir.join("root.crt"))
+            .status();
         let _ = status; // not root: the files already belong to us
         let _ = Command::new("chmod").arg("600").arg(data_dir.join("server.key")).status();
-        vec!["ssl = on".into(), "ssl_cert_file = 'server.crt'".into(), "ssl_key_file = 'server.key'".into(), "ssl_ca_file = 'root.crt'".into()]
+        vec![
+            "ssl = on".into(),
+            "ssl_cert_file = 'server.crt'".into(),
+            "ssl_key_file = 'server.key'".into(),
+            "ssl_ca_file = 'root.crt'".into(),
+        ]
     }
 }

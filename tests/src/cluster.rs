@@ -46,33 +46,20 @@ impl Cluster {
     /// Same, with extra postgresql.conf lines appended (e.g. "max_wal_senders = 30").
     pub fn start_with(extra_conf: &[&str]) -> Cluster {
         let bindir = bindir_default().to_path_buf();
-        let dir = tempfile::Builder::new()
-            .prefix("decant-pg-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("decant-tests: cannot create temp dir: {e}"));
+        let dir =
+            tempfile::Builder::new().prefix("decant-pg-").tempdir().unwrap_or_else(|e| panic!("decant-tests: cannot create temp dir: {e}"));
         if is_root() {
             let (uid, gid) = postgres_user();
             chown(dir.path(), uid, gid);
         }
         let data_dir = dir.path().join("data");
         let log_path = dir.path().join("server.log");
-        let mut cluster = Cluster {
-            dir,
-            data_dir,
-            log_path,
-            bindir,
-            port: 0,
-            running: false,
-        };
+        let mut cluster = Cluster { dir, data_dir, log_path, bindir, port: 0, running: false };
         cluster.initdb();
         cluster.check_hba();
 
-        let base_conf = fs::read_to_string(cluster.conf_path()).unwrap_or_else(|e| {
-            panic!(
-                "decant-tests: cannot read {}: {e}",
-                cluster.conf_path().display()
-            )
-        });
+        let base_conf = fs::read_to_string(cluster.conf_path())
+            .unwrap_or_else(|e| panic!("decant-tests: cannot read {}: {e}", cluster.conf_path().display()));
         let mut last_err = String::new();
         for attempt in 1..=PORT_ATTEMPTS {
             let port = free_port();
@@ -94,20 +81,14 @@ impl Cluster {
                 return cluster;
             }
             let new_log = cluster.log_since(log_offset);
-            last_err = format!(
-                "attempt {attempt} on port {port}: {}\n--- server log (this attempt) ---\n{new_log}",
-                describe_output(&out)
-            );
+            last_err = format!("attempt {attempt} on port {port}: {}\n--- server log (this attempt) ---\n{new_log}", describe_output(&out));
             if !is_port_clash(&new_log) {
                 break;
             }
             // The postmaster may have left a stale pid file behind; it exits
             // on bind failure, so nothing to stop. Try the next port.
         }
-        panic!(
-            "decant-tests: pg_ctl start failed (data dir {})\n{last_err}",
-            cluster.data_dir.display()
-        );
+        panic!("decant-tests: pg_ctl start failed (data dir {})\n{last_err}", cluster.data_dir.display());
     }
 
     pub fn port(&self) -> u16 {
@@ -120,11 +101,7 @@ impl Cluster {
 
     /// libpq keyword/value string for database `db` as user postgres.
     pub fn conninfo(&self, db: &str) -> String {
-        format!(
-            "host={HOST} port={} user=postgres dbname={}",
-            self.port,
-            quote_conninfo_value(db)
-        )
+        format!("host={HOST} port={} user=postgres dbname={}", self.port, quote_conninfo_value(db))
     }
 
     /// A connected sync client (postgres crate, NoTls) to database `postgres`.
@@ -135,10 +112,7 @@ impl Cluster {
     pub fn connect_db(&self, db: &str) -> postgres::Client {
         let conninfo = self.conninfo(db);
         postgres::Client::connect(&conninfo, postgres::NoTls).unwrap_or_else(|e| {
-            panic!(
-                "decant-tests: cannot connect with {conninfo:?}: {e}\n--- server log ---\n{}",
-                self.log_tail(LOG_TAIL_LINES)
-            )
+            panic!("decant-tests: cannot connect with {conninfo:?}: {e}\n--- server log ---\n{}", self.log_tail(LOG_TAIL_LINES))
         })
     }
 
@@ -259,8 +233,7 @@ impl Cluster {
     /// 127.0.0.1; add the line if it does not.
     fn check_hba(&self) {
         let hba_path = self.data_dir.join("pg_hba.conf");
-        let hba = fs::read_to_string(&hba_path)
-            .unwrap_or_else(|e| panic!("decant-tests: cannot read {}: {e}", hba_path.display()));
+        let hba = fs::read_to_string(&hba_path).unwrap_or_else(|e| panic!("decant-tests: cannot read {}: {e}", hba_path.display()));
         let has_repl = hba.lines().any(|line| {
             let toks: Vec<&str> = line.split('#').next().unwrap_or("").split_whitespace().collect();
             toks.len() >= 5
@@ -313,12 +286,7 @@ impl Cluster {
         }
         // Write via truncate (the file is owned by postgres; root may write it,
         // and a non-root runner is the owner).
-        fs::write(self.conf_path(), conf).unwrap_or_else(|e| {
-            panic!(
-                "decant-tests: cannot write {}: {e}",
-                self.conf_path().display()
-            )
-        });
+        fs::write(self.conf_path(), conf).unwrap_or_else(|e| panic!("decant-tests: cannot write {}: {e}", self.conf_path().display()));
     }
 }
 
@@ -371,11 +339,7 @@ fn bindir_default() -> &'static Path {
         if let Some(dir) = std::env::var_os("DECANT_PG_BINDIR").filter(|d| !d.is_empty()) {
             return PathBuf::from(dir);
         }
-        if let Ok(out) = Command::new("pg_config")
-            .arg("--bindir")
-            .stdin(Stdio::null())
-            .output()
-        {
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").stdin(Stdio::null()).output() {
             let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
             if out.status.success() && !dir.is_empty() && Path::new(&dir).join("initdb").exists() {
                 return PathBuf::from(dir);
@@ -394,14 +358,9 @@ fn server_knows_output_plugin_libraries(bindir: &Path) -> bool {
         cmd.arg("--describe-config");
         let out = run_capture(&mut cmd);
         if !out.status.success() {
-            panic!(
-                "decant-tests: {cmd:?} failed\n{}",
-                describe_output(&out)
-            );
+            panic!("decant-tests: {cmd:?} failed\n{}", describe_output(&out));
         }
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with("output_plugin_libraries"))
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("output_plugin_libraries"))
     })
 }
 
@@ -421,8 +380,7 @@ fn server_command(program: &Path, cwd: &Path) -> Command {
 /// cannot be spawned at all.
 fn run_capture(cmd: &mut Command) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.output()
-        .unwrap_or_else(|e| panic!("decant-tests: cannot run {cmd:?}: {e}"))
+    cmd.output().unwrap_or_else(|e| panic!("decant-tests: cannot run {cmd:?}: {e}"))
 }
 
 fn describe_output(out: &Output) -> String {
@@ -446,12 +404,8 @@ fn free_port() -> u16 {
     static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let handed_out = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
     for _ in 0..100 {
-        let listener = TcpListener::bind((HOST, 0))
-            .unwrap_or_else(|e| panic!("decant-tests: cannot bind {HOST}:0: {e}"));
-        let port = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("decant-tests: local_addr: {e}"))
-            .port();
+        let listener = TcpListener::bind((HOST, 0)).unwrap_or_else(|e| panic!("decant-tests: cannot bind {HOST}:0: {e}"));
+        let port = listener.local_addr().unwrap_or_else(|e| panic!("decant-tests: local_addr: {e}")).port();
         drop(listener);
         let mut set = handed_out.lock().unwrap_or_else(|p| p.into_inner());
         if set.insert(port) {
@@ -462,12 +416,9 @@ fn free_port() -> u16 {
 }
 
 fn append_file(path: &Path, text: &str) {
-    let mut f = fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("decant-tests: cannot open {}: {e}", path.display()));
-    f.write_all(text.as_bytes())
-        .unwrap_or_else(|e| panic!("decant-tests: cannot write {}: {e}", path.display()));
+    let mut f =
+        fs::OpenOptions::new().append(true).open(path).unwrap_or_else(|e| panic!("decant-tests: cannot open {}: {e}", path.display()));
+    f.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("decant-tests: cannot write {}: {e}", path.display()));
 }
 
 /// Quote a conninfo value if it needs it (spaces, quotes, backslashes).
@@ -505,9 +456,7 @@ fn postgres_user() -> (libc::uid_t, libc::gid_t) {
         // OnceLock serialises the call within this crate.
         let pw = unsafe { libc::getpwnam(name.as_ptr()) };
         if pw.is_null() {
-            panic!(
-                "decant-tests: running as root but there is no `postgres` OS user to run the server as"
-            );
+            panic!("decant-tests: running as root but there is no `postgres` OS user to run the server as");
         }
         // SAFETY: pw is non-null and points to a valid passwd record.
         unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
@@ -517,16 +466,12 @@ fn postgres_user() -> (libc::uid_t, libc::gid_t) {
 #[allow(unsafe_code)]
 fn chown(path: &Path, uid: libc::uid_t, gid: libc::gid_t) {
     use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .unwrap_or_else(|e| panic!("decant-tests: bad path {}: {e}", path.display()));
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap_or_else(|e| panic!("decant-tests: bad path {}: {e}", path.display()));
     // SAFETY: c_path is a valid NUL-terminated path for the duration of the call.
     let rc = unsafe { libc::chown(c_path.as_ptr(), uid, gid) };
     if rc != 0 {
-        panic!(
-            "decant-tests: chown {} to {uid}:{gid} failed: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
+        panic!("decant-tests: chown {} to {uid}:{gid} failed: {}", path.display(), std::io::Error::last_os_error());
     }
 }
 
@@ -544,9 +489,7 @@ mod tests {
 
     #[test]
     fn port_clash_detection() {
-        assert!(is_port_clash(
-            "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use"
-        ));
+        assert!(is_port_clash("LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use"));
         assert!(!is_port_clash("FATAL:  invalid value for parameter"));
     }
 }

@@ -4,6 +4,6 @@
 mod cluster;
 
 pub use cluster::Cluster;
-pub mod slot;
-pub mod process;
 pub mod certs;
+pub mod process;
+pub mod slot;

@@ -86,10 +86,7 @@ impl Drop for Role {
 /// A checksum of a table's rows in key order (text forms), and the count.
 pub fn table_digest(client: &mut postgres::Client, table: &str, order_by: &str) -> (i64, String) {
     let row = client
-        .query_one(
-            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {order_by})), '') FROM {table} t"),
-            &[],
-        )
+        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {order_by})), '') FROM {table} t"), &[])
         .unwrap_or_else(|e| panic!("digest of {table}: {e}"));
     (row.get(0), row.get(1))
 }

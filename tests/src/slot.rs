@@ -18,10 +18,7 @@ pub fn prepare_source(client: &mut postgres::Client, slot: &str) {
 /// one record. Options are (name, value) pairs for the plugin.
 pub fn get_changes(client: &mut postgres::Client, slot: &str, options: &[(&str, &str)]) -> Result<Vec<Vec<u8>>, postgres::Error> {
     let flat: Vec<String> = options.iter().flat_map(|(n, v)| [n.to_string(), v.to_string()]).collect();
-    let rows = client.query(
-        "SELECT data FROM pg_logical_slot_get_binary_changes($1, NULL, NULL, VARIADIC $2::text[])",
-        &[&slot, &flat],
-    )?;
+    let rows = client.query("SELECT data FROM pg_logical_slot_get_binary_changes($1, NULL, NULL, VARIADIC $2::text[])", &[&slot, &flat])?;
     Ok(rows.into_iter().map(|r| r.get::<_, Vec<u8>>(0)).collect())
 }
 

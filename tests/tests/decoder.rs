@@ -113,7 +113,7 @@ fn insert_update_delete_truncate_and_messages_in_order() {
             "BEGIN", "UPDATE", "COMMIT", // update, key unchanged
             "BEGIN", "UPDATE", "COMMIT", // update of the key
             "BEGIN", "DELETE", "COMMIT", // delete
-            "BEGIN", "MESSAGE", "COMMIT", // transactional message
+            "BEGIN", "MESSAGE", "COMMIT",  // transactional message
             "MESSAGE", // non-transactional message: no transaction around it
             "BEGIN", "RELATION", "RELATION", "TRUNCATE", "COMMIT",
         ]
@@ -198,7 +198,23 @@ fn every_type_family_round_trips() {
         ("numeric", &["0", "-1.5", "12345678901234567890.123456789", "NaN", "Infinity", "-Infinity", "0.000001", "1e-20"]),
         ("numeric(10,3)", &["1.5", "-0.001", "9999999.999"]),
         ("float4", &["0", "-0", "NaN", "Infinity", "-Infinity", "1.17549435e-38", "3.4028235e38", "1.1", "1e6", "123456"]),
-        ("float8", &["0", "-0", "NaN", "Infinity", "-Infinity", "1e-310", "1.7976931348623157e308", "0.1", "1e15", "123456789012345", "0.0001", "1e-5"]),
+        (
+            "float8",
+            &[
+                "0",
+                "-0",
+                "NaN",
+                "Infinity",
+                "-Infinity",
+                "1e-310",
+                "1.7976931348623157e308",
+                "0.1",
+                "1e15",
+                "123456789012345",
+                "0.0001",
+                "1e-5",
+            ],
+        ),
         ("money", &["12.34", "-92233720368547758.08", "0"]),
         ("text", &["", "héllo wörld ✓ 日本語", "with 'quotes' and \\backslash", "line\nbreak"]),
         ("varchar(10)", &["", "ascii", "ñandú"]),
@@ -212,7 +228,17 @@ fn every_type_family_round_trips() {
         ("time", &["00:00:00", "12:34:56.789", "24:00:00", "23:59:59.999999"]),
         ("time(2)", &["12:34:56.78"]),
         ("timetz", &["12:34:56+05:30", "00:00:00-15:59"]),
-        ("timestamp", &["2024-01-01 00:00:00.000001", "infinity", "-infinity", "0001-01-01 00:00:00 BC", "294276-12-31 23:59:59.999999", "1999-12-31 23:59:59.5"]),
+        (
+            "timestamp",
+            &[
+                "2024-01-01 00:00:00.000001",
+                "infinity",
+                "-infinity",
+                "0001-01-01 00:00:00 BC",
+                "294276-12-31 23:59:59.999999",
+                "1999-12-31 23:59:59.5",
+            ],
+        ),
         ("timestamptz", &["2024-06-01 12:00:00+02", "infinity", "-infinity", "4713-01-01 00:00:00+00 BC", "1970-01-01 00:00:00+00"]),
         ("interval", &["1 year 2 mons 3 days 04:05:06.789", "-178000000 years", "0", "-1 days +02:00:00"]),
         ("uuid", &["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "00000000-0000-0000-0000-000000000000"]),
@@ -387,10 +413,7 @@ fn replica_identity_variants() {
         events["ri_full"],
         [format!("update old row {}", text(&["1", "10", "x"])), format!("delete old row {}", text(&["1", "11", "y"]))]
     );
-    assert_eq!(
-        events["ri_index"],
-        [format!("update old key {}", text(&["10", "x"])), format!("delete old key {}", text(&["11", "y"]))]
-    );
+    assert_eq!(events["ri_index"], [format!("update old key {}", text(&["10", "x"])), format!("delete old key {}", text(&["11", "y"]))]);
     assert_eq!(events["ri_nothing"], ["update old none", "delete old none"]);
     // A table without a primary key and the default identity logs no old
     // key: updates and deletes arrive without one (precheck reports these).
@@ -413,7 +436,10 @@ fn relation_metadata_is_resent_after_alter_table() {
     let r = decode_all(&msgs);
     assert_eq!(
         kinds(&r),
-        ["BEGIN", "RELATION", "INSERT", "COMMIT", "BEGIN", "INSERT", "COMMIT", "BEGIN", "RELATION", "INSERT", "COMMIT", "BEGIN", "UPDATE", "COMMIT"]
+        [
+            "BEGIN", "RELATION", "INSERT", "COMMIT", "BEGIN", "INSERT", "COMMIT", "BEGIN", "RELATION", "INSERT", "COMMIT", "BEGIN",
+            "UPDATE", "COMMIT"
+        ]
     );
     let names = |i: usize| match &r[i] {
         Record::Relation(rel) => rel.columns.iter().map(|c| String::from_utf8_lossy(c.name).into_owned()).collect::<Vec<_>>(),
@@ -480,10 +506,8 @@ fn options_are_validated_and_applied() {
     );
     let peek = |s: &mut Source, options: &[(&str, &str)]| -> Vec<String> {
         let flat: Vec<String> = options.iter().flat_map(|(n, v)| [n.to_string(), v.to_string()]).collect();
-        let rows = s
-            .client
-            .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, VARIADIC $1::text[])", &[&flat])
-            .unwrap();
+        let rows =
+            s.client.query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, VARIADIC $1::text[])", &[&flat]).unwrap();
         let msgs: Vec<Vec<u8>> = rows.into_iter().map(|r| r.get(0)).collect();
         let records = decode_all(&msgs);
         let mut names = HashMap::new();
@@ -526,7 +550,10 @@ fn options_are_validated_and_applied() {
     assert!(packed.len() < single.len(), "{} packed messages, {} single", packed.len(), single.len());
     for m in &packed {
         let last = decode_packed(std::slice::from_ref(m)).pop().unwrap();
-        assert!(matches!(last, Record::Commit(_) | Record::Message(_)), "a message ends with COMMIT or a non-transactional message: {last:?}");
+        assert!(
+            matches!(last, Record::Commit(_) | Record::Message(_)),
+            "a message ends with COMMIT or a non-transactional message: {last:?}"
+        );
     }
 
     // Transactions whose changes are all filtered out produce no output at all.

@@ -3,10 +3,7 @@
 use decant_tests::Cluster;
 
 fn show(client: &mut postgres::Client, param: &str) -> String {
-    client
-        .query_one(&format!("SHOW {param}"), &[])
-        .unwrap_or_else(|e| panic!("SHOW {param}: {e}"))
-        .get(0)
+    client.query_one(&format!("SHOW {param}"), &[]).unwrap_or_else(|e| panic!("SHOW {param}: {e}")).get(0)
 }
 
 #[test]
@@ -20,10 +17,7 @@ fn two_clusters_restart_and_cleanup() {
     assert_ne!(a.port(), b.port(), "clusters share a port");
     assert_ne!(a.data_dir(), b.data_dir());
     assert_eq!(a.host(), "127.0.0.1");
-    assert_eq!(
-        a.conninfo("db1"),
-        format!("host=127.0.0.1 port={} user=postgres dbname=db1", a.port())
-    );
+    assert_eq!(a.conninfo("db1"), format!("host=127.0.0.1 port={} user=postgres dbname=db1", a.port()));
     assert!(a.bindir().join("pg_ctl").exists());
 
     for c in [&a, &b] {
@@ -32,13 +26,8 @@ fn two_clusters_restart_and_cleanup() {
         assert_eq!(show(&mut client, "listen_addresses"), "127.0.0.1");
         assert_eq!(show(&mut client, "port"), c.port().to_string());
         // If this server build has output_plugin_libraries, decant must be allowed.
-        let opl: Option<String> = client
-            .query_opt(
-                "SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'",
-                &[],
-            )
-            .unwrap()
-            .map(|r| r.get(0));
+        let opl: Option<String> =
+            client.query_opt("SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'", &[]).unwrap().map(|r| r.get(0));
         if let Some(opl) = opl {
             assert!(opl.contains("decant"), "output_plugin_libraries = {opl:?}");
         }
@@ -48,9 +37,7 @@ fn two_clusters_restart_and_cleanup() {
     assert_eq!(show(&mut b.connect(), "max_wal_senders"), "30");
 
     // connect_db to another database.
-    a.connect()
-        .batch_execute("CREATE DATABASE other; ")
-        .unwrap();
+    a.connect().batch_execute("CREATE DATABASE other; ").unwrap();
     let mut other = a.connect_db("other");
     let db: String = other.query_one("SELECT current_database()", &[]).unwrap().get(0);
     assert_eq!(db, "other");
@@ -58,20 +45,12 @@ fn two_clusters_restart_and_cleanup() {
 
     // Data survives a restart; the server comes back on the same port.
     let mut client = a.connect();
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);")
-        .unwrap();
-    let started_before: String = client
-        .query_one("SELECT pg_postmaster_start_time()::text", &[])
-        .unwrap()
-        .get(0);
+    client.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);").unwrap();
+    let started_before: String = client.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
     drop(client);
     a.restart();
     let mut client = a.connect();
-    let started_after: String = client
-        .query_one("SELECT pg_postmaster_start_time()::text", &[])
-        .unwrap()
-        .get(0);
+    let started_after: String = client.query_one("SELECT pg_postmaster_start_time()::text", &[]).unwrap().get(0);
     assert_ne!(started_before, started_after, "server did not restart");
     let n: i64 = client.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
     assert_eq!(n, 2);
@@ -82,28 +61,16 @@ fn two_clusters_restart_and_cleanup() {
 
     // A logical slot can be created (wal_level/max_replication_slots are right).
     let mut client = b.connect();
-    client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot('harness_slot', 'test_decoding')",
-            &[],
-        )
-        .unwrap();
+    client.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot('harness_slot', 'test_decoding')", &[]).unwrap();
     drop(client);
 
     // After drop the data dir is gone (and the server stopped).
-    let (a_dir, b_dir, a_port) = (
-        a.data_dir().to_path_buf(),
-        b.data_dir().to_path_buf(),
-        a.port(),
-    );
+    let (a_dir, b_dir, a_port) = (a.data_dir().to_path_buf(), b.data_dir().to_path_buf(), a.port());
     drop(a);
     drop(b);
     assert!(!a_dir.exists(), "{} still exists", a_dir.display());
     assert!(!b_dir.exists(), "{} still exists", b_dir.display());
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", a_port)).is_err(),
-        "server still listening on {a_port}"
-    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", a_port)).is_err(), "server still listening on {a_port}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ fn units_verify_cleanly() {
         names.push(name);
     }
     let out = Command::new("systemd-analyze").current_dir(dir.path()).arg("verify").args(&names).output().unwrap();
-    let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains("decant-")).map(str::to_owned).collect();
+    let complaints: Vec<String> =
+        String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.contains("decant-")).map(str::to_owned).collect();
     assert!(out.status.success() && complaints.is_empty(), "systemd-analyze verify: {complaints:#?}");
 }

@@ -164,7 +164,8 @@ impl Applier {
     pub async fn open(destination: &ConnInfo, settings: ApplySettings, metrics: Arc<Metrics>) -> Result<Applier, ApplyError> {
         // session_replication_role = replica: no triggers or FK checks fire
         // for replicated rows (the source already enforced them).
-        let (client, connection) = connect(destination, "decant applier", "-c session_replication_role=replica -c synchronous_commit=off").await?;
+        let (client, connection) =
+            connect(destination, "decant applier", "-c session_replication_role=replica -c synchronous_commit=off").await?;
         let (progress, committed) = ProgressStore::open(&client, &settings.task_id).await?;
         tracing::info!(resume_lsn = %committed, store = match progress { ProgressStore::Origin { .. } => "replication origin", ProgressStore::Table { .. } => "decant.progress" }, "applier connected to the destination");
         Ok(Applier {
@@ -253,7 +254,8 @@ impl Applier {
     async fn ensure_group(&mut self) -> Result<(), ApplyError> {
         if self.group.is_none() {
             self.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
-            self.group = Some(Group { source_transactions: 0, bytes: 0, started: Instant::now(), last_end: self.committed, last_commit_time: 0 });
+            self.group =
+                Some(Group { source_transactions: 0, bytes: 0, started: Instant::now(), last_end: self.committed, last_commit_time: 0 });
         }
         Ok(())
     }
@@ -349,7 +351,8 @@ impl Applier {
                     }
                 }
                 self.flush_bulk(target.oid).await?;
-                let set: Vec<usize> = u.new.0.iter().enumerate().filter(|(_, v)| !matches!(v, Value::UnchangedToast)).map(|(i, _)| i).collect();
+                let set: Vec<usize> =
+                    u.new.0.iter().enumerate().filter(|(_, v)| !matches!(v, Value::UnchangedToast)).map(|(i, _)| i).collect();
                 let Some(locator) = locator_values(&target, u.old.as_ref(), Some(&u.new)) else {
                     return self.no_identity("UPDATE", &target);
                 };
@@ -382,9 +385,15 @@ impl Applier {
                 }
                 self.flush_all_bulk().await?;
                 self.drain_pipeline(0).await?;
-                self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement { op: "TRUNCATE", table: tables.join(", "), source })?;
+                self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement {
+                    op: "TRUNCATE",
+                    table: tables.join(", "),
+                    source,
+                })?;
             }
-            Record::Message(m) if !self.skipping && m.transactional && self.settings.apply_messages && !m.prefix.starts_with(b"decant.") => {
+            Record::Message(m)
+                if !self.skipping && m.transactional && self.settings.apply_messages && !m.prefix.starts_with(b"decant.") =>
+            {
                 let prefix = String::from_utf8_lossy(m.prefix).into_owned();
                 let content = m.content.to_vec();
                 self.flush_all_bulk().await?;
@@ -432,7 +441,14 @@ impl Applier {
 
     /// Sends a statement now and collects its result later, keeping at most
     /// `pipeline_depth` in flight.
-    async fn execute(&mut self, oid: u32, sql: String, params: Vec<Option<Param>>, op: &'static str, expects_row: bool) -> Result<(), ApplyError> {
+    async fn execute(
+        &mut self,
+        oid: u32,
+        sql: String,
+        params: Vec<Option<Param>>,
+        op: &'static str,
+        expects_row: bool,
+    ) -> Result<(), ApplyError> {
         let table = self.targets.get(&oid).map(|t| t.display.clone()).unwrap_or_default();
         let statement = self.statement(oid, sql, &table).await?;
         let client = self.client.clone();
@@ -504,11 +520,7 @@ impl Applier {
                     ApplyError::Statement { op: "COPY", table: target.display.clone(), source }
                 }
             };
-            use futures_util::SinkExt;
-            let sink = self.client.copy_in::<_, Bytes>(&copy).await.map_err(err)?;
-            let mut sink = std::pin::pin!(sink);
-            sink.send(rows.freeze()).await.map_err(err)?;
-            sink.as_mut().finish().await.map_err(err)?;
+            copy_in(&self.client, &copy, rows.freeze()).await.map_err(err)?;
         }
         let Some(buffer) = self.bulk.remove(&oid) else { return Ok(()) };
         if buffer.is_empty() {
@@ -538,13 +550,7 @@ impl Applier {
             self.stages_created.insert(oid);
         }
         let (data, counts) = buffer.copy_data(&target);
-        {
-            use futures_util::SinkExt;
-            let sink = self.client.copy_in::<_, Bytes>(&stage.copy).await.map_err(stmt_err("COPY"))?;
-            let mut sink = std::pin::pin!(sink);
-            sink.send(data.freeze()).await.map_err(stmt_err("COPY"))?;
-            sink.as_mut().finish().await.map_err(stmt_err("COPY"))?;
-        }
+        copy_in(&self.client, &stage.copy, data.freeze()).await.map_err(stmt_err("COPY"))?;
         let deleted = self.client.execute(&stage.delete, &[]).await.map_err(stmt_err("DELETE"))? as usize;
         let updated = match &stage.update {
             Some(sql) => self.client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
@@ -592,6 +598,15 @@ fn locator_values<'a>(target: &Target, old: Option<&OldTuple<'a>>, new: Option<&
         // new row can tell.
         _ => new.and_then(|n| target.key.iter().map(|&i| n.0.get(i).copied()).collect()),
     }
+}
+
+/// Runs `COPY … FROM STDIN` with `data` (COPY text).
+async fn copy_in(client: &Client, sql: &str, data: Bytes) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = client.copy_in::<_, Bytes>(sql).await?;
+    let mut sink = std::pin::pin!(sink);
+    sink.send(data).await?;
+    sink.as_mut().finish().await
 }
 
 /// Text forms of a tuple's values, and which are unchanged TOAST.

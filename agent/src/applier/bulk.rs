@@ -58,7 +58,13 @@ impl Buffer {
     }
 
     /// An UPDATE: `old_key` is given when the key changed.
-    pub fn update(&mut self, old_key: Option<Vec<Text>>, key: Vec<Text>, values: Vec<Text>, unchanged: Vec<bool>) -> Result<(), NotFoldable> {
+    pub fn update(
+        &mut self,
+        old_key: Option<Vec<Text>>,
+        key: Vec<Text>,
+        values: Vec<Text>,
+        unchanged: Vec<bool>,
+    ) -> Result<(), NotFoldable> {
         let from = old_key.as_ref().unwrap_or(&key);
         let previous = self.rows.get(from);
         let (values, unchanged, inserted) = match previous {
@@ -283,10 +289,10 @@ mod tests {
         assert_eq!(
             lines(&b),
             [
-                "1\tb\tx\ti\t{}",      // insert then update: the new image, TOAST value carried over
-                "2\tc\t\\N\tu\t{3}",   // update of a row only on the destination: keep column 3
-                "3\t\\N\t\\N\tD\t{}",  // a delete that expects the row
-                "4\t\\N\t\\N\td\t{}",  // inserted then deleted: nothing to count
+                "1\tb\tx\ti\t{}",     // insert then update: the new image, TOAST value carried over
+                "2\tc\t\\N\tu\t{3}",  // update of a row only on the destination: keep column 3
+                "3\t\\N\t\\N\tD\t{}", // a delete that expects the row
+                "4\t\\N\t\\N\td\t{}", // inserted then deleted: nothing to count
             ]
         );
     }

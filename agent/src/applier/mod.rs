@@ -16,7 +16,7 @@ use crate::connect::{ConnInfo, ProcessEnv};
 use crate::metrics::Metrics;
 use crate::transport::server::{serve, ApplierService};
 use crate::transport::TransportSettings;
-use apply::{ApplySettings, Applier};
+use apply::{Applier, ApplySettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplierRoleError {

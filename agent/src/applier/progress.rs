@@ -119,7 +119,8 @@ impl Durability {
 
     /// Call right after a COMMIT returned.
     pub async fn committed(&mut self, client: &Client, source: Lsn) -> Result<(), ProgressError> {
-        let wal: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.map_err(err("reading the WAL position"))?.get(0);
+        let wal: String =
+            client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.map_err(err("reading the WAL position"))?.get(0);
         self.pending.push_back((wal.parse().unwrap_or(Lsn(u64::MAX)), source));
         Ok(())
     }
@@ -133,7 +134,8 @@ impl Durability {
         if self.pending.is_empty() {
             return Ok(self.durable);
         }
-        let flushed: String = client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]).await.map_err(err("reading the flush position"))?.get(0);
+        let flushed: String =
+            client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]).await.map_err(err("reading the flush position"))?.get(0);
         let flushed: Lsn = flushed.parse().unwrap_or_default();
         while let Some(&(wal, source)) = self.pending.front() {
             if wal > flushed {

@@ -51,10 +51,8 @@ impl Target {
         let mut sql = format!("INSERT INTO {} ({}) VALUES ({})", self.qualified, cols.join(", "), params.join(", "));
         if upsert && !self.key.is_empty() {
             let key: Vec<String> = self.key.iter().map(|&i| self.col(i)).collect();
-            let set: Vec<String> = (0..self.columns.len())
-                .filter(|i| !self.key.contains(i))
-                .map(|i| format!("{c} = EXCLUDED.{c}", c = self.col(i)))
-                .collect();
+            let set: Vec<String> =
+                (0..self.columns.len()).filter(|i| !self.key.contains(i)).map(|i| format!("{c} = EXCLUDED.{c}", c = self.col(i))).collect();
             if set.is_empty() {
                 sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", key.join(", ")));
             } else {

@@ -479,7 +479,8 @@ mod tests {
 
     #[test]
     fn uri_form() {
-        let c = ConnInfo::parse("postgresql://me:s%40cret@[::1]:5433/my%20db?sslmode=require&application_name=a", &FakeEnv::default()).unwrap();
+        let c =
+            ConnInfo::parse("postgresql://me:s%40cret@[::1]:5433/my%20db?sslmode=require&application_name=a", &FakeEnv::default()).unwrap();
         assert_eq!(c.host, Host::Tcp("::1".into()));
         assert_eq!(c.port, 5433);
         assert_eq!(c.user, "me");
@@ -492,7 +493,8 @@ mod tests {
 
     #[test]
     fn environment_and_defaults() {
-        let env = FakeEnv { vars: HashMap::from([("PGHOST", "envhost"), ("PGPORT", "7777"), ("PGSSLMODE", "disable")]), ..Default::default() };
+        let env =
+            FakeEnv { vars: HashMap::from([("PGHOST", "envhost"), ("PGPORT", "7777"), ("PGSSLMODE", "disable")]), ..Default::default() };
         let c = ConnInfo::parse("port=1234", &env).unwrap();
         assert_eq!((c.host.clone(), c.port, c.sslmode), (Host::Tcp("envhost".into()), 1234, SslMode::Disable));
         assert_eq!((c.user.as_str(), c.dbname.as_str()), ("someone", "someone"));

@@ -31,7 +31,11 @@ pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c
 
 /// Connects and spawns the connection task; the task ends when the client
 /// is dropped or the connection fails.
-pub async fn connect(info: &ConnInfo, application_name: &str, extra_options: &str) -> Result<(tokio_postgres::Client, JoinHandle<()>), ConnectError> {
+pub async fn connect(
+    info: &ConnInfo,
+    application_name: &str,
+    extra_options: &str,
+) -> Result<(tokio_postgres::Client, JoinHandle<()>), ConnectError> {
     let mut config = tokio_postgres::Config::new();
     match &info.host {
         Host::Tcp(h) => config.host(h),
@@ -68,11 +72,21 @@ pub async fn connect(info: &ConnInfo, application_name: &str, extra_options: &st
         Some(tls_config) => {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
             let (client, connection) = config.connect(tls).await.map_err(err)?;
-            Ok((client, tokio::spawn(async move { let _ = connection.await; })))
+            Ok((
+                client,
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                }),
+            ))
         }
         None => {
             let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(err)?;
-            Ok((client, tokio::spawn(async move { let _ = connection.await; })))
+            Ok((
+                client,
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                }),
+            ))
         }
     }
 }

@@ -26,8 +26,7 @@ use crate::connect::{ConnInfo, Host, SslMode};
 
 /// Settings sent with every replication connection so that values the
 /// plugin renders as text are rendered the same way everywhere.
-pub const STARTUP_OPTIONS: &str =
-    "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex";
+pub const STARTUP_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -43,7 +42,9 @@ pub enum ReplicationError {
     TlsHandshake { target: String, source: io::Error },
     #[error("the server does not accept TLS, but sslmode={0} requires it")]
     TlsRefused(&'static str),
-    #[error("the server asks for a password for user \"{0}\" and none was given (password in the connection string, PGPASSWORD or ~/.pgpass)")]
+    #[error(
+        "the server asks for a password for user \"{0}\" and none was given (password in the connection string, PGPASSWORD or ~/.pgpass)"
+    )]
     PasswordNeeded(String),
     #[error("the server asks for authentication method {0}, which decant does not support")]
     UnsupportedAuth(String),
@@ -181,7 +182,7 @@ impl ReplicationClient {
                 if len < 4 {
                     return Err(ReplicationError::Protocol(format!("CopyBothResponse with length {len}")));
                 }
-                if self.read.len() >= 1 + len {
+                if self.read.len() > len {
                     self.read.advance(1 + len);
                     return Ok(Incoming::CopyBothResponse);
                 }
@@ -234,9 +235,10 @@ impl ReplicationClient {
                         _ => return Err(ReplicationError::Protocol("unexpected message during SCRAM authentication".into())),
                     }
                 }
-                Message::AuthenticationKerberosV5 | Message::AuthenticationScmCredential | Message::AuthenticationGss | Message::AuthenticationSspi => {
-                    return Err(ReplicationError::UnsupportedAuth("Kerberos/GSS/SSPI".into()))
-                }
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi => return Err(ReplicationError::UnsupportedAuth("Kerberos/GSS/SSPI".into())),
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
                 _ => return Err(ReplicationError::Protocol("unexpected message during authentication".into())),
             }
@@ -245,10 +247,8 @@ impl ReplicationClient {
         loop {
             match self.message().await? {
                 Message::ReadyForQuery(_) => return Ok(()),
-                Message::ParameterStatus(p) => {
-                    if p.name()? == "server_version" {
-                        self.server_version = parse_server_version(p.value()?);
-                    }
+                Message::ParameterStatus(p) if p.name()? == "server_version" => {
+                    self.server_version = parse_server_version(p.value()?);
                 }
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
                 _ => {}
@@ -288,7 +288,12 @@ impl ReplicationClient {
 
     /// `START_REPLICATION SLOT … LOGICAL lsn (options)`: from here on the
     /// connection streams; use [`Self::recv`] and [`Self::send_status`].
-    pub async fn start_replication(&mut self, slot: &str, start: decant_proto::Lsn, options: &[(&str, String)]) -> Result<(), ReplicationError> {
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: decant_proto::Lsn,
+        options: &[(&str, String)],
+    ) -> Result<(), ReplicationError> {
         let mut sql = format!("START_REPLICATION SLOT {} LOGICAL {start}", quote_ident(slot));
         if !options.is_empty() {
             let opts: Vec<String> = options.iter().map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v))).collect();
@@ -301,14 +306,11 @@ impl ReplicationClient {
                 Incoming::CopyBothResponse => return Ok(()),
                 Incoming::Message(m) => m,
             };
-            match message {
-                Message::ErrorResponse(body) => {
-                    let err = server_error(&body);
-                    // Drain to ReadyForQuery so the error is the whole story.
-                    while !matches!(self.message().await?, Message::ReadyForQuery(_)) {}
-                    return Err(err);
-                }
-                _ => {}
+            if let Message::ErrorResponse(body) = message {
+                let err = server_error(&body);
+                // Drain to ReadyForQuery so the error is the whole story.
+                while !matches!(self.message().await?, Message::ReadyForQuery(_)) {}
+                return Err(err);
             }
         }
     }
@@ -356,8 +358,17 @@ impl ReplicationClient {
 #[derive(Debug)]
 pub enum Streamed {
     /// Plugin output: one decant record.
-    Data { wal_start: decant_proto::Lsn, wal_end: decant_proto::Lsn, send_time: i64, payload: Bytes },
-    Keepalive { wal_end: decant_proto::Lsn, send_time: i64, reply_requested: bool },
+    Data {
+        wal_start: decant_proto::Lsn,
+        wal_end: decant_proto::Lsn,
+        send_time: i64,
+        payload: Bytes,
+    },
+    Keepalive {
+        wal_end: decant_proto::Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
     /// The server ended the stream (CopyDone).
     End,
 }
@@ -368,7 +379,7 @@ enum Incoming {
 }
 
 enum Negotiated {
-    Tls(tokio_rustls::client::TlsStream<TcpStream>, Option<Vec<u8>>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, Option<Vec<u8>>),
     Plain(TcpStream),
 }
 
@@ -395,7 +406,7 @@ async fn negotiate_tls(
                 .await
                 .map_err(|source| ReplicationError::TlsHandshake { target: target.to_owned(), source })?;
             let end_point = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|cert| Sha256::digest(cert.as_ref()).to_vec());
-            Ok(Negotiated::Tls(tls, end_point))
+            Ok(Negotiated::Tls(Box::new(tls), end_point))
         }
         b'N' if matches!(mode, SslMode::Prefer | SslMode::Allow) => Ok(Negotiated::Plain(tcp)),
         b'N' => Err(ReplicationError::TlsRefused(mode.name())),

@@ -58,7 +58,11 @@ pub async fn open(url: &str, settings: &TransportSettings, hello: Hello, queue: 
     }
     let channel = endpoint.connect().await.map_err(|source| StreamError::Connect { url: url.to_owned(), source })?;
     let token: Option<MetadataValue<_>> = match &settings.token {
-        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| TransportError::Url(url.to_owned(), "the token contains characters not allowed in a header".into()))?),
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| TransportError::Url(url.to_owned(), "the token contains characters not allowed in a header".into()))?,
+        ),
         None => None,
     };
     let mut client = ApplierClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
@@ -76,7 +80,9 @@ pub async fn open(url: &str, settings: &TransportSettings, hello: Hello, queue: 
     tx.send(AgentMessage { body: Some(AgentBody::Hello(hello)) }).await.map_err(|_| StreamError::NoWelcome)?;
     let mut inbound = client.replicate(ReceiverStream::new(rx)).await.map_err(StreamError::Status)?.into_inner();
     match inbound.message().await {
-        Ok(Some(ApplierMessage { body: Some(ApplierBody::Welcome(w)) })) => Ok(ApplierStream { outbound: tx, inbound, resume_lsn: Lsn(w.resume_lsn) }),
+        Ok(Some(ApplierMessage { body: Some(ApplierBody::Welcome(w)) })) => {
+            Ok(ApplierStream { outbound: tx, inbound, resume_lsn: Lsn(w.resume_lsn) })
+        }
         Ok(_) => Err(StreamError::NoWelcome),
         Err(s) => Err(StreamError::Status(s)),
     }

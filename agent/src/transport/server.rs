@@ -16,7 +16,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{check_token, compression, MAX_MESSAGE_BYTES};
-use crate::applier::apply::{ApplyError, ApplySettings, Applier};
+use crate::applier::apply::{Applier, ApplyError, ApplySettings};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 
@@ -36,7 +36,9 @@ fn status_of(e: &ApplyError) -> Status {
     match e {
         ApplyError::Corrupt { .. } => Status::data_loss(message),
         _ if e.is_connection_loss() => Status::unavailable(message),
-        ApplyError::MissingTable { .. } | ApplyError::NoIdentity { .. } | ApplyError::MissingRow { .. } => Status::failed_precondition(message),
+        ApplyError::MissingTable { .. } | ApplyError::NoIdentity { .. } | ApplyError::MissingRow { .. } => {
+            Status::failed_precondition(message)
+        }
         _ => Status::aborted(message),
     }
 }
@@ -50,11 +52,9 @@ impl ApplierRpc for ApplierService {
     type ReplicateStream = Outbound;
 
     async fn replicate(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
-        let guard = self
-            .busy
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| Status::resource_exhausted(format!("task {}: another agent is already streaming to this applier", self.task_id)))?;
+        let guard = self.busy.clone().try_lock_owned().map_err(|_| {
+            Status::resource_exhausted(format!("task {}: another agent is already streaming to this applier", self.task_id))
+        })?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(AgentMessage { body: Some(AgentBody::Hello(h)) }) => h,
@@ -183,7 +183,9 @@ pub async fn serve(
     transport: &super::TransportSettings,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), super::TransportError> {
-    let mut builder = tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(20))).http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     if let Some(tls) = transport.server_tls()? {
         builder = builder.tls_config(tls)?;
     }

@@ -48,11 +48,7 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn startup(
-    ctx: *mut pg_sys::LogicalDecodingContext,
-    opt: *mut pg_sys::OutputPluginOptions,
-    _is_init: bool,
-) {
+unsafe extern "C-unwind" fn startup(ctx: *mut pg_sys::LogicalDecodingContext, opt: *mut pg_sys::OutputPluginOptions, _is_init: bool) {
     // SAFETY: PostgreSQL passes valid pointers for the duration of the call.
     unsafe {
         (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
@@ -75,9 +71,7 @@ unsafe extern "C-unwind" fn filter_by_origin(_ctx: *mut pg_sys::LogicalDecodingC
 #[pg_guard]
 unsafe extern "C-unwind" fn begin(_ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
     // SAFETY: txn is valid for the call.
-    let begin = unsafe {
-        Begin { xid: (*txn).xid.into_inner(), final_lsn: Lsn((*txn).final_lsn), commit_time: compat::commit_time(txn) }
-    };
+    let begin = unsafe { Begin { xid: (*txn).xid.into_inner(), final_lsn: Lsn((*txn).final_lsn), commit_time: compat::commit_time(txn) } };
     // BEGIN is written lazily, with the transaction's first emitted change,
     // so transactions whose changes are all filtered out cost nothing.
     with_session(|s| s.pending_begin = Some(begin));

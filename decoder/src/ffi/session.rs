@@ -143,11 +143,8 @@ pub(super) unsafe fn parse_options(list: *mut pg_sys::List) -> PluginOptions {
         let elems = pgrx::PgList::<pg_sys::DefElem>::from_pg(list);
         for elem in elems.iter_ptr() {
             let name = CStr::from_ptr((*elem).defname).to_string_lossy().into_owned();
-            let value = if (*elem).arg.is_null() {
-                None
-            } else {
-                Some(CStr::from_ptr(pg_sys::defGetString(elem)).to_string_lossy().into_owned())
-            };
+            let value =
+                if (*elem).arg.is_null() { None } else { Some(CStr::from_ptr(pg_sys::defGetString(elem)).to_string_lossy().into_owned()) };
             pairs.push((name, value));
         }
     }
