@@ -248,6 +248,11 @@ try:
     # The paused subscriber really applied nothing meanwhile.
     assert sql(d_native, "SELECT count(*) FROM pgbench_history")[0][0] == before, "native kept applying while disabled"
 
+    def cpu_busy_seconds():
+        # Whole-machine CPU time in use (not idle), from /proc/stat.
+        v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
     def drain(dest):
         t0 = time.time()
         with psycopg.connect(dest["dsn"], autocommit=True) as c:
@@ -258,11 +263,15 @@ try:
         return time.time() - t0
 
     say("backlog: resuming decant")
+    c0 = cpu_busy_seconds()
     agent = start_role("agent")
     decant_backlog = drain(d_decant)
+    decant_cpu = cpu_busy_seconds() - c0
     say(f"backlog: decant drained in {decant_backlog:.1f} s; resuming native")
+    c0 = cpu_busy_seconds()
     sql(d_native, "ALTER SUBSCRIPTION sub ENABLE")
     native_backlog = drain(d_native)
+    native_cpu = cpu_busy_seconds() - c0
     say(f"backlog: native drained in {native_backlog:.1f} s")
 
     # ------------------------------------------------- (c) a large transaction
@@ -298,7 +307,8 @@ try:
               f"{l['lag_bytes_p50'] / 2**20:12.2f} {l['lag_bytes_p99'] / 2**20:8.2f} {l['lag_bytes_max'] / 2**20:8.2f} "
               f"{b:10.1f} {changes / b:10.0f}")
     print()
-    print(f"backlog speed-up vs native: {native_backlog / decant_backlog:.2f}x")
+    print(f"backlog speed-up vs native: {native_backlog / decant_backlog:.2f}x; CPU seconds used while draining "
+          f"(whole machine, {os.cpu_count()} CPUs): decant {decant_cpu:.1f}, native {native_cpu:.1f}")
     print(f"large transaction ({LARGE_ROWS} rows) through decant: {large_s:.1f} s")
     print(f"peak RSS: agent {agent_rss:.1f} MB, applier {applier_rss:.1f} MB; destinations equal source: {same}")
     print(json.dumps({
@@ -306,6 +316,7 @@ try:
         "backlog_transactions": txns, "backlog_row_changes": changes,
         "backlog_decant_s": round(decant_backlog, 2), "backlog_native_s": round(native_backlog, 2),
         "backlog_speedup_vs_native": round(native_backlog / decant_backlog, 3),
+        "backlog_cpu_seconds_decant": round(decant_cpu, 1), "backlog_cpu_seconds_native": round(native_cpu, 1),
         "decant_rows_per_s": round(changes / decant_backlog), "native_rows_per_s": round(changes / native_backlog),
         "live_lag_p50_s": round(live["decant"]["lag_s_p50"], 3), "live_lag_p99_s": round(live["decant"]["lag_s_p99"], 3),
         "live_lag_max_s": round(live["decant"]["lag_s_max"], 3),
