@@ -228,9 +228,8 @@ impl Applier {
         Ok(self.durability.refresh(&self.client).await?)
     }
 
-    /// Commits started or done whose durability is not yet known.
     pub fn has_undurable_commits(&self) -> bool {
-        self.committing.is_some() || self.durability.has_pending()
+        self.durability.has_pending()
     }
 
     /// Applies one batch of frames. Every CRC is checked before anything of
@@ -271,14 +270,13 @@ impl Applier {
         }
     }
 
-    /// Starts committing the open group if it is at a source commit
-    /// boundary: called when no more input is waiting, so latency stays low
-    /// on a quiet stream. The commit completes in the background.
+    /// Commits the open group if it is at a source commit boundary: called
+    /// when no more input is waiting, so latency stays low on a quiet stream.
     pub async fn flush(&mut self) -> Result<(), ApplyError> {
         if !self.in_source_txn && self.group.as_ref().is_some_and(|g| g.source_transactions > 0) {
             self.start_commit().await?;
         }
-        Ok(())
+        self.finish_commit().await
     }
 
     async fn ensure_group(&mut self) -> Result<(), ApplyError> {
