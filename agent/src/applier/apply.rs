@@ -67,8 +67,6 @@ pub enum ApplyError {
     NoIdentity { op: &'static str, table: String },
     #[error("destination: {0}")]
     Session(tokio_postgres::Error),
-    #[error("applier: {0}")]
-    Internal(String),
     #[error("{0}")]
     Progress(#[from] ProgressError),
 }
@@ -122,9 +120,6 @@ struct InFlight {
 
 /// Open destination transaction grouping source transactions.
 struct Group {
-    /// BEGIN has been sent (lazily, with the group's first statement, so a
-    /// group can be folded in memory while the previous one commits).
-    begun: bool,
     source_transactions: usize,
     bytes: usize,
     started: Instant,
@@ -159,27 +154,6 @@ pub struct Applier {
     /// Staging tables that exist in this session.
     stages_created: std::collections::HashSet<u32>,
     generation: u64,
-    /// The previous group's merge and COMMIT, running on the connection
-    /// while the next group is folded.
-    committing: Option<Committing>,
-}
-
-struct Committing {
-    task: tokio::task::JoinHandle<Result<Lsn, ApplyError>>,
-    last_end: Lsn,
-    last_commit_time: i64,
-    source_transactions: usize,
-}
-
-/// One table's folded changes, ready to merge.
-struct MergeJob {
-    table: String,
-    create: Option<String>,
-    copy: String,
-    data: Bytes,
-    /// For keyed tables: delete, update, insert, truncate of the staging table.
-    merge: Option<(String, Option<String>, String, String)>,
-    counts: bulk::Counts,
 }
 
 /// Folded changes are merged when they reach this much memory.
@@ -213,7 +187,6 @@ impl Applier {
             stages: HashMap::new(),
             stages_created: Default::default(),
             generation: 0,
-            committing: None,
         })
     }
 
@@ -224,7 +197,6 @@ impl Applier {
 
     /// Highest source position whose destination commit is on disk.
     pub async fn durable_lsn(&mut self) -> Result<Lsn, ApplyError> {
-        self.finish_commit().await?;
         Ok(self.durability.refresh(&self.client).await?)
     }
 
@@ -254,7 +226,7 @@ impl Applier {
             g.bytes += batch.len();
         }
         if self.group_is_full() {
-            self.start_commit().await?;
+            self.commit_group().await?;
         }
         Ok(())
     }
@@ -274,85 +246,39 @@ impl Applier {
     /// when no more input is waiting, so latency stays low on a quiet stream.
     pub async fn flush(&mut self) -> Result<(), ApplyError> {
         if !self.in_source_txn && self.group.as_ref().is_some_and(|g| g.source_transactions > 0) {
-            self.start_commit().await?;
+            self.commit_group().await?;
         }
-        self.finish_commit().await
+        Ok(())
     }
 
     async fn ensure_group(&mut self) -> Result<(), ApplyError> {
         if self.group.is_none() {
-            self.group = Some(Group {
-                begun: false,
-                source_transactions: 0,
-                bytes: 0,
-                started: Instant::now(),
-                last_end: self.committed,
-                last_commit_time: 0,
-            });
+            self.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
+            self.group =
+                Some(Group { source_transactions: 0, bytes: 0, started: Instant::now(), last_end: self.committed, last_commit_time: 0 });
         }
         Ok(())
     }
 
-    /// Sends BEGIN for the open group if not yet sent; first waits for the
-    /// previous group's commit, so statements reach the connection in order.
-    async fn send_begin(&mut self) -> Result<(), ApplyError> {
-        self.finish_commit().await?;
-        if let Some(g) = &mut self.group {
-            if !g.begun {
-                self.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
-                g.begun = true;
-            }
-        }
-        Ok(())
-    }
-
-    /// Starts committing the open group: its folded changes are turned into
-    /// merge jobs here, and a task runs them, records the position and
-    /// commits, while this applier goes on folding the next group.
-    async fn start_commit(&mut self) -> Result<(), ApplyError> {
+    async fn commit_group(&mut self) -> Result<(), ApplyError> {
         if self.group.is_none() {
             return Ok(());
         }
-        self.send_begin().await?;
-        self.drain_pipeline(0).await?;
-        let oids: Vec<u32> =
-            self.bulk.keys().chain(self.appends.keys()).copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        let mut jobs = Vec::new();
-        for oid in oids {
-            jobs.extend(self.merge_jobs(oid)?);
-        }
+        self.flush_all_bulk().await?;
         let Some(group) = self.group.take() else { return Ok(()) };
-        let client = self.client.clone();
-        let progress = self.progress.clone();
-        let metrics = self.metrics.clone();
-        let (last_end, last_commit_time, source_transactions) = (group.last_end, group.last_commit_time, group.source_transactions);
-        let task = tokio::spawn(async move {
-            for job in jobs {
-                run_merge(&client, job, &metrics).await?;
-            }
-            if source_transactions > 0 {
-                progress.record(&client, last_end, last_commit_time).await?;
-            }
-            client.batch_execute("COMMIT").await.map_err(ApplyError::Session)?;
-            let wal: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.map_err(ApplyError::Session)?.get(0);
-            Ok(wal.parse().unwrap_or(Lsn(u64::MAX)))
-        });
-        self.committing = Some(Committing { task, last_end, last_commit_time, source_transactions });
-        Ok(())
-    }
-
-    /// Waits for the commit started by [`Self::start_commit`], if any.
-    async fn finish_commit(&mut self) -> Result<(), ApplyError> {
-        let Some(c) = self.committing.take() else { return Ok(()) };
-        let wal = c.task.await.map_err(|e| ApplyError::Internal(format!("commit task: {e}")))??;
-        self.committed = c.last_end;
-        self.durability.committed(wal, c.last_end);
+        self.drain_pipeline(0).await?;
+        if group.source_transactions > 0 {
+            self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
+        }
+        self.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)?;
+        self.committed = group.last_end;
+        self.durability.committed(&self.client, group.last_end).await?;
         self.metrics.destination_commits.inc();
-        self.metrics.transactions.add(c.source_transactions as u64);
-        self.metrics.group_size.set(c.source_transactions as u64);
-        self.metrics.applied_lsn.set(c.last_end.0);
-        if c.last_commit_time != 0 {
-            let age_us = crate::replication::messages::pg_now() - c.last_commit_time;
+        self.metrics.transactions.add(group.source_transactions as u64);
+        self.metrics.group_size.set(group.source_transactions as u64);
+        self.metrics.applied_lsn.set(group.last_end.0);
+        if group.last_commit_time != 0 {
+            let age_us = crate::replication::messages::pg_now() - group.last_commit_time;
             self.metrics.lag_seconds.set(age_us / 1_000_000);
         }
         Ok(())
@@ -458,7 +384,6 @@ impl Applier {
                     sql.push_str(" CASCADE");
                 }
                 self.flush_all_bulk().await?;
-                self.send_begin().await?;
                 self.drain_pipeline(0).await?;
                 self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement {
                     op: "TRUNCATE",
@@ -472,7 +397,6 @@ impl Applier {
                 let prefix = String::from_utf8_lossy(m.prefix).into_owned();
                 let content = m.content.to_vec();
                 self.flush_all_bulk().await?;
-                self.send_begin().await?;
                 self.drain_pipeline(0).await?;
                 self.client
                     .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&prefix, &content])
@@ -525,7 +449,6 @@ impl Applier {
         op: &'static str,
         expects_row: bool,
     ) -> Result<(), ApplyError> {
-        self.send_begin().await?;
         let table = self.targets.get(&oid).map(|t| t.display.clone()).unwrap_or_default();
         let statement = self.statement(oid, sql, &table).await?;
         let client = self.client.clone();
@@ -582,72 +505,76 @@ impl Applier {
         Ok(())
     }
 
-    /// Merges the folded changes of one table now (before a change of it
-    /// that must go row by row, or when the folded changes grew large).
+    /// Merges the folded changes of one table: COPY into its staging table,
+    /// then delete, update and insert from it.
     async fn flush_bulk(&mut self, oid: u32) -> Result<(), ApplyError> {
-        if !self.bulk.contains_key(&oid) && !self.appends.contains_key(&oid) {
+        if let Some(rows) = self.appends.remove(&oid) {
+            self.drain_pipeline(0).await?;
+            let target = self.target(oid)?;
+            let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
+            let copy = format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", "));
+            let err = |source: tokio_postgres::Error| {
+                if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                    ApplyError::MissingTable { table: target.display.clone() }
+                } else {
+                    ApplyError::Statement { op: "COPY", table: target.display.clone(), source }
+                }
+            };
+            copy_in(&self.client, &copy, rows.freeze()).await.map_err(err)?;
+        }
+        let Some(buffer) = self.bulk.remove(&oid) else { return Ok(()) };
+        if buffer.is_empty() {
             return Ok(());
         }
-        self.send_begin().await?;
         self.drain_pipeline(0).await?;
-        for job in self.merge_jobs(oid)? {
-            run_merge(&self.client, job, &self.metrics).await?;
-        }
-        Ok(())
-    }
-
-    /// The merge work for one table's folded changes (taken out of the buffers).
-    fn merge_jobs(&mut self, oid: u32) -> Result<Vec<MergeJob>, ApplyError> {
-        let mut jobs = Vec::new();
         let target = self.target(oid)?;
-        if let Some(rows) = self.appends.remove(&oid) {
-            let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
-            jobs.push(MergeJob {
-                table: target.display.clone(),
-                create: None,
-                copy: format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", ")),
-                data: rows.freeze(),
-                merge: None,
-                counts: bulk::Counts::default(),
-            });
-        }
-        let Some(buffer) = self.bulk.remove(&oid) else { return Ok(jobs) };
-        if buffer.is_empty() {
-            return Ok(jobs);
-        }
+        let table = target.display.clone();
+        let stmt_err = |op: &'static str| {
+            let table = table.clone();
+            move |source: tokio_postgres::Error| {
+                if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                    ApplyError::MissingTable { table: table.clone() }
+                } else {
+                    ApplyError::Statement { op, table: table.clone(), source }
+                }
+            }
+        };
         if !self.stages.contains_key(&oid) {
             self.generation += 1;
             self.stages.insert(oid, StageSql::new(&target, self.generation));
             self.stages_created.remove(&oid);
         }
         let stage = &self.stages[&oid];
-        // Marked created now; a failure aborts the whole group, and abort()
-        // forgets every staging table.
-        let create = self.stages_created.insert(oid).then(|| stage.create.clone());
+        if !self.stages_created.contains(&oid) {
+            self.client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
+            self.stages_created.insert(oid);
+        }
         let (data, counts) = buffer.copy_data(&target);
-        jobs.push(MergeJob {
-            table: target.display.clone(),
-            create,
-            copy: stage.copy.clone(),
-            data: data.freeze(),
-            merge: Some((stage.delete.clone(), stage.update.clone(), stage.insert.clone(), stage.truncate.clone())),
-            counts,
-        });
-        Ok(jobs)
+        copy_in(&self.client, &stage.copy, data.freeze()).await.map_err(stmt_err("COPY"))?;
+        let deleted = self.client.execute(&stage.delete, &[]).await.map_err(stmt_err("DELETE"))? as usize;
+        let updated = match &stage.update {
+            Some(sql) => self.client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
+            None => counts.updates,
+        };
+        self.client.execute(&stage.insert, &[]).await.map_err(stmt_err("INSERT"))?;
+        self.client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
+        let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
+        if missing > 0 {
+            self.metrics.missing_rows.add(missing as u64);
+            tracing::warn!(table = %table, rows = missing, "rows not found on the destination for UPDATE or DELETE; changes counted and skipped");
+        }
+        Ok(())
     }
 
     /// Rolls back an open group (after an error, before reconnecting).
     pub async fn abort(&mut self) {
-        if let Some(c) = self.committing.take() {
-            let _ = c.task.await;
-        }
         self.bulk.clear();
         self.appends.clear();
         self.stages_created.clear();
         self.pipeline.clear();
-        self.group = None;
-        // Whatever the state of the connection's transaction, end it.
-        let _ = self.client.batch_execute("ROLLBACK").await;
+        if self.group.take().is_some() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
         self.in_source_txn = false;
         self.skipping = false;
     }
@@ -671,39 +598,6 @@ fn locator_values<'a>(target: &Target, old: Option<&OldTuple<'a>>, new: Option<&
         // new row can tell.
         _ => new.and_then(|n| target.key.iter().map(|&i| n.0.get(i).copied()).collect()),
     }
-}
-
-/// Copies one table's folded changes in and merges them.
-async fn run_merge(client: &Client, job: MergeJob, metrics: &Metrics) -> Result<(), ApplyError> {
-    let table = job.table.clone();
-    let err = |op: &'static str| {
-        let table = table.clone();
-        move |source: tokio_postgres::Error| {
-            if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
-                ApplyError::MissingTable { table: table.clone() }
-            } else {
-                ApplyError::Statement { op, table: table.clone(), source }
-            }
-        }
-    };
-    if let Some(create) = &job.create {
-        client.batch_execute(create).await.map_err(err("CREATE staging table"))?;
-    }
-    copy_in(client, &job.copy, job.data).await.map_err(err("COPY"))?;
-    let Some((delete, update, insert, truncate)) = job.merge else { return Ok(()) };
-    let deleted = client.execute(&delete, &[]).await.map_err(err("DELETE"))? as usize;
-    let updated = match &update {
-        Some(sql) => client.execute(sql, &[]).await.map_err(err("UPDATE"))? as usize,
-        None => job.counts.updates,
-    };
-    client.execute(&insert, &[]).await.map_err(err("INSERT"))?;
-    client.batch_execute(&truncate).await.map_err(err("TRUNCATE staging table"))?;
-    let missing = job.counts.updates.saturating_sub(updated) + job.counts.deletes_counted.saturating_sub(deleted);
-    if missing > 0 {
-        metrics.missing_rows.add(missing as u64);
-        tracing::warn!(table = %table, rows = missing, "rows not found on the destination for UPDATE or DELETE; changes counted and skipped");
-    }
-    Ok(())
 }
 
 /// Runs `COPY … FROM STDIN` with `data` (COPY text).

@@ -24,7 +24,6 @@ fn err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ProgressErro
     move |source| ProgressError { what, source }
 }
 
-#[derive(Clone)]
 pub enum ProgressStore {
     Origin { name: String },
     Table { task_id: String },
@@ -118,10 +117,12 @@ impl Durability {
         Durability { pending: VecDeque::new(), durable }
     }
 
-    /// After a COMMIT returned: `wal`, the destination's WAL insert position
-    /// read right after it, bounds the commit record's position.
-    pub fn committed(&mut self, wal: Lsn, source: Lsn) {
-        self.pending.push_back((wal, source));
+    /// Call right after a COMMIT returned.
+    pub async fn committed(&mut self, client: &Client, source: Lsn) -> Result<(), ProgressError> {
+        let wal: String =
+            client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.map_err(err("reading the WAL position"))?.get(0);
+        self.pending.push_back((wal.parse().unwrap_or(Lsn(u64::MAX)), source));
+        Ok(())
     }
 
     pub fn has_pending(&self) -> bool {
