@@ -350,10 +350,14 @@ impl<'c> Session<'c> {
     }
 
     /// What may be confirmed to the source: what the destination durably
-    /// committed, or — when nothing is in flight — the WAL end the source
-    /// reported, so an idle slot keeps moving.
+    /// committed, or — when no transaction is in flight — the WAL end the
+    /// source reported, so an idle slot keeps moving. Records outside
+    /// transactions (heartbeats and other non-transactional messages) do
+    /// not count as in flight: the destination has nothing to commit for
+    /// them, and counting them would let a heartbeat that always arrives
+    /// just before the status update hold the slot back forever.
     fn confirmable(&self) -> Lsn {
-        let idle = !self.in_txn && self.batch.is_empty() && self.pending.is_none() && self.committed >= self.last_commit_end;
+        let idle = !self.in_txn && self.committed >= self.last_commit_end;
         if idle {
             self.committed.max(self.wal_end)
         } else {

@@ -230,3 +230,29 @@ fn a_crc_mismatch_stops_the_stream_and_applies_nothing_of_the_batch() {
     let ids: Vec<i32> = dest.connect().query("SELECT id FROM t ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, [1]);
 }
+
+/// With on_conflict = stop, a change that does not fit the destination's
+/// rows stops the stream with the table named, and nothing of it is applied.
+#[test]
+fn the_stop_policy_reports_a_conflict_and_applies_nothing() {
+    let s = Setup::new();
+    let source = Cluster::start();
+    let dest = Cluster::start();
+    for c in [&source, &dest] {
+        c.connect().batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)").unwrap();
+    }
+    dest.connect().batch_execute("INSERT INTO t VALUES (1, 'already here')").unwrap();
+    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("postgres"), "");
+    let applier = s.role("applier", &cfg, &["applier.on_conflict=\"stop\""]);
+    let _agent = s.role("agent", &cfg, &["retry.other_minutes=1"]);
+    let mut c = source.connect();
+    decant_tests::process::wait_for("the agent to stream", Duration::from_secs(30), || {
+        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[]).unwrap().get::<_, i64>(0) == 1
+    });
+    c.batch_execute("INSERT INTO t VALUES (2, 'fits'), (1, 'conflicts')").unwrap();
+    decant_tests::process::wait_for("the conflict to be reported", Duration::from_secs(30), || applier.log().contains("duplicate key"));
+    expect(&applier.log(), &["INSERT on public.t failed", "duplicate key value violates unique constraint"]);
+    let rows: Vec<(i32, String)> =
+        dest.connect().query("SELECT id, v FROM t ORDER BY id", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, [(1, "already here".to_string())]);
+}
