@@ -36,6 +36,7 @@ APT_PACKAGES=(
     pkg-config
     build-essential
     ca-certificates
+    openssl
     curl
 )
 
