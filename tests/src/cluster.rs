@@ -437,42 +437,32 @@ fn quote_conninfo_value(v: &str) -> String {
     s
 }
 
-// ----- the little bit of libc -----------------------------------------------
+// ----- users and ownership ---------------------------------------------------
 
-#[allow(unsafe_code)]
+/// Whether we run as root: /proc/self belongs to the effective user.
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
-/// uid and gid of the `postgres` OS user (looked up once).
-#[allow(unsafe_code)]
-fn postgres_user() -> (libc::uid_t, libc::gid_t) {
-    static USER: OnceLock<(libc::uid_t, libc::gid_t)> = OnceLock::new();
+/// uid and gid of the `postgres` OS user (looked up once, in /etc/passwd).
+fn postgres_user() -> (u32, u32) {
+    static USER: OnceLock<(u32, u32)> = OnceLock::new();
     *USER.get_or_init(|| {
-        let name = c"postgres";
-        // SAFETY: getpwnam is given a valid NUL-terminated string; the
-        // returned record is static storage that we read immediately. The
-        // OnceLock serialises the call within this crate.
-        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-        if pw.is_null() {
-            panic!("decant-tests: running as root but there is no `postgres` OS user to run the server as");
-        }
-        // SAFETY: pw is non-null and points to a valid passwd record.
-        unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+        let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+        passwd
+            .lines()
+            .find_map(|line| {
+                let f: Vec<&str> = line.split(':').collect();
+                (f.first() == Some(&"postgres") && f.len() > 3).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
+            })
+            .unwrap_or_else(|| panic!("decant-tests: running as root but there is no `postgres` OS user to run the server as"))
     })
 }
 
-#[allow(unsafe_code)]
-fn chown(path: &Path, uid: libc::uid_t, gid: libc::gid_t) {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap_or_else(|e| panic!("decant-tests: bad path {}: {e}", path.display()));
-    // SAFETY: c_path is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::chown(c_path.as_ptr(), uid, gid) };
-    if rc != 0 {
-        panic!("decant-tests: chown {} to {uid}:{gid} failed: {}", path.display(), std::io::Error::last_os_error());
-    }
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("decant-tests: chown {} to {uid}:{gid} failed: {e}", path.display()));
 }
 
 #[cfg(test)]
