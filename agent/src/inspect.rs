@@ -13,11 +13,8 @@ use decant_proto::{decode, frame_len, Lsn, OldTuple, Record, Relation, Tuple, Va
 use serde_json::{json, Map, Value as Json};
 
 use crate::cli::InspectArgs;
-
-/// Session settings under which `Text` values are produced and rendered:
-/// the same ones decant's other consumers use, so output is deterministic.
-pub const TEXT_OUTPUT_SETTINGS: &str =
-    "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = UTC; SET extra_float_digits = 3; SET bytea_output = hex";
+use crate::connect::sql::connect;
+use crate::connect::{ConnInfo, ProcessEnv};
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let stdout = io::stdout().lock();
@@ -143,11 +140,10 @@ fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, prin
     let limit = limit.map(|n| i32::try_from(n).unwrap_or(i32::MAX));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-            .await
-            .with_context(|| "cannot connect to the source (--dsn)".to_string())?;
-        let conn = tokio::spawn(connection);
-        client.batch_execute(TEXT_OUTPUT_SETTINGS).await?;
+        // The same connection settings (TLS, text output settings) as every
+        // other decant session.
+        let info = ConnInfo::parse(dsn, &ProcessEnv).context("--dsn")?;
+        let (client, connection) = connect(&info, "decant inspect", "").await.context("cannot connect to the source (--dsn)")?;
         let rows = client
             .query(
                 "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, VARIADIC $3::text[])",
@@ -169,7 +165,7 @@ fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, prin
             }
         }
         drop(client);
-        let _ = conn.await;
+        let _ = connection.await;
         Ok(())
     })
 }

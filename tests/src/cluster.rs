@@ -66,16 +66,7 @@ impl Cluster {
             cluster.port = port;
             cluster.write_conf(&base_conf, extra_conf);
             let log_offset = fs::metadata(&cluster.log_path).map_or(0, |m| m.len());
-            let out = cluster.pg_ctl(&[
-                OsStr::new("start"),
-                OsStr::new("-w"),
-                OsStr::new("-t"),
-                OsStr::new("60"),
-                OsStr::new("-D"),
-                cluster.data_dir.as_os_str(),
-                OsStr::new("-l"),
-                cluster.log_path.as_os_str(),
-            ]);
+            let out = cluster.pg_ctl("start", &[]);
             if out.status.success() {
                 cluster.running = true;
                 return cluster;
@@ -134,18 +125,7 @@ impl Cluster {
 
     /// pg_ctl restart (-m fast), keeping port and data.
     pub fn restart(&self) {
-        let out = self.pg_ctl(&[
-            OsStr::new("restart"),
-            OsStr::new("-m"),
-            OsStr::new("fast"),
-            OsStr::new("-w"),
-            OsStr::new("-t"),
-            OsStr::new("60"),
-            OsStr::new("-D"),
-            self.data_dir.as_os_str(),
-            OsStr::new("-l"),
-            self.log_path.as_os_str(),
-        ]);
+        let out = self.pg_ctl("restart", &["-m", "fast"]);
         if !out.status.success() {
             panic!(
                 "decant-tests: pg_ctl restart failed (port {}, data dir {})\n{}\n--- server log ---\n{}",
@@ -191,9 +171,10 @@ impl Cluster {
         server_command(&self.bindir.join(prog), self.dir.path())
     }
 
-    fn pg_ctl(&self, args: &[&OsStr]) -> Output {
+    /// `pg_ctl ACTION [options] -w -t 60 -D data -l log`.
+    fn pg_ctl(&self, action: &str, options: &[&str]) -> Output {
         let mut cmd = self.server_cmd("pg_ctl");
-        cmd.args(args);
+        cmd.arg(action).args(options).args(["-w", "-t", "60", "-D"]).arg(&self.data_dir).arg("-l").arg(&self.log_path);
         run_capture(&mut cmd)
     }
 
@@ -305,16 +286,7 @@ impl Drop for Cluster {
             let _ = std::io::stderr().write_all(msg.as_bytes());
         }
         if self.running || self.data_dir.join("postmaster.pid").exists() {
-            let out = self.pg_ctl(&[
-                OsStr::new("stop"),
-                OsStr::new("-m"),
-                OsStr::new("immediate"),
-                OsStr::new("-w"),
-                OsStr::new("-t"),
-                OsStr::new("60"),
-                OsStr::new("-D"),
-                self.data_dir.as_os_str(),
-            ]);
+            let out = self.pg_ctl("stop", &["-m", "immediate"]);
             if !out.status.success() && self.running {
                 eprintln!(
                     "decant-tests: pg_ctl stop failed for cluster on port {} ({}): {}",

@@ -428,13 +428,7 @@ impl Applier {
         if let Some(s) = self.statements.get(&key) {
             return Ok(s.clone());
         }
-        let statement = self.client.prepare(&key.1).await.map_err(|source| {
-            if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
-                ApplyError::MissingTable { table: table.to_owned() }
-            } else {
-                ApplyError::Statement { op: "PREPARE", table: table.to_owned(), source }
-            }
-        })?;
+        let statement = self.client.prepare(&key.1).await.map_err(statement_error("PREPARE", table))?;
         self.statements.insert(key, statement.clone());
         Ok(statement)
     }
@@ -513,14 +507,7 @@ impl Applier {
             let target = self.target(oid)?;
             let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
             let copy = format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", "));
-            let err = |source: tokio_postgres::Error| {
-                if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
-                    ApplyError::MissingTable { table: target.display.clone() }
-                } else {
-                    ApplyError::Statement { op: "COPY", table: target.display.clone(), source }
-                }
-            };
-            copy_in(&self.client, &copy, rows.freeze()).await.map_err(err)?;
+            copy_in(&self.client, &copy, rows.freeze()).await.map_err(statement_error("COPY", &target.display))?;
         }
         let Some(buffer) = self.bulk.remove(&oid) else { return Ok(()) };
         if buffer.is_empty() {
@@ -529,16 +516,7 @@ impl Applier {
         self.drain_pipeline(0).await?;
         let target = self.target(oid)?;
         let table = target.display.clone();
-        let stmt_err = |op: &'static str| {
-            let table = table.clone();
-            move |source: tokio_postgres::Error| {
-                if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
-                    ApplyError::MissingTable { table: table.clone() }
-                } else {
-                    ApplyError::Statement { op, table: table.clone(), source }
-                }
-            }
-        };
+        let stmt_err = |op| statement_error(op, &table);
         if !self.stages.contains_key(&oid) {
             self.generation += 1;
             self.stages.insert(oid, StageSql::new(&target, self.generation));
@@ -600,6 +578,18 @@ fn locator_values<'a>(target: &Target, old: Option<&OldTuple<'a>>, new: Option<&
     }
 }
 
+/// The error for a failed statement on `table`; a missing table gets its
+/// own error, which says what to do.
+fn statement_error<'t>(op: &'static str, table: &'t str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError + 't {
+    move |source| {
+        if source.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+            ApplyError::MissingTable { table: table.to_owned() }
+        } else {
+            ApplyError::Statement { op, table: table.to_owned(), source }
+        }
+    }
+}
+
 /// Runs `COPY … FROM STDIN` with `data` (COPY text).
 async fn copy_in(client: &Client, sql: &str, data: Bytes) -> Result<u64, tokio_postgres::Error> {
     use futures_util::SinkExt;
@@ -640,13 +630,7 @@ fn params(values: &[Value<'_>], batch: &Bytes) -> Vec<Option<Param>> {
         .map(|v| match v {
             Value::Null | Value::UnchangedToast => None,
             Value::Bytes(raw) => Some(Param { bytes: slice(batch, raw), binary: true }),
-            other => other.to_pg_text().map(|text| Param {
-                bytes: match text {
-                    std::borrow::Cow::Borrowed(b) => slice(batch, b),
-                    std::borrow::Cow::Owned(v) => Bytes::from(v),
-                },
-                binary: false,
-            }),
+            other => text(other, batch).map(|bytes| Param { bytes, binary: false }),
         })
         .collect()
 }

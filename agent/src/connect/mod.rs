@@ -6,3 +6,8 @@ pub mod sql;
 pub mod tls;
 
 pub use conninfo::{ConnInfo, ConnInfoError, Host, ProcessEnv, SslMode};
+
+/// Settings every decant session sends at startup (replication and SQL
+/// alike), so that values rendered as text by the source's plugin and read
+/// by the destination mean the same on every side.
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex";

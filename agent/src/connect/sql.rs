@@ -7,6 +7,7 @@ use tokio::task::JoinHandle;
 
 use super::conninfo::{ConnInfo, Host, SslMode};
 use super::tls::{self, TlsError};
+use super::SESSION_OPTIONS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -24,10 +25,6 @@ impl ConnectError {
         }
     }
 }
-
-/// Settings every decant SQL session uses, so values travel as text the
-/// same way on every side.
-pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex";
 
 /// Connects and spawns the connection task; the task ends when the client
 /// is dropped or the connection fails.

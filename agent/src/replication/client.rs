@@ -22,11 +22,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::messages::{parse_server_message, MessageError, ServerMessage, StatusUpdate};
 use crate::connect::tls::{self, TlsError};
-use crate::connect::{ConnInfo, Host, SslMode};
-
-/// Settings sent with every replication connection so that values the
-/// plugin renders as text are rendered the same way everywhere.
-pub const STARTUP_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex";
+use crate::connect::{ConnInfo, Host, SslMode, SESSION_OPTIONS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
@@ -137,8 +133,8 @@ impl ReplicationClient {
         };
         let mut client = ReplicationClient { stream, read: BytesMut::with_capacity(64 * 1024), write: BytesMut::new(), server_version: 0 };
         let options = match &info.options {
-            Some(user) => format!("{STARTUP_OPTIONS} {user}"),
-            None => STARTUP_OPTIONS.to_owned(),
+            Some(user) => format!("{SESSION_OPTIONS} {user}"),
+            None => SESSION_OPTIONS.to_owned(),
         };
         let params = [
             ("user", info.user.as_str()),
