@@ -102,9 +102,17 @@ pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::
             let Ok((mut socket, _)) = listener.accept().await else { continue };
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let n = socket.read(&mut request).await.unwrap_or(0);
-                let line = String::from_utf8_lossy(&request[..n]);
+                // Read the whole request head (it may arrive in pieces)
+                // before answering, or closing would reset the client.
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&request);
                 let (status, body) = if line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?") {
                     ("200 OK", metrics.render())
                 } else {

@@ -89,11 +89,22 @@ fn pair(extra_config: &str) -> Pair {
 }
 
 impl Pair {
-    /// Starts a role; an applier is waited for until it listens.
+    /// Starts a role; an applier is waited for until it listens, an agent
+    /// until its slot exists and streams (changes made before the slot is
+    /// created are not in it, and the test would wait for them forever).
     fn role(&self, name: &str) -> Role {
         let role = Role::start(Path::new(env!("CARGO_BIN_EXE_decant")), name, &self.config, &self.dir.path().join(format!("{name}.log")));
         if name == "applier" {
             decant_tests::process::wait_port(self.port);
+        }
+        if name == "agent" {
+            let mut c = self.source.connect();
+            wait_for("the agent's slot to stream", Duration::from_secs(60), || {
+                c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'decant_t' AND active", &[])
+                    .unwrap()
+                    .get::<_, i64>(0)
+                    == 1
+            });
         }
         role
     }
@@ -261,13 +272,18 @@ fn metrics_endpoint_reports_progress() {
     let _agent = p.role("agent");
     p.pgbench(&["-t", "50"]);
     p.wait_equal();
-    let body = http_get(metrics_port, "/metrics");
-    let value = |name: &str| -> u64 {
+    let value = |body: &str, name: &str| -> u64 {
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name} missing in\n{body}"))
     };
+    // The data is visible at COMMIT; the counters follow right after it.
+    wait_for("the commit counters", Duration::from_secs(30), || {
+        value(&http_get(metrics_port, "/metrics"), "decant_transactions_applied_total") >= 50
+    });
+    let body = http_get(metrics_port, "/metrics");
+    let value = |name: &str| value(&body, name);
     assert!(value("decant_changes_applied_total") >= 200, "{body}");
     assert!(value("decant_transactions_applied_total") >= 50, "{body}");
     assert!(value("decant_destination_commits_total") >= 1, "{body}");
