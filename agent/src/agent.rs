@@ -37,6 +37,8 @@ pub enum AgentError {
     Corrupt { lsn: Lsn, error: DecodeError },
     #[error("the applier closed the stream")]
     ApplierClosed,
+    #[error("{0}")]
+    Migrate(#[from] crate::migrate::MigrateError),
 }
 
 impl AgentError {
@@ -67,6 +69,7 @@ impl AgentError {
             AgentError::Slot { class, .. } => *class,
             AgentError::Corrupt { .. } => ErrorClass::Other,
             AgentError::ApplierClosed => ErrorClass::Connection,
+            AgentError::Migrate(e) => e.class(),
         }
     }
 }
@@ -85,10 +88,25 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
     // configuration (and a service manager restarts the agent anyway).
     // Once streaming, lost connections are retried for the connection time.
     let mut streamed_once = false;
+    // Schema and full copy first, when the task has them.
+    let mut migrated = !crate::migrate::needs_migration(&config);
     loop {
-        let mut session = Session::new(&config, &metrics);
-        let result = session.run(&source, &transport, &mut retry, &mut shutdown).await;
-        streamed_once |= session.streaming;
+        let result = if migrated {
+            let mut session = Session::new(&config, &metrics);
+            let result = session.run(&source, &transport, &mut retry, &mut shutdown).await;
+            streamed_once |= session.streaming;
+            result
+        } else {
+            match crate::migrate::drive(&config, &source, &transport, &metrics, &shutdown, &mut streamed_once).await {
+                Ok(true) if !*shutdown.borrow() => {
+                    migrated = true;
+                    retry.succeeded();
+                    continue;
+                }
+                Ok(_) => return Ok(()),
+                Err(e) => Err(AgentError::Migrate(e)),
+            }
+        };
         match result {
             Ok(()) => return Ok(()),
             Err(e) => {

@@ -21,6 +21,15 @@ pub enum Command {
     Agent(RoleArgs),
     /// Destination side: receive records from the agent and apply them (a long-running service).
     Applier(RoleArgs),
+    /// Run a whole migration task in one process: schema, full copy, then
+    /// the incremental stream (per migrate.types), agent and applier talking
+    /// gRPC over loopback.
+    Migrate(RoleArgs),
+    /// Show a task's phase, each table's copy state, the lag and rates.
+    Status(StatusArgs),
+    /// Compare the selected tables of source and destination: row counts
+    /// and checksums. Exits non-zero if any table differs.
+    Verify(VerifyArgs),
     /// Print the default configuration, with every setting documented.
     DefaultConfig,
     /// Decode and print decant change records, checking every CRC.
@@ -35,6 +44,25 @@ pub struct RoleArgs {
     /// Override a setting: section.key=value (TOML value syntax), repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub role: RoleArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub role: RoleArgs,
+    /// First wait up to this many seconds until the destination has applied
+    /// everything the source had written when verify started (incremental tasks).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub wait: u64,
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +105,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{DEFAULT_CONFIG}");
             Ok(())
         }
+        Command::Migrate(args) => {
+            let config = Config::load(Some(&args.config), &args.overrides)?;
+            serve_role(config, |config, metrics, shutdown| async move {
+                let listen = config.agent.metrics_listen.clone();
+                let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
+                crate::migrate::run(config, metrics, shutdown).await
+            })
+        }
+        Command::Status(args) => {
+            let config = Config::load(Some(&args.role.config), &args.role.overrides)?;
+            one_shot(&config, crate::status::run(config.clone(), args.json))
+        }
+        Command::Verify(args) => {
+            let config = Config::load(Some(&args.role.config), &args.role.overrides)?;
+            one_shot(&config, crate::verify::run(config.clone(), args.wait))
+        }
         Command::Agent(args) => {
             let config = Config::load(Some(&args.config), &args.overrides)?;
             serve_role(config, |config, metrics, shutdown| async move {
@@ -103,6 +147,12 @@ async fn start_metrics(listen: &str, metrics: Arc<Metrics>) -> anyhow::Result<Op
     let addr: std::net::SocketAddr = listen.parse().map_err(|e| anyhow::anyhow!("metrics_listen {listen:?}: {e}"))?;
     let handle = crate::metrics::serve(addr, metrics).await.map_err(|e| anyhow::anyhow!("metrics_listen {listen}: {e}"))?;
     Ok(Some(handle))
+}
+
+/// Runs a short command on a small runtime.
+fn one_shot(config: &Config, work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    init_logging(config);
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work)
 }
 
 /// Sets up logging, a runtime and signal handling, then runs a role.

@@ -33,6 +33,89 @@ pub struct Config {
     pub transport: Transport,
     pub retry: Retry,
     pub log: Log,
+    pub migrate: Migrate,
+}
+
+/// What a migration task moves and how (read by the agent, which drives it).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Migrate {
+    pub types: Vec<MigrationType>,
+    pub conflicts: ConflictMode,
+    pub workers: usize,
+    pub split_tables_larger_than_mb: u64,
+    pub max_rows_per_second: u64,
+    pub max_mb_per_second: u64,
+    pub pg_dump: String,
+    pub progress: ProgressDisplay,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationType {
+    Schema,
+    Full,
+    Incremental,
+}
+
+impl MigrationType {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationType::Schema => "schema",
+            MigrationType::Full => "full",
+            MigrationType::Incremental => "incremental",
+        }
+    }
+}
+
+/// Objects that already exist in the destination.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictMode {
+    /// Fail before anything is written, listing them.
+    Report,
+    /// Go on: keep the existing object; the full copy keeps the destination
+    /// row on a key conflict, incremental overwrites it.
+    Ignore,
+}
+
+impl ConflictMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConflictMode::Report => "report",
+            ConflictMode::Ignore => "ignore",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressDisplay {
+    /// Progress bars on a terminal, log lines otherwise.
+    Auto,
+    Bars,
+    Log,
+}
+
+impl Default for Migrate {
+    fn default() -> Self {
+        Migrate {
+            types: vec![MigrationType::Incremental],
+            conflicts: ConflictMode::Report,
+            workers: 2,
+            split_tables_larger_than_mb: 256,
+            max_rows_per_second: 0,
+            max_mb_per_second: 0,
+            pg_dump: String::new(),
+            progress: ProgressDisplay::Auto,
+        }
+    }
+}
+
+impl Migrate {
+    pub fn has(&self, t: MigrationType) -> bool {
+        self.types.contains(&t)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -128,6 +211,7 @@ impl Default for Config {
             transport: Transport::default(),
             retry: Retry::default(),
             log: Log::default(),
+            migrate: Migrate::default(),
         }
     }
 }
@@ -283,6 +367,32 @@ other_minutes = 10
 format = "text"
 # error, warn, info, debug or trace (RUST_LOG syntax also works).
 level = "info"
+
+[migrate]                     # the task's phases, driven by the agent
+# Any of "schema" (pg_dump pre-data before the copy, post-data after it),
+# "full" (copy of every selected table from one consistent snapshot) and
+# "incremental" (changes from the slot's consistent point on). The tables
+# selected are source.include_tables minus source.exclude_tables; whole
+# schemas ("app.*") migrate every object in them, single tables only
+# those tables (with their indexes, constraints and triggers).
+types = ["incremental"]
+# Objects already in the destination: "report" fails before anything is
+# written and lists them; "ignore" keeps them (the full copy keeps the
+# destination row on a key conflict, incremental overwrites it).
+conflicts = "report"
+# Tables copied at once, and post-data objects (indexes, constraints) built
+# at once.
+workers = 2
+# Tables larger than this (MB) are copied in ranges of about this size.
+split_tables_larger_than_mb = 256
+# Full copy throttling; 0 = unlimited.
+max_rows_per_second = 0
+max_mb_per_second = 0
+# pg_dump to use (its version must be at least the source's); "" = the one
+# in PATH, or the one that matches the source in /usr/lib/postgresql.
+pg_dump = ""
+# "auto": progress bars on a terminal, log lines otherwise; "bars"; "log".
+progress = "auto"
 "#;
 
 impl Config {
@@ -346,6 +456,32 @@ impl Config {
         }
         if !self.transport.token.is_empty() && !self.transport.token_file.is_empty() {
             return invalid("transport.token", "(hidden)".into(), "give token or token_file, not both");
+        }
+        let m = &self.migrate;
+        let types: Vec<&str> = m.types.iter().map(|t| t.name()).collect();
+        if m.types.is_empty() {
+            return invalid("migrate.types", "[]".into(), "choose at least one of schema, full, incremental");
+        }
+        if m.has(MigrationType::Schema) && m.has(MigrationType::Incremental) && !m.has(MigrationType::Full) {
+            return invalid(
+                "migrate.types",
+                format!("{types:?}"),
+                "schema with incremental needs full as well: changes would be applied to tables that hold none of the existing rows",
+            );
+        }
+        if m.workers == 0 || m.workers > 64 {
+            return invalid("migrate.workers", m.workers.to_string(), "must be between 1 and 64");
+        }
+        if m.split_tables_larger_than_mb == 0 {
+            return invalid("migrate.split_tables_larger_than_mb", "0".into(), "must be at least 1");
+        }
+        let whole_schemas = self.source.include_tables.iter().filter(|p| p.ends_with(".*")).count();
+        if whole_schemas != 0 && whole_schemas != self.source.include_tables.len() && m.has(MigrationType::Schema) {
+            return invalid(
+                "source.include_tables",
+                self.source.include_tables.join(","),
+                "select whole schemas (\"app.*\") or single tables, not both, when migrating the schema",
+            );
         }
         decant_proto::options::PluginOptions::parse(self.plugin_option_pairs().iter().map(|(k, v)| (*k, Some(v.as_str())))).map_err(
             |e| ConfigError::Invalid { key: "source.include_tables", value: self.source.include_tables.join(","), reason: e.message },

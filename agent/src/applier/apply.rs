@@ -154,6 +154,12 @@ pub struct Applier {
     /// Staging tables that exist in this session.
     stages_created: std::collections::HashSet<u32>,
     generation: u64,
+    /// Tables copied again after a restart of the full copy, with the LSN
+    /// of their new snapshot: their changes committed before it are
+    /// already in the copy.
+    skip_before: HashMap<String, Lsn>,
+    /// Commit LSN of the current source transaction.
+    txn_final: Lsn,
 }
 
 /// Folded changes are merged when they reach this much memory.
@@ -167,6 +173,7 @@ impl Applier {
         let (client, connection) =
             connect(destination, "decant applier", "-c session_replication_role=replica -c synchronous_commit=off").await?;
         let (progress, committed) = ProgressStore::open(&client, &settings.task_id).await?;
+        let skip_before = super::migration::skip_before(&client, &settings.task_id).await.map_err(ApplyError::Session)?;
         tracing::info!(resume_lsn = %committed, store = match progress { ProgressStore::Origin { .. } => "replication origin", ProgressStore::Table { .. } => "decant.progress" }, "applier connected to the destination");
         Ok(Applier {
             client: Arc::new(client),
@@ -187,6 +194,8 @@ impl Applier {
             stages: HashMap::new(),
             stages_created: Default::default(),
             generation: 0,
+            skip_before,
+            txn_final: Lsn(0),
         })
     }
 
@@ -291,6 +300,7 @@ impl Applier {
                 // Already applied (the stream was resumed from an earlier
                 // point than the destination's position).
                 self.skipping = b.final_lsn < self.committed;
+                self.txn_final = b.final_lsn;
                 if !self.skipping {
                     self.ensure_group().await?;
                 }
@@ -317,6 +327,9 @@ impl Applier {
             }
             Record::Insert(i) if !self.skipping => {
                 let target = self.target(i.relation)?;
+                if self.in_copy(&target) {
+                    return Ok(());
+                }
                 if self.folds(&target) {
                     if let Some(key) = key_texts(&target, &i.new.0, batch) {
                         let (values, _) = texts(&i.new.0, batch);
@@ -339,6 +352,9 @@ impl Applier {
             }
             Record::Update(u) if !self.skipping => {
                 let target = self.target(u.relation)?;
+                if self.in_copy(&target) {
+                    return Ok(());
+                }
                 if self.folds(&target) {
                     let new_key = key_texts(&target, &u.new.0, batch);
                     let old_key = locator_values(&target, u.old.as_ref(), Some(&u.new)).and_then(|v| all_text(&v, batch));
@@ -351,8 +367,21 @@ impl Applier {
                     }
                 }
                 self.flush_bulk(target.oid).await?;
-                let set: Vec<usize> =
-                    u.new.0.iter().enumerate().filter(|(_, v)| !matches!(v, Value::UnchangedToast)).map(|(i, _)| i).collect();
+                // Without an old key the key did not change: it stays out of
+                // SET (an identity column GENERATED ALWAYS may not be set).
+                let key_unchanged = u.old.is_none();
+                let set: Vec<usize> = u
+                    .new
+                    .0
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, v)| !matches!(v, Value::UnchangedToast) && !(key_unchanged && target.key.contains(i)))
+                    .map(|(i, _)| i)
+                    .collect();
+                if set.is_empty() {
+                    // Only key columns, none changed: nothing to write.
+                    return Ok(());
+                }
                 let Some(locator) = locator_values(&target, u.old.as_ref(), Some(&u.new)) else {
                     return self.no_identity("UPDATE", &target);
                 };
@@ -362,6 +391,9 @@ impl Applier {
             }
             Record::Delete(d) if !self.skipping => {
                 let target = self.target(d.relation)?;
+                if self.in_copy(&target) {
+                    return Ok(());
+                }
                 if self.folds(&target) {
                     if let Some(key) = locator_values(&target, d.old.as_ref(), None).and_then(|v| all_text(&v, batch)) {
                         self.bulk.entry(target.oid).or_default().delete(key);
@@ -375,7 +407,11 @@ impl Applier {
                 self.execute(target.oid, target.delete_sql(), params(&locator, batch), "DELETE", true).await?;
             }
             Record::Truncate(t) if !self.skipping && self.settings.apply_truncate => {
-                let tables: Vec<String> = t.relations.iter().map(|oid| self.target(*oid).map(|t| t.qualified)).collect::<Result<_, _>>()?;
+                let targets: Vec<Target> = t.relations.iter().map(|oid| self.target(*oid)).collect::<Result<_, _>>()?;
+                let tables: Vec<String> = targets.into_iter().filter(|t| !self.in_copy(t)).map(|t| t.qualified).collect();
+                if tables.is_empty() {
+                    return Ok(());
+                }
                 let mut sql = format!("TRUNCATE {}", tables.join(", "));
                 if t.restart_identity {
                     sql.push_str(" RESTART IDENTITY");
@@ -406,6 +442,11 @@ impl Applier {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The change is already in a re-copied table's snapshot.
+    fn in_copy(&self, target: &Target) -> bool {
+        self.skip_before.get(&target.qualified).is_some_and(|&lsn| self.txn_final < lsn)
     }
 
     fn target(&self, oid: u32) -> Result<Target, ApplyError> {
@@ -519,12 +560,43 @@ impl Applier {
         let stmt_err = |op| statement_error(op, &table);
         if !self.stages.contains_key(&oid) {
             self.generation += 1;
-            self.stages.insert(oid, StageSql::new(&target, self.generation));
+            // INSERT … ON CONFLICT is refused on tables with INSERT or
+            // UPDATE rules, even when the rules would not fire.
+            let has_rules: bool = self
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type IN ('2', '3'))",
+                    &[&target.qualified],
+                )
+                .await
+                .map_err(stmt_err("reading rules"))?
+                .get(0);
+            self.stages.insert(oid, StageSql::new(&target, self.generation, has_rules));
             self.stages_created.remove(&oid);
         }
         let stage = &self.stages[&oid];
         if !self.stages_created.contains(&oid) {
             self.client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
+            // Staging columns take the domains' base types: a staged
+            // deletion has no values, which a NOT NULL domain refuses.
+            loop {
+                let domains = self
+                    .client
+                    .query(
+                        "SELECT format('ALTER TABLE %s ALTER COLUMN %I TYPE %s', $1::text, a.attname, format_type(t.typbasetype, t.typtypmod))
+                           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                          WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND t.typtype = 'd'",
+                        &[&stage.stage],
+                    )
+                    .await
+                    .map_err(stmt_err("reading staging column types"))?;
+                if domains.is_empty() {
+                    break;
+                }
+                for d in domains {
+                    self.client.batch_execute(d.get(0)).await.map_err(stmt_err("ALTER staging table"))?;
+                }
+            }
             self.stages_created.insert(oid);
         }
         let (data, counts) = buffer.copy_data(&target);
@@ -534,7 +606,7 @@ impl Applier {
             Some(sql) => self.client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
             None => counts.updates,
         };
-        self.client.execute(&stage.insert, &[]).await.map_err(stmt_err("INSERT"))?;
+        self.client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
         self.client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
         let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
         if missing > 0 {

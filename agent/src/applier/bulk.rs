@@ -202,6 +202,8 @@ fn escape(out: &mut BytesMut, b: &[u8]) {
 
 /// The SQL around one table's staging table.
 pub struct StageSql {
+    /// The staging table's name, quoted.
+    pub stage: String,
     pub create: String,
     pub copy: String,
     pub delete: String,
@@ -211,7 +213,10 @@ pub struct StageSql {
 }
 
 impl StageSql {
-    pub fn new(target: &Target, generation: u64) -> StageSql {
+    /// `has_rules`: the table has INSERT or UPDATE rules, which rule out
+    /// INSERT … ON CONFLICT; existing keys are then updated first and only
+    /// missing ones inserted (the applier is the table's only writer).
+    pub fn new(target: &Target, generation: u64, has_rules: bool) -> StageSql {
         let stage = quote_ident(&format!("decant_stage_{}_{generation}", target.oid));
         let cols: Vec<String> = target.columns.iter().map(|c| quote_ident(c)).collect();
         let list = cols.join(", ");
@@ -232,7 +237,31 @@ impl StageSql {
             let set: Vec<String> = non_key.iter().map(|&i| format!("{c} = EXCLUDED.{c}", c = cols[i])).collect();
             format!("DO UPDATE SET {}", set.join(", "))
         };
+        let insert = if has_rules {
+            let mut sql = String::new();
+            if !non_key.is_empty() {
+                let set: Vec<String> = non_key.iter().map(|&i| format!("{c} = s.{c}", c = cols[i])).collect();
+                sql = format!(
+                    "UPDATE {} t SET {} FROM {stage} s WHERE s.decant_op = 'i' AND {key_match}; ",
+                    target.qualified,
+                    set.join(", ")
+                );
+            }
+            sql.push_str(&format!(
+                "INSERT INTO {t} ({list}) OVERRIDING SYSTEM VALUE SELECT {list} FROM {stage} s \
+                 WHERE s.decant_op = 'i' AND NOT EXISTS (SELECT FROM {t} t WHERE {key_match})",
+                t = target.qualified
+            ));
+            sql
+        } else {
+            format!(
+                "INSERT INTO {} ({list}) OVERRIDING SYSTEM VALUE SELECT {list} FROM {stage} s WHERE s.decant_op = 'i' ON CONFLICT ({}) {on_conflict}",
+                target.qualified,
+                key_cols.join(", ")
+            )
+        };
         StageSql {
+            stage: stage.clone(),
             create: format!(
                 "CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {list} FROM {} WITH NO DATA;
                  ALTER TABLE {stage} ADD COLUMN IF NOT EXISTS decant_op \"char\", ADD COLUMN IF NOT EXISTS decant_keep int2[]",
@@ -241,11 +270,7 @@ impl StageSql {
             copy: format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN"),
             delete: format!("DELETE FROM {} t USING {stage} s WHERE s.decant_op IN ('D', 'd') AND {key_match}", target.qualified),
             update,
-            insert: format!(
-                "INSERT INTO {} ({list}) SELECT {list} FROM {stage} s WHERE s.decant_op = 'i' ON CONFLICT ({}) {on_conflict}",
-                target.qualified,
-                key_cols.join(", ")
-            ),
+            insert,
             truncate: format!("TRUNCATE {stage}"),
         }
     }
@@ -309,7 +334,7 @@ mod tests {
 
     #[test]
     fn statements() {
-        let s = StageSql::new(&target(), 1);
+        let s = StageSql::new(&target(), 1, false);
         assert!(s.update.unwrap().contains("\"a\" = CASE WHEN 2 = ANY (s.decant_keep) THEN t.\"a\" ELSE s.\"a\" END"));
         assert!(s.insert.ends_with("ON CONFLICT (\"id\") DO UPDATE SET \"a\" = EXCLUDED.\"a\", \"big\" = EXCLUDED.\"big\""));
         assert!(s.delete.contains("t.\"id\" = s.\"id\""));

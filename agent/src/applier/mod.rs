@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod bulk;
+pub mod migration;
 pub mod progress;
 pub mod statements;
 
@@ -64,7 +65,9 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
         metrics,
         busy: Arc::new(tokio::sync::Mutex::new(())),
     };
-    serve(listen, service, &transport, async move {
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| ApplierRoleError::Listen(config.applier.listen.clone(), e.to_string()))?;
+    serve(listener, service, &transport, async move {
         let _ = shutdown.changed().await;
     })
     .await?;

@@ -48,7 +48,10 @@ impl Target {
     pub fn insert_sql(&self, upsert: bool) -> String {
         let cols: Vec<String> = (0..self.columns.len()).map(|i| self.col(i)).collect();
         let params: Vec<String> = (1..=self.columns.len()).map(|n| format!("${n}")).collect();
-        let mut sql = format!("INSERT INTO {} ({}) VALUES ({})", self.qualified, cols.join(", "), params.join(", "));
+        // OVERRIDING SYSTEM VALUE: identity columns GENERATED ALWAYS take the
+        // source's value like any other column.
+        let mut sql =
+            format!("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})", self.qualified, cols.join(", "), params.join(", "));
         if upsert && !self.key.is_empty() {
             let key: Vec<String> = self.key.iter().map(|&i| self.col(i)).collect();
             let set: Vec<String> =
@@ -122,13 +125,16 @@ mod tests {
         let t = target(vec![0]);
         assert_eq!(
             t.insert_sql(true),
-            "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") VALUES ($1, $2, $3) ON CONFLICT (\"id\") DO UPDATE SET \"a\" = EXCLUDED.\"a\", \"b\"\"q\" = EXCLUDED.\"b\"\"q\""
+            "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3) ON CONFLICT (\"id\") DO UPDATE SET \"a\" = EXCLUDED.\"a\", \"b\"\"q\" = EXCLUDED.\"b\"\"q\""
         );
-        assert_eq!(t.insert_sql(false), "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") VALUES ($1, $2, $3)");
+        assert_eq!(t.insert_sql(false), "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3)");
         assert_eq!(t.update_sql(&[1]), "UPDATE \"s\".\"t\" SET \"a\" = $1 WHERE \"id\" = $2");
         assert_eq!(t.delete_sql(), "DELETE FROM \"s\".\"t\" WHERE \"id\" = $1");
         let keyless = target(vec![]);
-        assert_eq!(keyless.insert_sql(true), "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") VALUES ($1, $2, $3)");
+        assert_eq!(
+            keyless.insert_sql(true),
+            "INSERT INTO \"s\".\"t\" (\"id\", \"a\", \"b\"\"q\") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3)"
+        );
         assert!(keyless.delete_sql().contains("IS NOT DISTINCT FROM ($1::text, $2::text, $3::text) LIMIT 1"));
         assert_eq!(keyless.locator_len(), 3);
         let all_key = target(vec![0, 1, 2]);

@@ -45,9 +45,26 @@ impl ReplicationClient {
 
     /// `CREATE_REPLICATION_SLOT name LOGICAL plugin EXPORT_SNAPSHOT | NOEXPORT_SNAPSHOT`.
     pub async fn create_logical_slot(&mut self, name: &str, plugin: &str, export_snapshot: bool) -> Result<CreatedSlot, ReplicationError> {
+        self.create_slot(name, false, plugin, export_snapshot).await
+    }
+
+    /// A slot dropped when this connection ends: used only for the
+    /// snapshot it exports and the LSN that snapshot corresponds to.
+    pub async fn create_temporary_slot(&mut self, name: &str, plugin: &str) -> Result<CreatedSlot, ReplicationError> {
+        self.create_slot(name, true, plugin, true).await
+    }
+
+    async fn create_slot(
+        &mut self,
+        name: &str,
+        temporary: bool,
+        plugin: &str,
+        export_snapshot: bool,
+    ) -> Result<CreatedSlot, ReplicationError> {
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL {} {}",
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL {} {}",
             quote_ident(name),
+            if temporary { " TEMPORARY" } else { "" },
             quote_ident(plugin),
             if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
         );

@@ -7,8 +7,9 @@ use decant_proto::grpc::{AgentMessage, ApplierMessage, Hello};
 use decant_proto::Lsn;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
 
 use super::{compression, TransportError, TransportSettings, MAX_MESSAGE_BYTES};
@@ -45,19 +46,37 @@ impl StreamError {
     }
 }
 
-/// Connects, says Hello, and waits for Welcome.
-pub async fn open(url: &str, settings: &TransportSettings, hello: Hello, queue: usize) -> Result<ApplierStream, StreamError> {
+/// The applier's gRPC client, with the shared token on every request.
+pub type Client = ApplierClient<InterceptedService<Channel, TokenInterceptor>>;
+
+#[derive(Clone)]
+pub struct TokenInterceptor(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Connects to the applier.
+pub async fn connect(url: &str, settings: &TransportSettings) -> Result<Client, StreamError> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| TransportError::Url(url.to_owned(), e.to_string()))?
         .connect_timeout(std::time::Duration::from_secs(10))
         .http2_keep_alive_interval(std::time::Duration::from_secs(20))
-        .keep_alive_timeout(std::time::Duration::from_secs(20));
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        // Copy data flows in large messages: wide windows keep the pipe full.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20));
     if url.starts_with("https://") {
         let host = endpoint.uri().host().unwrap_or_default().to_owned();
         endpoint = endpoint.tls_config(settings.client_tls(&host)).map_err(TransportError::from)?;
     }
     let channel = endpoint.connect().await.map_err(|source| StreamError::Connect { url: url.to_owned(), source })?;
-    let token: Option<MetadataValue<_>> = match &settings.token {
+    let token: Option<MetadataValue<Ascii>> = match &settings.token {
         Some(t) => Some(
             format!("Bearer {t}")
                 .parse()
@@ -65,17 +84,18 @@ pub async fn open(url: &str, settings: &TransportSettings, hello: Hello, queue: 
         ),
         None => None,
     };
-    let mut client = ApplierClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if let Some(t) = &token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client = ApplierClient::with_interceptor(channel, TokenInterceptor(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     if let Some(c) = compression(settings) {
         client = client.send_compressed(c).accept_compressed(c);
     }
+    Ok(client)
+}
+
+/// Connects, says Hello, and waits for Welcome.
+pub async fn open(url: &str, settings: &TransportSettings, hello: Hello, queue: usize) -> Result<ApplierStream, StreamError> {
+    let mut client = connect(url, settings).await?;
     let (tx, rx) = mpsc::channel(queue.max(1));
     tx.send(AgentMessage { body: Some(AgentBody::Hello(hello)) }).await.map_err(|_| StreamError::NoWelcome)?;
     let mut inbound = client.replicate(ReceiverStream::new(rx)).await.map_err(StreamError::Status)?.into_inner();

@@ -8,7 +8,9 @@ use bytes::Bytes;
 use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
 use decant_proto::grpc::applier_server::{Applier as ApplierRpc, ApplierServer};
-use decant_proto::grpc::{Ack, AgentMessage, ApplierMessage, Welcome};
+use decant_proto::grpc::{
+    Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, PlanRequest, ResnapshotRequest, SchemaRequest, TaskState, Welcome,
+};
 use decant_proto::FORMAT_VERSION;
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
@@ -17,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{check_token, compression, MAX_MESSAGE_BYTES};
 use crate::applier::apply::{Applier, ApplyError, ApplySettings};
+use crate::applier::migration::{self, MigrationError};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 
@@ -43,6 +46,29 @@ fn status_of(e: &ApplyError) -> Status {
     }
 }
 
+fn migration_status(e: &MigrationError) -> Status {
+    let message = crate::error::report(e);
+    if e.is_connection_loss() {
+        Status::unavailable(message)
+    } else if e.is_precondition() {
+        Status::failed_precondition(message)
+    } else {
+        Status::aborted(message)
+    }
+}
+
+impl ApplierService {
+    fn check_task(&self, task_id: &str) -> Result<(), Status> {
+        if task_id != self.task_id {
+            return Err(Status::permission_denied(format!(
+                "this applier serves task {:?}, the agent is configured for task {:?}",
+                self.task_id, task_id
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn ack(committed: decant_proto::Lsn, sequence: u64) -> Result<ApplierMessage, Status> {
     Ok(ApplierMessage { body: Some(ApplierBody::Ack(Ack { committed_lsn: committed.0, applied_sequence: sequence })) })
 }
@@ -50,6 +76,54 @@ fn ack(committed: decant_proto::Lsn, sequence: u64) -> Result<ApplierMessage, St
 #[tonic::async_trait]
 impl ApplierRpc for ApplierService {
     type ReplicateStream = Outbound;
+
+    async fn plan(&self, request: Request<PlanRequest>) -> Result<Response<TaskState>, Status> {
+        let req = request.into_inner();
+        self.check_task(&req.task_id)?;
+        if req.format_version != u32::from(FORMAT_VERSION) {
+            return Err(Status::failed_precondition(format!(
+                "record format version {} is not supported by this applier (it reads version {FORMAT_VERSION}); upgrade the applier",
+                req.format_version
+            )));
+        }
+        let state = match req.plan {
+            Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
+            None => migration::state(&self.destination, &self.task_id).await,
+        };
+        state.map(Response::new).map_err(|e| migration_status(&e))
+    }
+
+    async fn schema(&self, request: Request<SchemaRequest>) -> Result<Response<TaskState>, Status> {
+        let req = request.into_inner();
+        self.check_task(&req.task_id)?;
+        if req.section != "pre-data" && req.section != "post-data" {
+            return Err(Status::invalid_argument(format!("unknown schema section {:?}", req.section)));
+        }
+        migration::run_schema(&self.destination, &self.task_id, &req.section, req.workers as usize, &req.sequences)
+            .await
+            .map(Response::new)
+            .map_err(|e| migration_status(&e))
+    }
+
+    async fn copy(&self, request: Request<Streaming<CopyChunk>>) -> Result<Response<CopyDone>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty copy stream"))?;
+        self.check_task(&first.task_id)?;
+        let chunks = inbound.map(|c| c.map(|c| (c.data, c.last)).map_err(|s| s.message().to_owned()));
+        migration::copy_range(&self.destination, &self.task_id, first.table_id, first.range_id, (first.data, first.last), chunks)
+            .await
+            .map(Response::new)
+            .map_err(|e| migration_status(&e))
+    }
+
+    async fn resnapshot(&self, request: Request<ResnapshotRequest>) -> Result<Response<TaskState>, Status> {
+        let req = request.into_inner();
+        self.check_task(&req.task_id)?;
+        migration::resnapshot(&self.destination, &self.task_id, decant_proto::Lsn(req.lsn))
+            .await
+            .map(Response::new)
+            .map_err(|e| migration_status(&e))
+    }
 
     async fn replicate(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
         let guard = self.busy.clone().try_lock_owned().map_err(|_| {
@@ -60,12 +134,7 @@ impl ApplierRpc for ApplierService {
             Some(AgentMessage { body: Some(AgentBody::Hello(h)) }) => h,
             _ => return Err(Status::invalid_argument("the stream must start with Hello")),
         };
-        if hello.task_id != self.task_id {
-            return Err(Status::permission_denied(format!(
-                "this applier serves task {:?}, the agent is configured for task {:?}",
-                self.task_id, hello.task_id
-            )));
-        }
+        self.check_task(&hello.task_id)?;
         if hello.format_version != u32::from(FORMAT_VERSION) {
             return Err(Status::failed_precondition(format!(
                 "record format version {} is not supported by this applier (it reads version {FORMAT_VERSION}); upgrade the applier",
@@ -176,16 +245,19 @@ async fn run(
     result
 }
 
-/// Serves the applier until `shutdown` resolves.
+/// Serves the applier on `listener` until `shutdown` resolves.
 pub async fn serve(
-    listen: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     service: ApplierService,
     transport: &super::TransportSettings,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), super::TransportError> {
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Copy data flows in large messages: wide windows keep the pipe full.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20));
     if let Some(tls) = transport.server_tls()? {
         builder = builder.tls_config(tls)?;
     }
@@ -195,7 +267,8 @@ pub async fn serve(
         server = server.accept_compressed(c).send_compressed(c);
     }
     let server = tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| check_token(req, token.as_deref()));
+    let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%listen, tls = transport.server_tls_enabled(), token = transport.token.is_some(), "applier listening");
-    builder.add_service(server).serve_with_shutdown(listen, shutdown).await?;
+    builder.add_service(server).serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown).await?;
     Ok(())
 }

@@ -16,13 +16,18 @@ pub(super) unsafe fn selected(rel: pg_sys::Relation) -> bool {
     if let Some(known) = with_session(|s| s.relations.get(&relid).and_then(|r| r.selected)) {
         return known;
     }
+    // Only tables carry replicated rows: a materialized view's refresh
+    // writes rows too, but the destination refreshes its own.
+    // SAFETY: as above.
+    let is_table = unsafe { (*(*rel).rd_rel).relkind } as u8 == pg_sys::RELKIND_RELATION;
     let filtering = with_session(|s| !s.options.include_tables.is_empty() || !s.options.exclude_tables.is_empty());
-    let selected = !filtering || {
-        // SAFETY: as above; the namespace name is palloc'd in the current
-        // (per-callback) memory context.
-        let (schema, name) = unsafe { names(rel) };
-        with_session(|s| s.options.table_selected(schema, name))
-    };
+    let selected = is_table
+        && (!filtering || {
+            // SAFETY: as above; the namespace name is palloc'd in the current
+            // (per-callback) memory context.
+            let (schema, name) = unsafe { names(rel) };
+            with_session(|s| s.options.table_selected(schema, name))
+        });
     with_session(|s| s.relations.entry(relid).or_default().selected = Some(selected));
     selected
 }

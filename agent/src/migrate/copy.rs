@@ -1,0 +1,291 @@
+//! The full copy, source side: workers that each hold a session inside the
+//! task's snapshot take ranges largest first and stream `COPY … TO STDOUT`
+//! to the applier's `Copy` call, which feeds `COPY … FROM STDIN`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use decant_proto::grpc::{CopyChunk, TaskState};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio_postgres::Client;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::display::CopyProgress;
+use super::{snapshot_session, MigrateError, Snapshot};
+use crate::applier::statements::quote_ident;
+use crate::config::Config;
+use crate::connect::ConnInfo;
+use crate::metrics::Metrics;
+use crate::retry::ErrorClass;
+use crate::transport::client::{Client as ApplierClient, StreamError};
+
+/// COPY data is sent in messages of about this size.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// One range to copy.
+#[derive(Clone, Debug)]
+pub struct Work {
+    pub table_id: u32,
+    pub range_id: u32,
+    pub display: String,
+    pub sql: String,
+    pub binary: bool,
+    pub estimated_bytes: u64,
+}
+
+/// The ranges not done yet, largest first, with the COPY that reads each.
+pub fn pending_work(state: &TaskState) -> Vec<Work> {
+    let mut work = Vec::new();
+    for t in &state.tables {
+        let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
+        let cols = cols.join(", ");
+        let format = if t.binary { "binary" } else { "text" };
+        let ranges = t.ranges.len().max(1) as u64;
+        for r in t.ranges.iter().filter(|r| !r.done) {
+            let sql = if r.condition.is_empty() {
+                format!("COPY {table} ({cols}) TO STDOUT (FORMAT {format})")
+            } else {
+                format!("COPY (SELECT {cols} FROM ONLY {table} WHERE {}) TO STDOUT (FORMAT {format})", r.condition)
+            };
+            let display = if t.ranges.len() > 1 {
+                format!("{}.{} [{}/{}]", t.schema, t.name, r.range_id + 1, t.ranges.len())
+            } else {
+                format!("{}.{}", t.schema, t.name)
+            };
+            work.push(Work {
+                table_id: t.table_id,
+                range_id: r.range_id,
+                display,
+                sql,
+                binary: t.binary,
+                estimated_bytes: t.bytes / ranges,
+            });
+        }
+    }
+    work.sort_by(|a, b| b.estimated_bytes.cmp(&a.estimated_bytes).then(a.table_id.cmp(&b.table_id)).then(a.range_id.cmp(&b.range_id)));
+    work
+}
+
+/// Paces the copy to the configured rows/s and MB/s (0 = unlimited).
+pub struct Pace {
+    rows_per_second: u64,
+    bytes_per_second: u64,
+    started: Instant,
+    rows: u64,
+    bytes: u64,
+}
+
+impl Pace {
+    pub fn new(rows_per_second: u64, mb_per_second: u64) -> Self {
+        Pace { rows_per_second, bytes_per_second: mb_per_second.saturating_mul(1 << 20), started: Instant::now(), rows: 0, bytes: 0 }
+    }
+
+    /// Counts what was just read and returns how long to wait so that the
+    /// totals stay within the limits.
+    pub fn take(&mut self, rows: u64, bytes: u64) -> Duration {
+        self.take_at(rows, bytes, self.started.elapsed())
+    }
+
+    fn take_at(&mut self, rows: u64, bytes: u64, elapsed: Duration) -> Duration {
+        self.rows += rows;
+        self.bytes += bytes;
+        let mut due = Duration::ZERO;
+        if self.rows_per_second > 0 {
+            due = due.max(Duration::from_secs_f64(self.rows as f64 / self.rows_per_second as f64));
+        }
+        if self.bytes_per_second > 0 {
+            due = due.max(Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_second as f64));
+        }
+        due.saturating_sub(elapsed)
+    }
+}
+
+/// Copies every pending range. Returns false when stopped by `shutdown`.
+pub async fn run(
+    config: &Config,
+    source: &ConnInfo,
+    applier: &ApplierClient,
+    state: &TaskState,
+    snapshot: Snapshot,
+    metrics: &Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<bool, MigrateError> {
+    let work = pending_work(state);
+    let progress = Arc::new(CopyProgress::new(state, config.migrate.progress));
+    if work.is_empty() {
+        progress.finish();
+        return Ok(true);
+    }
+    // Every worker imports the snapshot before the session that exported
+    // it is let go.
+    let workers = config.migrate.workers.min(work.len());
+    let mut sessions = Vec::with_capacity(workers);
+    for i in 0..workers {
+        sessions.push(snapshot_session(source, &snapshot.id, &format!("decant copy {}", i + 1)).await?);
+    }
+    drop(snapshot);
+    tracing::info!(ranges = work.len(), workers, "copying");
+    let queue = Arc::new(Mutex::new(VecDeque::from(work)));
+    let pace = Arc::new(Mutex::new(Pace::new(config.migrate.max_rows_per_second, config.migrate.max_mb_per_second)));
+    let mut handles = Vec::new();
+    for session in sessions {
+        let (queue, pace, progress, applier, metrics) = (queue.clone(), pace.clone(), progress.clone(), applier.clone(), metrics.clone());
+        let task_id = config.task_id.clone();
+        handles.push(tokio::spawn(async move {
+            loop {
+                let Some(work) = queue.lock().await.pop_front() else { return Ok::<(), MigrateError>(()) };
+                copy_range(&session, applier.clone(), &task_id, &work, &pace, &progress, &metrics).await?;
+            }
+        }));
+    }
+    let all = futures_util::future::try_join_all(handles.iter_mut().map(|h| async move {
+        match h.await {
+            Ok(r) => r,
+            Err(e) => Err(MigrateError::Invalid(format!("copy worker failed: {e}"))),
+        }
+    }));
+    let result = tokio::select! {
+        r = all => r.map(|_| true),
+        _ = shutdown.changed() => Ok(false),
+    };
+    for h in &handles {
+        h.abort();
+    }
+    match &result {
+        Ok(true) => progress.finish(),
+        _ => progress.abandon(),
+    }
+    result
+}
+
+async fn copy_range(
+    source: &Client,
+    mut applier: ApplierClient,
+    task_id: &str,
+    work: &Work,
+    pace: &Mutex<Pace>,
+    progress: &CopyProgress,
+    metrics: &Metrics,
+) -> Result<(), MigrateError> {
+    let bar = progress.start(&work.display, work.estimated_bytes);
+    let source_err = |e: tokio_postgres::Error| MigrateError::Copy {
+        table: work.display.clone(),
+        class: if e.as_db_error().is_some() { ErrorClass::Other } else { ErrorClass::Connection },
+        message: crate::error::report(&e),
+    };
+    let (tx, rx) = mpsc::channel::<CopyChunk>(4);
+    tx.send(CopyChunk { table_id: work.table_id, range_id: work.range_id, task_id: task_id.to_owned(), data: Bytes::new(), last: false })
+        .await
+        .map_err(|_| closed(work))?;
+    // The call runs beside the reading: aborted (never ended normally) if
+    // the source fails, so the applier commits only whole ranges.
+    let call = tokio::spawn(async move { applier.copy(ReceiverStream::new(rx)).await });
+    let result = async {
+        let stream = source.copy_out(work.sql.as_str()).await.map_err(source_err)?;
+        futures_util::pin_mut!(stream);
+        let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 64 * 1024);
+        let mut rows_in_buf = 0u64;
+        // COPY TO STDOUT sends one CopyData message per row (in binary
+        // format the header rides with the first and the trailer is one
+        // more message).
+        let mut messages = 0u64;
+        while let Some(message) = stream.next().await {
+            let message = message.map_err(source_err)?;
+            buf.extend_from_slice(&message);
+            rows_in_buf += 1;
+            messages += 1;
+            if buf.len() >= CHUNK_BYTES {
+                send(&tx, work, &mut buf, false).await?;
+                progress.add(&bar, rows_in_buf, CHUNK_BYTES as u64);
+                let wait = pace.lock().await.take(rows_in_buf, CHUNK_BYTES as u64);
+                rows_in_buf = 0;
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let tail = buf.len() as u64;
+        let trailer = u64::from(work.binary && messages > 0);
+        send(&tx, work, &mut buf, true).await?;
+        progress.add(&bar, rows_in_buf.saturating_sub(trailer), tail);
+        Ok::<(), MigrateError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        call.abort();
+        return Err(e);
+    }
+    drop(tx);
+    let done = match call.await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) => return Err(MigrateError::Applier(StreamError::Status(status))),
+        Err(_) => return Err(closed(work)),
+    };
+    metrics.copy_rows.add(done.rows);
+    metrics.copy_bytes.add(done.bytes);
+    progress.done(bar, &work.display, done.rows, done.bytes);
+    Ok(())
+}
+
+async fn send(tx: &mpsc::Sender<CopyChunk>, work: &Work, buf: &mut BytesMut, last: bool) -> Result<(), MigrateError> {
+    let data = buf.split().freeze();
+    tx.send(CopyChunk { table_id: 0, range_id: 0, task_id: String::new(), data, last }).await.map_err(|_| closed(work))
+}
+
+fn closed(work: &Work) -> MigrateError {
+    MigrateError::Copy { table: work.display.clone(), message: "the applier closed the copy stream".into(), class: ErrorClass::Connection }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decant_proto::grpc::{RangeState, TableState};
+
+    #[test]
+    fn pace_spreads_work_over_time() {
+        let mut p = Pace::new(1000, 0);
+        assert_eq!(p.take_at(500, 0, Duration::ZERO), Duration::from_millis(500));
+        assert_eq!(p.take_at(500, 0, Duration::from_millis(1500)), Duration::ZERO);
+        let mut p = Pace::new(0, 1);
+        assert_eq!(p.take_at(1, 2 << 20, Duration::from_millis(500)), Duration::from_millis(1500));
+        let mut p = Pace::new(0, 0);
+        assert_eq!(p.take_at(1 << 40, 1 << 40, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn work_is_the_unfinished_ranges_largest_first() {
+        let range = |id, cond: &str, done| RangeState { range_id: id, condition: cond.into(), done, rows: 0, bytes: 0 };
+        let state = TaskState {
+            tables: vec![
+                TableState {
+                    table_id: 0,
+                    schema: "s".into(),
+                    name: "small".into(),
+                    columns: vec!["a".into()],
+                    binary: false,
+                    bytes: 10,
+                    ranges: vec![range(0, "", false)],
+                },
+                TableState {
+                    table_id: 1,
+                    schema: "s".into(),
+                    name: "Big".into(),
+                    columns: vec!["a".into(), "b".into()],
+                    binary: true,
+                    bytes: 1000,
+                    ranges: vec![range(0, "ctid < '(5,0)'", true), range(1, "ctid >= '(5,0)'", false)],
+                },
+            ],
+            ..Default::default()
+        };
+        let w = pending_work(&state);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].sql, "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"Big\" WHERE ctid >= '(5,0)') TO STDOUT (FORMAT binary)");
+        assert_eq!(w[0].display, "s.Big [2/2]");
+        assert_eq!(w[1].sql, "COPY \"s\".\"small\" (\"a\") TO STDOUT (FORMAT text)");
+    }
+}

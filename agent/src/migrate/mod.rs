@@ -1,0 +1,379 @@
+//! The migration task's phases before the incremental stream — schema
+//! (pre-data), full copy, schema (post-data) — driven from the source side
+//! through the applier's gRPC service, so they run the same whether agent
+//! and applier are one process (`decant migrate`) or two services.
+//!
+//! The consistent snapshot comes from `CREATE_REPLICATION_SLOT … LOGICAL
+//! decant EXPORT_SNAPSHOT`: pg_dump and every copy worker import it while
+//! the creating replication connection is held open, and the stream later
+//! starts at the slot's consistent point, so the handover neither loses nor
+//! repeats a change.
+
+pub mod copy;
+pub mod display;
+pub mod schema;
+pub mod tables;
+
+use std::sync::Arc;
+
+use decant_proto::grpc::{MigrationPlan, PlanRequest, ResnapshotRequest, SchemaRequest, TaskState};
+use decant_proto::{Lsn, FORMAT_VERSION};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::config::{Config, MigrationType};
+use crate::connect::sql::{connect, ConnectError};
+use crate::connect::ConnInfo;
+use crate::metrics::Metrics;
+use crate::replication::client::quote_literal;
+use crate::replication::{ReplicationClient, ReplicationError};
+use crate::retry::ErrorClass;
+use crate::transport::client::{connect as connect_applier, Client as ApplierClient, StreamError};
+use crate::transport::TransportSettings;
+use schema::{PgDump, SchemaError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("source: {0}")]
+    Connect(#[from] ConnectError),
+    #[error("source: {0}")]
+    Source(#[from] tokio_postgres::Error),
+    #[error("source: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error("{0}")]
+    Applier(#[from] StreamError),
+    #[error("{0}")]
+    Schema(#[from] SchemaError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("copy of {table}: {message}")]
+    Copy { table: String, message: String, class: ErrorClass },
+}
+
+impl MigrateError {
+    pub fn class(&self) -> ErrorClass {
+        fn pg(e: &tokio_postgres::Error) -> ErrorClass {
+            match e.code().map(|c| c.code()) {
+                None => ErrorClass::Connection,
+                Some(c) if c.starts_with("08") || c.starts_with("57P") => ErrorClass::Connection,
+                Some("28P01" | "28000" | "3D000" | "42501" | "42P01") => ErrorClass::Fatal,
+                _ => ErrorClass::Other,
+            }
+        }
+        match self {
+            MigrateError::Connect(ConnectError::Postgres { source, .. }) => pg(source),
+            MigrateError::Connect(ConnectError::Tls(_)) => ErrorClass::Fatal,
+            MigrateError::Source(e) => pg(e),
+            MigrateError::Replication(e) if e.is_connection_loss() => ErrorClass::Connection,
+            MigrateError::Replication(e) => match e.code() {
+                Some("28P01" | "28000" | "55000" | "58P01" | "42501" | "3D000" | "42710") => ErrorClass::Fatal,
+                _ => ErrorClass::Other,
+            },
+            MigrateError::Applier(e) if e.is_connection_loss() => ErrorClass::Connection,
+            MigrateError::Applier(StreamError::Status(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                ErrorClass::Fatal
+            }
+            MigrateError::Applier(_) => ErrorClass::Other,
+            MigrateError::Schema(_) | MigrateError::Invalid(_) => ErrorClass::Fatal,
+            MigrateError::Copy { class, .. } => *class,
+        }
+    }
+}
+
+fn status(s: tonic::Status) -> MigrateError {
+    MigrateError::Applier(StreamError::Status(s))
+}
+
+/// Whether the task has phases before the stream.
+pub fn needs_migration(config: &Config) -> bool {
+    config.migrate.has(MigrationType::Schema) || config.migrate.has(MigrationType::Full)
+}
+
+/// A snapshot exported by the source, valid while `holder` stays open.
+pub struct Snapshot {
+    pub id: String,
+    /// The LSN the snapshot corresponds to (0 when taken without a slot).
+    pub lsn: Lsn,
+    _holder: Holder,
+}
+
+/// The session that exported a snapshot: only held, never used again.
+#[allow(dead_code)]
+enum Holder {
+    Replication(ReplicationClient),
+    Sql(Client),
+}
+
+/// Opens a source session inside `snapshot`.
+pub async fn snapshot_session(source: &ConnInfo, snapshot: &str, name: &str) -> Result<Client, MigrateError> {
+    let (client, _conn) = connect(source, name, "").await?;
+    client
+        .batch_execute(&format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
+        .await?;
+    Ok(client)
+}
+
+/// Runs the phases that are not done yet. Returns whether the task goes
+/// on with the incremental stream. `connected` turns true once both ends
+/// answered (from then on lost connections are retried).
+pub async fn drive(
+    config: &Config,
+    source: &ConnInfo,
+    transport: &TransportSettings,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+    connected: &mut bool,
+) -> Result<bool, MigrateError> {
+    let task_id = config.task_id.clone();
+    let mut applier = connect_applier(&config.agent.applier_url, transport).await?;
+    let mut state = plan(&mut applier, &task_id, None).await?;
+    *connected = true;
+    check_types(config, &state)?;
+    let incremental = config.migrate.has(MigrationType::Incremental);
+    let mut snapshot = None;
+    if state.phase == "new" {
+        let snap = take_snapshot(config, source, SnapshotKind::Initial).await?;
+        let plan_body = build_plan(config, source, &snap).await?;
+        state = plan(&mut applier, &task_id, Some(plan_body)).await?;
+        tracing::info!(tables = state.tables.len(), snapshot_lsn = %Lsn(state.snapshot_lsn), "task planned");
+        snapshot = Some(snap);
+    }
+    if state.phase == "schema" {
+        tracing::info!("schema: creating pre-data objects");
+        state = applier
+            .schema(SchemaRequest { task_id: task_id.clone(), section: "pre-data".into(), workers: 1, sequences: vec![] })
+            .await
+            .map_err(status)?
+            .into_inner();
+        if !state.existing.is_empty() {
+            tracing::warn!(objects = %state.existing.join(", "), "kept objects that already existed in the destination (migrate.conflicts = ignore)");
+        }
+    }
+    if *shutdown.borrow() {
+        return Ok(false);
+    }
+    if state.phase == "copy" {
+        let snap = match snapshot.take() {
+            Some(s) => s,
+            None => {
+                // The first snapshot ended with the process that took it:
+                // unfinished tables are copied again from a new one.
+                let snap = take_snapshot(config, source, SnapshotKind::Resume).await?;
+                tracing::info!(lsn = %snap.lsn, "copy resumes from a new snapshot");
+                state = applier
+                    .resnapshot(ResnapshotRequest { task_id: task_id.clone(), lsn: if incremental { snap.lsn.0 } else { 0 } })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                snap
+            }
+        };
+        if !copy::run(config, source, &applier, &state, snap, metrics, shutdown.clone()).await? {
+            return Ok(false);
+        }
+    }
+    if state.phase == "copy" || state.phase == "post-data" {
+        let sequences = if config.migrate.has(MigrationType::Full) {
+            let (client, _conn) = connect(source, "decant migrate", "").await?;
+            tables::sequence_values(&client, config).await?
+        } else {
+            Vec::new()
+        };
+        tracing::info!(sequences = sequences.len(), "schema: setting sequences and building post-data objects");
+        state = applier
+            .schema(SchemaRequest {
+                task_id: task_id.clone(),
+                section: "post-data".into(),
+                workers: config.migrate.workers as u32,
+                sequences,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+    }
+    tracing::info!(phase = %state.phase, "migration phases done");
+    Ok(state.phase == "incremental")
+}
+
+async fn plan(applier: &mut ApplierClient, task_id: &str, plan: Option<MigrationPlan>) -> Result<TaskState, MigrateError> {
+    Ok(applier
+        .plan(PlanRequest { task_id: task_id.to_owned(), format_version: u32::from(FORMAT_VERSION), plan })
+        .await
+        .map_err(status)?
+        .into_inner())
+}
+
+/// A task keeps the types it was planned with.
+fn check_types(config: &Config, state: &TaskState) -> Result<(), MigrateError> {
+    if state.phase == "new" {
+        return Ok(());
+    }
+    let mut configured: Vec<&str> = config.migrate.types.iter().map(|t| t.name()).collect();
+    configured.sort();
+    let mut planned: Vec<&str> = state.types.iter().map(String::as_str).collect();
+    planned.sort();
+    if configured != planned {
+        return Err(MigrateError::Invalid(format!(
+            "task {} was started with migrate.types = {planned:?}, now configured as {configured:?}; \
+             use another task_id for a new task (or DROP SCHEMA decant CASCADE in the destination to start this one over)",
+            config.task_id
+        )));
+    }
+    Ok(())
+}
+
+enum SnapshotKind {
+    /// The task's start: the slot the stream will read (when incremental).
+    Initial,
+    /// A restart during the copy.
+    Resume,
+}
+
+async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind) -> Result<Snapshot, MigrateError> {
+    if !config.migrate.has(MigrationType::Incremental) {
+        // No stream to hand over to: an ordinary exported snapshot.
+        let (client, _conn) = connect(source, "decant snapshot", "").await?;
+        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+        let id: String = client.query_one("SELECT pg_export_snapshot()", &[]).await?.get(0);
+        return Ok(Snapshot { id, lsn: Lsn(0), _holder: Holder::Sql(client) });
+    }
+    let mut repl = ReplicationClient::connect(source, "decant snapshot").await?;
+    let slot = &config.source.slot;
+    let created = match kind {
+        SnapshotKind::Initial => {
+            let existing = repl
+                .simple_query(&format!(
+                    "SELECT plugin, active_pid::text FROM pg_replication_slots WHERE slot_name = {}",
+                    quote_literal(slot)
+                ))
+                .await?;
+            if let Some(row) = existing.first() {
+                let plugin = row.first().cloned().flatten().unwrap_or_default();
+                if plugin != "decant" || row.get(1).cloned().flatten().is_some() {
+                    return Err(MigrateError::Invalid(format!(
+                        "source slot {slot:?} already exists (plugin {plugin}) and the destination has no plan for task {}: \
+                         choose another source.slot, or drop the slot if nothing uses it",
+                        config.task_id
+                    )));
+                }
+                // Left by a run that stopped before its plan was stored:
+                // nothing was copied from its snapshot.
+                tracing::warn!(slot, "dropping the slot of an earlier start that did not get as far as the plan");
+                repl.drop_slot(slot).await?;
+            }
+            repl.create_logical_slot(slot, "decant", true).await?
+        }
+        SnapshotKind::Resume => {
+            let slot_exists = !repl
+                .simple_query(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = {}", quote_literal(slot)))
+                .await?
+                .is_empty();
+            if !slot_exists {
+                return Err(MigrateError::Invalid(format!(
+                    "source slot {slot:?} of task {} is gone, so the changes since the copy began are lost: \
+                     start the task over (DROP SCHEMA decant CASCADE and the migrated objects in the destination)",
+                    config.task_id
+                )));
+            }
+            repl.create_temporary_slot(&format!("{}_copy", slot.chars().take(58).collect::<String>()), "decant").await?
+        }
+    };
+    let id = created.snapshot.ok_or_else(|| MigrateError::Invalid("the source exported no snapshot".into()))?;
+    tracing::info!(slot = %created.name, consistent_point = %created.consistent_point, snapshot = %id, "snapshot taken");
+    Ok(Snapshot { id, lsn: created.consistent_point, _holder: Holder::Replication(repl) })
+}
+
+/// Reads the schema and the tables to copy, inside the snapshot.
+async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> Result<MigrationPlan, MigrateError> {
+    let client = snapshot_session(source, &snapshot.id, "decant migrate").await?;
+    let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    let version = version as u32;
+    let mut plan = MigrationPlan {
+        types: config.migrate.types.iter().map(|t| t.name().to_owned()).collect(),
+        conflicts: config.migrate.conflicts.name().to_owned(),
+        snapshot_lsn: snapshot.lsn.0,
+        ..Default::default()
+    };
+    let tables = tables::list_tables(&client, config, version).await?;
+    check_selection(config, &tables)?;
+    if config.migrate.has(MigrationType::Schema) {
+        let pg_dump = PgDump::locate(&config.migrate.pg_dump, version / 10000)?;
+        let selection = schema::selection_args(config);
+        let pre = schema::split_dump(&pg_dump.dump(&config.source.dsn, "pre-data", Some(&snapshot.id), &selection).await?)?;
+        let post = schema::split_dump(&pg_dump.dump(&config.source.dsn, "post-data", Some(&snapshot.id), &selection).await?)?;
+        tracing::info!(pg_dump = %pg_dump.path().display(), pre_data = pre.steps.len(), post_data = post.steps.len(), "schema dumped");
+        plan.schema_prologue = pre.prologue;
+        plan.pre_data = pre.steps;
+        plan.post_data = post.steps;
+    }
+    if config.migrate.has(MigrationType::Full) {
+        plan.tables = tables;
+    }
+    Ok(plan)
+}
+
+/// Every pattern without a wildcard must name a table that exists.
+fn check_selection(config: &Config, tables: &[decant_proto::grpc::TablePlan]) -> Result<(), MigrateError> {
+    let missing: Vec<&String> = config
+        .source
+        .include_tables
+        .iter()
+        .filter(|p| !p.contains('*'))
+        .filter(|p| !tables.iter().any(|t| format!("{}.{}", t.schema, t.name) == **p))
+        .collect();
+    if !missing.is_empty() {
+        return Err(MigrateError::Invalid(format!(
+            "source.include_tables: no such table on the source: {}",
+            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// `decant migrate`: the applier served in this process on a loopback
+/// port with a one-time token, and the agent driving the task through it.
+pub async fn run(mut config: Config, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let destination = ConnInfo::parse(&config.destination.dsn, &crate::connect::ProcessEnv)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    config.agent.applier_url = format!("http://127.0.0.1:{port}");
+    config.transport = crate::config::Transport { token: one_time_token()?, ..Default::default() };
+    let transport = TransportSettings::from_config(&config)?;
+    let settings = crate::applier::settings(&config);
+    drop(crate::applier::apply::Applier::open(&destination, settings.clone(), metrics.clone()).await?);
+    let service = crate::transport::server::ApplierService {
+        task_id: config.task_id.clone(),
+        destination,
+        settings,
+        metrics: metrics.clone(),
+        busy: Arc::new(tokio::sync::Mutex::new(())),
+    };
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let transport = transport.clone();
+        async move {
+            crate::transport::server::serve(listener, service, &transport, async {
+                let _ = server_stopped.await;
+            })
+            .await
+        }
+    });
+    let result = crate::agent::run(config, metrics, shutdown).await;
+    let _ = stop_server.send(());
+    let _ = server.await;
+    result.map_err(anyhow::Error::from)
+}
+
+fn one_time_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 24];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

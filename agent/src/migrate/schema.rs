@@ -1,0 +1,328 @@
+//! Schema migration with pg_dump: the schema is taken as pg_dump's plain
+//! output of the pre-data and post-data sections, inside the task's
+//! snapshot, and split into one step per dumped object (pg_dump heads each
+//! object with a `-- Name: …; Type: …; Schema: …` comment), so the applier
+//! can record each step as done in the same transaction that creates it,
+//! and build post-data objects in parallel.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use decant_proto::grpc::SchemaStep;
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error(
+        "pg_dump was not found ({tried}); install the PostgreSQL client of the source's version or newer \
+         (Debian: apt-get install postgresql-client-{major}), or set migrate.pg_dump to its path"
+    )]
+    Missing { tried: String, major: u32 },
+    #[error(
+        "{path} is pg_dump {found}, older than the source (PostgreSQL {major}): pg_dump refuses newer servers; \
+         install postgresql-client-{major} or newer, or set migrate.pg_dump to a pg_dump of version {major} or later"
+    )]
+    TooOld { path: String, found: String, major: u32 },
+    #[error("pg_dump ({path}) failed: {message}")]
+    Failed { path: String, message: String },
+    #[error("pg_dump's output has a psql command this tool cannot run: {0:?}")]
+    MetaCommand(String),
+}
+
+/// A pg_dump that can dump the source.
+#[derive(Debug, Clone)]
+pub struct PgDump {
+    path: PathBuf,
+}
+
+impl PgDump {
+    /// Finds pg_dump (the configured one, else PATH, else the Debian
+    /// per-version directories) and checks that it is not older than the
+    /// source, whose major version is `source_major`.
+    pub fn locate(configured: &str, source_major: u32) -> Result<PgDump, SchemaError> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if !configured.is_empty() {
+            candidates.push(configured.into());
+        } else {
+            candidates.push("pg_dump".into());
+            if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
+                let mut versions: Vec<(u32, PathBuf)> = dirs
+                    .filter_map(|d| d.ok())
+                    .filter_map(|d| Some((d.file_name().to_str()?.parse().ok()?, d.path().join("bin/pg_dump"))))
+                    .collect();
+                versions.sort();
+                candidates.extend(versions.into_iter().rev().map(|(_, p)| p));
+            }
+        }
+        let mut too_old = None;
+        for path in &candidates {
+            let Some(version) = version_of(path) else { continue };
+            if major_of(&version) >= source_major {
+                return Ok(PgDump { path: path.clone() });
+            }
+            too_old.get_or_insert((path.display().to_string(), version));
+            if !configured.is_empty() {
+                break;
+            }
+        }
+        match too_old {
+            Some((path, found)) => Err(SchemaError::TooOld { path, found, major: source_major }),
+            None => Err(SchemaError::Missing {
+                tried: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                major: source_major,
+            }),
+        }
+    }
+
+    /// Dumps one section (`pre-data` or `post-data`) inside `snapshot`.
+    pub async fn dump(&self, dsn: &str, section: &str, snapshot: Option<&str>, selection: &[String]) -> Result<String, SchemaError> {
+        let mut cmd = tokio::process::Command::new(&self.path);
+        cmd.arg(format!("--section={section}"))
+            .args(["--no-owner", "--no-privileges", "--no-publications", "--no-subscriptions", "--no-security-labels"])
+            .arg("--exclude-schema=decant")
+            .args(selection)
+            .arg("--dbname")
+            .arg(dsn)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(s) = snapshot {
+            cmd.arg(format!("--snapshot={s}"));
+        }
+        let path = self.path.display().to_string();
+        let out = cmd.output().await.map_err(|e| SchemaError::Failed { path: path.clone(), message: e.to_string() })?;
+        if !out.status.success() {
+            return Err(SchemaError::Failed { path, message: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        }
+        String::from_utf8(out.stdout).map_err(|_| SchemaError::Failed { path, message: "output is not UTF-8".into() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn version_of(path: &Path) -> Option<String> {
+    let out = std::process::Command::new(path).arg("--version").stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    // "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"
+    text.split_whitespace().nth(2).map(str::to_owned)
+}
+
+fn major_of(version: &str) -> u32 {
+    version.split(|c: char| !c.is_ascii_digit()).next().and_then(|m| m.parse().ok()).unwrap_or(0)
+}
+
+/// pg_dump selection arguments from the task's table patterns: whole
+/// schemas (`app.*`) select every object of those schemas; other patterns
+/// select only tables. Pattern text is quoted so that case and special
+/// characters match exactly; `*` stays a wildcard.
+pub fn selection_args(config: &Config) -> Vec<String> {
+    let mut args = Vec::new();
+    for p in &config.source.include_tables {
+        match p.strip_suffix(".*") {
+            Some(schema) if !schema.contains('*') => args.push(format!("--schema={}", quote_pattern(schema))),
+            _ => args.push(format!("--table={}", table_pattern(p))),
+        }
+    }
+    for p in &config.source.exclude_tables {
+        match p.strip_suffix(".*") {
+            Some(schema) if !schema.contains('*') => args.push(format!("--exclude-schema={}", quote_pattern(schema))),
+            _ => args.push(format!("--exclude-table={}", table_pattern(p))),
+        }
+    }
+    args
+}
+
+fn table_pattern(p: &str) -> String {
+    match p.split_once('.') {
+        Some((s, t)) => format!("{}.{}", quote_pattern(s), quote_pattern(t)),
+        None => quote_pattern(p),
+    }
+}
+
+/// `a*b` → `"a"*"b"`: literal parts in double quotes, wildcards outside.
+fn quote_pattern(p: &str) -> String {
+    p.split('*')
+        .map(|part| if part.is_empty() { String::new() } else { format!("\"{}\"", part.replace('"', "\"\"")) })
+        .collect::<Vec<_>>()
+        .join("*")
+}
+
+/// A dump split into the settings before its first object and its objects.
+#[derive(Debug, Default, PartialEq)]
+pub struct SplitDump {
+    pub prologue: String,
+    pub steps: Vec<SchemaStep>,
+}
+
+/// Splits pg_dump's plain output at its object headers. psql's
+/// `\restrict`/`\unrestrict` lines (which only guard psql itself) are
+/// dropped; any other psql command is refused. The decant extension is
+/// left out: it belongs to the source.
+pub fn split_dump(text: &str) -> Result<SplitDump, SchemaError> {
+    let mut out = SplitDump::default();
+    let mut current: Option<SchemaStep> = None;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        // A header block: "--", "-- <what>", "--". Comment lines elsewhere
+        // may be part of a function body and are kept.
+        if line == "--" && lines.get(i + 2) == Some(&"--") && lines.get(i + 1).is_some_and(|l| l.starts_with("-- ")) {
+            if let Some(rest) = lines[i + 1].strip_prefix("-- Name: ") {
+                if let Some(step) = current.take() {
+                    push_step(&mut out.steps, step);
+                }
+                let field = |name: &str| {
+                    rest.split("; ").find_map(|f| f.strip_prefix(name)).map(|v| if v == "-" { String::new() } else { v.to_owned() })
+                };
+                current = Some(SchemaStep {
+                    kind: field("Type: ").unwrap_or_default(),
+                    schema: field("Schema: ").unwrap_or_default(),
+                    name: rest.split("; ").next().unwrap_or_default().to_owned(),
+                    sql: String::new(),
+                });
+            }
+            i += 3;
+            continue;
+        }
+        i += 1;
+        if line.starts_with('\\') {
+            if line.starts_with("\\restrict ") || line.starts_with("\\unrestrict ") {
+                continue;
+            }
+            return Err(SchemaError::MetaCommand(line.to_owned()));
+        }
+        match &mut current {
+            Some(step) => {
+                if !(line.is_empty() && step.sql.is_empty()) {
+                    step.sql.push_str(line);
+                    step.sql.push('\n');
+                }
+            }
+            None if line.is_empty() || line.starts_with("--") => {}
+            None => {
+                out.prologue.push_str(line);
+                out.prologue.push('\n');
+            }
+        }
+    }
+    if let Some(step) = current.take() {
+        push_step(&mut out.steps, step);
+    }
+    Ok(out)
+}
+
+fn push_step(steps: &mut Vec<SchemaStep>, mut step: SchemaStep) {
+    let is_decant = (step.kind == "EXTENSION" && step.name == "decant") || step.name == "EXTENSION decant";
+    let trimmed = step.sql.trim_end().len();
+    step.sql.truncate(trimmed);
+    if !is_decant && !step.sql.is_empty() {
+        steps.push(step);
+    }
+}
+
+/// Order of post-data work: indexes and key/check constraints first (in
+/// parallel), then everything else in dump order (index attachments,
+/// triggers, rules, materialized view data, comments), then foreign keys
+/// (in parallel; they need the referenced keys, also on partitioned tables).
+pub fn post_data_stage(kind: &str) -> u8 {
+    match kind {
+        "INDEX" | "CONSTRAINT" => 0,
+        "FK CONSTRAINT" => 2,
+        _ => 1,
+    }
+}
+
+/// Whether the steps of a stage may run at once.
+pub fn stage_is_parallel(stage: u8) -> bool {
+    stage != 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = "--
+-- PostgreSQL database dump
+--
+
+\\restrict abc123
+
+SET statement_timeout = 0;
+SELECT pg_catalog.set_config('search_path', '', false);
+
+--
+-- Name: app; Type: SCHEMA; Schema: -; Owner: -
+--
+
+CREATE SCHEMA app;
+
+
+--
+-- Name: decant; Type: EXTENSION; Schema: -; Owner: -
+--
+
+CREATE EXTENSION IF NOT EXISTS decant WITH SCHEMA decant;
+
+
+--
+-- Name: EXTENSION decant; Type: COMMENT; Schema: -; Owner: 
+--
+
+COMMENT ON EXTENSION decant IS 'x';
+
+
+--
+-- Name: f(); Type: FUNCTION; Schema: app; Owner: -
+--
+
+CREATE FUNCTION app.f() RETURNS text
+    LANGUAGE sql
+    AS $$
+-- a comment inside
+
+select 'x'
+$$;
+
+
+\\unrestrict abc123
+";
+
+    #[test]
+    fn splits_at_object_headers() {
+        let d = split_dump(DUMP).unwrap();
+        assert_eq!(d.prologue, "SET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n");
+        let kinds: Vec<(&str, &str, &str)> = d.steps.iter().map(|s| (s.kind.as_str(), s.schema.as_str(), s.name.as_str())).collect();
+        assert_eq!(kinds, vec![("SCHEMA", "", "app"), ("FUNCTION", "app", "f()")]);
+        assert_eq!(d.steps[0].sql, "CREATE SCHEMA app;");
+        // Lines of a function body that look like comments or are empty stay.
+        assert!(d.steps[1].sql.contains("$$\n-- a comment inside\n\nselect 'x'\n$$;"), "{}", d.steps[1].sql);
+    }
+
+    #[test]
+    fn refuses_other_psql_commands() {
+        assert!(matches!(split_dump("\\connect other\n"), Err(SchemaError::MetaCommand(_))));
+    }
+
+    #[test]
+    fn patterns_keep_case_and_wildcards() {
+        assert_eq!(table_pattern("App.T*x"), "\"App\".\"T\"*\"x\"");
+        assert_eq!(quote_pattern("we\"ird"), "\"we\"\"ird\"");
+        let mut c = Config::default();
+        c.source.include_tables = vec!["app.*".into(), "hr.staff".into()];
+        c.source.exclude_tables = vec!["app.tmp*".into()];
+        assert_eq!(selection_args(&c), vec!["--schema=\"app\"", "--table=\"hr\".\"staff\"", "--exclude-table=\"app\".\"tmp\"*"]);
+    }
+
+    #[test]
+    fn stages() {
+        assert_eq!(post_data_stage("INDEX"), 0);
+        assert_eq!(post_data_stage("INDEX ATTACH"), 1);
+        assert_eq!(post_data_stage("FK CONSTRAINT"), 2);
+        assert_eq!(major_of("15.20"), 15);
+        assert_eq!(major_of("9.6.24"), 9);
+    }
+}

@@ -1,0 +1,144 @@
+//! What the full copy moves, read from the source inside the task's
+//! snapshot: the selected tables with their copied columns, sizes and
+//! ranges, and the selected sequences.
+
+use decant_proto::grpc::{SequenceValue, TablePlan};
+use decant_proto::options::PluginOptions;
+use tokio_postgres::Client;
+
+use crate::applier::statements::quote_ident;
+use crate::config::Config;
+
+/// Schemas that are never migrated: the catalogs, and the decant
+/// extension's own schema.
+const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'decant') \
+     AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
+
+/// The tables to copy: ordinary tables and partitions (a partitioned
+/// table holds no rows of its own), not extension members, not temporary.
+pub async fn list_tables(client: &Client, config: &Config, server_version: u32) -> Result<Vec<TablePlan>, tokio_postgres::Error> {
+    let not_generated = if server_version >= 120000 { "a.attgenerated = ''" } else { "true" };
+    let sql = format!(
+        "SELECT n.nspname::text, c.relname::text, pg_table_size(c.oid)::int8, pg_relation_size(c.oid)::int8,
+                array_agg(a.attname::text ORDER BY a.attnum),
+                array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
+                bool_and(a.atttypid < 16384)
+           FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND {not_generated}
+          WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {SYSTEM_SCHEMAS}
+            AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+          GROUP BY n.nspname, c.relname, c.oid
+          ORDER BY pg_table_size(c.oid) DESC, 1, 2"
+    );
+    let selected = selector(config);
+    let split_bytes = config.migrate.split_tables_larger_than_mb.saturating_mul(1 << 20);
+    let block: i64 = client.query_one("SELECT current_setting('block_size')::int8", &[]).await?.get(0);
+    let mut tables = Vec::new();
+    for row in client.query(&sql, &[]).await? {
+        let (schema, name): (String, String) = (row.get(0), row.get(1));
+        if !selected.table_selected(schema.as_bytes(), name.as_bytes()) {
+            continue;
+        }
+        let total: i64 = row.get(2);
+        let heap: i64 = row.get(3);
+        // TID range scans (PostgreSQL 14+) read one range without
+        // touching the rest of the table.
+        let ranges = if server_version >= 140000 && heap as u64 > split_bytes {
+            let pieces = (heap as u64).div_ceil(split_bytes);
+            ctid_ranges((heap / block.max(1)) as u64, pieces)
+        } else {
+            Vec::new()
+        };
+        tables.push(TablePlan {
+            schema,
+            name,
+            columns: row.get(4),
+            types: row.get(5),
+            binary: row.get(6),
+            bytes: total.max(0) as u64,
+            ranges,
+        });
+    }
+    Ok(tables)
+}
+
+/// The task's table filter (the plugin's patterns).
+pub fn selector(config: &Config) -> PluginOptions {
+    let pairs = config.plugin_option_pairs();
+    PluginOptions::parse(pairs.iter().map(|(k, v)| (*k, Some(v.as_str())))).unwrap_or_default()
+}
+
+/// `pieces` conditions that together cover every page of a table of
+/// `pages` pages; the last one is open-ended, so pages added since the
+/// size was read are copied too.
+pub fn ctid_ranges(pages: u64, pieces: u64) -> Vec<String> {
+    let pieces = pieces.clamp(1, pages.max(1));
+    if pieces <= 1 {
+        return Vec::new();
+    }
+    let per = pages.div_ceil(pieces);
+    let bounds: Vec<u64> = (1..pieces).map(|i| i * per).filter(|&b| b < pages).collect();
+    let mut out = Vec::new();
+    let mut lower: Option<u64> = None;
+    for b in bounds.iter().copied().chain(std::iter::once(u64::MAX)) {
+        let mut cond = Vec::new();
+        if let Some(l) = lower {
+            cond.push(format!("ctid >= '({l},0)'"));
+        }
+        if b != u64::MAX {
+            cond.push(format!("ctid < '({b},0)'"));
+        }
+        out.push(cond.join(" AND "));
+        lower = Some(b);
+    }
+    out
+}
+
+/// The sequences that go with the selection: those in selected schemas or
+/// matching a pattern, and those owned by a selected table (serial and
+/// identity columns). Values are read now, not from the snapshot:
+/// sequences are not transactional.
+pub async fn sequence_values(client: &Client, config: &Config) -> Result<Vec<SequenceValue>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT n.nspname::text, c.relname::text, tn.nspname::text, t.relname::text
+           FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+           LEFT JOIN pg_class t ON t.oid = d.refobjid
+           LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
+          WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
+            AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass AND e.objid = c.oid AND e.deptype = 'e')
+          ORDER BY 1, 2"
+    );
+    let selected = selector(config);
+    let mut out = Vec::new();
+    for row in client.query(&sql, &[]).await? {
+        let (schema, name): (String, String) = (row.get(0), row.get(1));
+        let owner: Option<(String, String)> = row.get::<_, Option<String>>(2).zip(row.get::<_, Option<String>>(3));
+        let chosen = selected.table_selected(schema.as_bytes(), name.as_bytes())
+            || owner.is_some_and(|(s, t)| selected.table_selected(s.as_bytes(), t.as_bytes()));
+        if !chosen {
+            continue;
+        }
+        let value =
+            client.query_one(&format!("SELECT last_value, is_called FROM {}.{}", quote_ident(&schema), quote_ident(&name)), &[]).await?;
+        out.push(SequenceValue { schema, name, last_value: value.get(0), is_called: value.get(1) });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_every_page_once() {
+        assert!(ctid_ranges(100, 1).is_empty());
+        assert_eq!(ctid_ranges(100, 3), vec!["ctid < '(34,0)'", "ctid >= '(34,0)' AND ctid < '(68,0)'", "ctid >= '(68,0)'"]);
+        // More pieces than pages: one page each at most.
+        assert_eq!(ctid_ranges(2, 5), vec!["ctid < '(1,0)'", "ctid >= '(1,0)'"]);
+        assert!(ctid_ranges(0, 4).is_empty());
+    }
+}

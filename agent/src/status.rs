@@ -1,0 +1,223 @@
+//! `decant status`: where a task is — its phase, each table's copy state,
+//! the incremental lag, and rates measured over one second.
+
+use std::time::Duration;
+
+use decant_proto::Lsn;
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::connect::sql::connect;
+use crate::connect::{ConnInfo, ProcessEnv};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub task_id: String,
+    /// "Not started", "Running" or "Completed".
+    pub state: String,
+    pub phase: String,
+    pub types: Vec<String>,
+    pub tables: Vec<TableStatus>,
+    pub applied_lsn: Option<String>,
+    pub source_lsn: Option<String>,
+    pub confirmed_lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub copy_rows_per_s: f64,
+    pub copy_mb_per_s: f64,
+    pub apply_wal_mb_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TableStatus {
+    pub table: String,
+    /// "pending", "copying" or "done".
+    pub state: String,
+    pub ranges_done: i64,
+    pub ranges: i64,
+    pub rows: i64,
+    pub bytes: i64,
+}
+
+struct Sample {
+    rows: i64,
+    bytes: i64,
+    applied: Option<Lsn>,
+}
+
+pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
+    let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv)?;
+    let (dest, _c) = connect(&destination, "decant status", "").await?;
+    let first = sample(&dest, &config.task_id).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = sample(&dest, &config.task_id).await?;
+    let mut status = read(&dest, &config).await?;
+    status.copy_rows_per_s = (second.rows - first.rows).max(0) as f64;
+    status.copy_mb_per_s = (second.bytes - first.bytes).max(0) as f64 / 1048576.0;
+    if let (Some(a), Some(b)) = (first.applied, second.applied) {
+        status.apply_wal_mb_per_s = b.0.saturating_sub(a.0) as f64 / 1048576.0;
+    }
+    status.applied_lsn = second.applied.map(|l| l.to_string());
+    if let Ok(source) = ConnInfo::parse(&config.source.dsn, &ProcessEnv) {
+        match connect(&source, "decant status", "").await {
+            Ok((src, _c)) => {
+                let row = src
+                    .query_one(
+                        "SELECT pg_current_wal_lsn()::text, (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1)",
+                        &[&config.source.slot],
+                    )
+                    .await?;
+                let current: String = row.get(0);
+                let confirmed: Option<String> = row.get(1);
+                if let (Ok(c), Some(Ok(f))) = (current.parse::<Lsn>(), confirmed.as_ref().map(|s| s.parse::<Lsn>())) {
+                    status.lag_bytes = Some(c.0.saturating_sub(f.0));
+                }
+                status.source_lsn = Some(current);
+                status.confirmed_lsn = confirmed;
+            }
+            Err(e) => tracing::warn!(error = %e, "source not reachable: no lag"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&status)?);
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+async fn sample(dest: &Client, task_id: &str) -> anyhow::Result<Sample> {
+    let row = dest.query_one("SELECT CASE WHEN to_regclass('decant.copy_range') IS NULL THEN NULL ELSE 1 END", &[]).await?;
+    let (rows, bytes) = if row.get::<_, Option<i32>>(0).is_some() {
+        let r = dest
+            .query_one(
+                "SELECT coalesce(sum(rows), 0)::int8, coalesce(sum(bytes), 0)::int8 FROM decant.copy_range WHERE task_id = $1",
+                &[&task_id],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    } else {
+        (0, 0)
+    };
+    Ok(Sample { rows, bytes, applied: applied_lsn(dest, task_id).await })
+}
+
+/// The source position the destination has committed: the replication
+/// origin's, else decant.progress.
+async fn applied_lsn(dest: &Client, task_id: &str) -> Option<Lsn> {
+    let origin = format!("decant_{task_id}");
+    if let Ok(row) = dest
+        .query_opt(
+            "SELECT s.remote_lsn::text FROM pg_replication_origin_status s JOIN pg_replication_origin o ON o.roident = s.local_id WHERE o.roname = $1",
+            &[&origin],
+        )
+        .await
+    {
+        if let Some(lsn) = row.and_then(|r| r.get::<_, Option<String>>(0)).and_then(|s| s.parse().ok()) {
+            return Some(lsn);
+        }
+    }
+    let row = dest.query_opt("SELECT source_lsn::text FROM decant.progress WHERE task_id = $1", &[&task_id]).await.ok()??;
+    row.get::<_, String>(0).parse().ok()
+}
+
+async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
+    let task_id = config.task_id.as_str();
+    let mut status = Status {
+        task_id: task_id.to_owned(),
+        state: "Not started".into(),
+        phase: "new".into(),
+        types: config.migrate.types.iter().map(|t| t.name().to_owned()).collect(),
+        tables: Vec::new(),
+        applied_lsn: None,
+        source_lsn: None,
+        confirmed_lsn: None,
+        lag_bytes: None,
+        copy_rows_per_s: 0.0,
+        copy_mb_per_s: 0.0,
+        apply_wal_mb_per_s: 0.0,
+    };
+    let planned: bool = dest.query_one("SELECT to_regclass('decant.task') IS NOT NULL", &[]).await?.get(0);
+    let task = if planned { dest.query_opt("SELECT phase, types FROM decant.task WHERE task_id = $1", &[&task_id]).await? } else { None };
+    match task {
+        Some(t) => {
+            status.phase = t.get(0);
+            status.types = t.get(1);
+            status.state = if status.phase == "completed" { "Completed" } else { "Running" }.into();
+            for r in dest
+                .query(
+                    "SELECT t.schema_name || '.' || t.name,
+                            count(*) FILTER (WHERE r.done_at IS NOT NULL), count(*),
+                            count(*) FILTER (WHERE r.started_at IS NOT NULL AND r.done_at IS NULL),
+                            coalesce(sum(r.rows), 0)::int8, coalesce(sum(r.bytes), 0)::int8
+                       FROM decant.copy_table t JOIN decant.copy_range r USING (task_id, table_id)
+                      WHERE t.task_id = $1 GROUP BY t.table_id, t.schema_name, t.name ORDER BY t.table_id",
+                    &[&task_id],
+                )
+                .await?
+            {
+                let (done, total, copying): (i64, i64, i64) = (r.get(1), r.get(2), r.get(3));
+                let state = if done == total {
+                    "done"
+                } else if copying > 0 || done > 0 {
+                    "copying"
+                } else {
+                    "pending"
+                };
+                status.tables.push(TableStatus {
+                    table: r.get(0),
+                    state: state.into(),
+                    ranges_done: done,
+                    ranges: total,
+                    rows: r.get(4),
+                    bytes: r.get(5),
+                });
+            }
+        }
+        None if !crate::migrate::needs_migration(config) && applied_lsn(dest, task_id).await.is_some() => {
+            status.state = "Running".into();
+            status.phase = "incremental".into();
+        }
+        None => {}
+    }
+    Ok(status)
+}
+
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "task {}: {} (phase: {}; types: {})", s.task_id, s.state, s.phase, s.types.join(", "));
+    if !s.tables.is_empty() {
+        let count = |state: &str| s.tables.iter().filter(|t| t.state == state).count();
+        let _ = writeln!(out, "tables: {} done, {} copying, {} pending", count("done"), count("copying"), count("pending"));
+        let width = s.tables.iter().map(|t| t.table.len()).max().unwrap_or(5).max(5);
+        let _ = writeln!(out, "  {:width$}  {:8}  {:>7}  {:>12}  {:>10}", "TABLE", "STATE", "RANGES", "ROWS", "MB");
+        for t in &s.tables {
+            let _ = writeln!(
+                out,
+                "  {:width$}  {:8}  {:>7}  {:>12}  {:>10.1}",
+                t.table,
+                t.state,
+                format!("{}/{}", t.ranges_done, t.ranges),
+                t.rows,
+                t.bytes as f64 / 1048576.0
+            );
+        }
+    }
+    if s.applied_lsn.is_some() || s.lag_bytes.is_some() {
+        let _ = writeln!(
+            out,
+            "incremental: applied up to {}, slot confirmed {}, source at {}, lag {}",
+            s.applied_lsn.as_deref().unwrap_or("-"),
+            s.confirmed_lsn.as_deref().unwrap_or("-"),
+            s.source_lsn.as_deref().unwrap_or("-"),
+            s.lag_bytes.map(|b| format!("{b} bytes")).unwrap_or_else(|| "-".into())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "rates: copy {:.0} rows/s, {:.1} MB/s; apply {:.2} MB/s of source WAL",
+        s.copy_rows_per_s, s.copy_mb_per_s, s.apply_wal_mb_per_s
+    );
+    out
+}

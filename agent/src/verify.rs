@@ -1,0 +1,114 @@
+//! `decant verify`: compares every selected table of the source with the
+//! destination — row count and a checksum of all rows — and prints a
+//! table. Optionally waits first until the destination has caught up.
+
+use std::time::{Duration, Instant};
+
+use decant_proto::Lsn;
+use tokio_postgres::Client;
+
+use crate::applier::statements::quote_ident;
+use crate::config::{Config, MigrationType};
+use crate::connect::sql::connect;
+use crate::connect::{ConnInfo, ProcessEnv};
+
+pub struct TableCheck {
+    pub table: String,
+    pub source: (i64, String),
+    pub destination: Result<(i64, String), String>,
+}
+
+impl TableCheck {
+    pub fn equal(&self) -> bool {
+        self.destination.as_ref().is_ok_and(|d| *d == self.source)
+    }
+}
+
+/// Runs the comparison; the error names the tables that differ.
+pub async fn run(config: Config, wait_seconds: u64) -> anyhow::Result<()> {
+    let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv)?;
+    let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv)?;
+    let (src, _c1) = connect(&source, "decant verify", "").await?;
+    let (dest, _c2) = connect(&destination, "decant verify", "").await?;
+    if wait_seconds > 0 && config.migrate.has(MigrationType::Incremental) {
+        wait_caught_up(&src, &config.source.slot, Duration::from_secs(wait_seconds)).await?;
+    }
+    let version: i32 = src.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    let tables = crate::migrate::tables::list_tables(&src, &config, version as u32).await?;
+    let mut checks = Vec::new();
+    for t in &tables {
+        let sql = digest_sql(&t.schema, &t.name, &t.columns);
+        let (s, d) = tokio::join!(digest(&src, &sql), digest(&dest, &sql));
+        checks.push(TableCheck {
+            table: format!("{}.{}", t.schema, t.name),
+            source: s.map_err(|e| anyhow::anyhow!("source: {e}"))?,
+            destination: d,
+        });
+    }
+    print!("{}", render(&checks));
+    let differ: Vec<&str> = checks.iter().filter(|c| !c.equal()).map(|c| c.table.as_str()).collect();
+    if !differ.is_empty() {
+        anyhow::bail!("the destination differs from the source in {} of {} tables: {}", differ.len(), checks.len(), differ.join(", "));
+    }
+    println!("all {} tables equal", checks.len());
+    Ok(())
+}
+
+/// Waits until the slot has confirmed the source's current WAL position:
+/// everything written before this call is then in the destination.
+async fn wait_caught_up(src: &Client, slot: &str, timeout: Duration) -> anyhow::Result<()> {
+    let target: String = src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let target: Lsn = target.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let until = Instant::now() + timeout;
+    loop {
+        let confirmed: Option<String> = src
+            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await?
+            .and_then(|r| r.get(0));
+        let confirmed: Lsn = confirmed.and_then(|s| s.parse().ok()).unwrap_or_default();
+        if confirmed >= target {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            anyhow::bail!(
+                "the destination did not catch up within {}s: slot {slot} confirmed {confirmed}, source was at {target} ({} bytes behind); is the agent running?",
+                timeout.as_secs(),
+                target.0.saturating_sub(confirmed.0)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Row count and the md5 of the sorted md5s of the rows' text forms (over
+/// the copied columns, in the source's column order).
+fn digest_sql(schema: &str, name: &str, columns: &[String]) -> String {
+    let cols: Vec<String> = columns.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
+    let row = format!("md5(ROW({})::text)", cols.join(", "));
+    format!(
+        "SELECT count(*), coalesce(md5(string_agg({row}, '' ORDER BY {row})), '') FROM ONLY {}.{} t",
+        quote_ident(schema),
+        quote_ident(name)
+    )
+}
+
+async fn digest(client: &Client, sql: &str) -> Result<(i64, String), String> {
+    client.query_one(sql, &[]).await.map(|r| (r.get(0), r.get(1))).map_err(|e| crate::error::report(&e))
+}
+
+pub fn render(checks: &[TableCheck]) -> String {
+    use std::fmt::Write;
+    let width = checks.iter().map(|c| c.table.len()).max().unwrap_or(5).max(5);
+    let mut out = String::new();
+    let _ = writeln!(out, "{:width$}  {:>12}  {:>12}  {:32}  {}", "TABLE", "SOURCE ROWS", "DEST ROWS", "CHECKSUM (SOURCE)", "RESULT");
+    for c in checks {
+        let (rows, result) = match &c.destination {
+            Ok((n, sum)) if (*n, sum) == (c.source.0, &c.source.1) => (n.to_string(), "equal".to_owned()),
+            Ok((n, _)) => (n.to_string(), "DIFFERENT".to_owned()),
+            Err(e) => ("-".to_owned(), format!("ERROR: {e}")),
+        };
+        let sum = if c.source.1.is_empty() { "(empty)" } else { c.source.1.as_str() };
+        let _ = writeln!(out, "{:width$}  {:>12}  {:>12}  {:32}  {}", c.table, c.source.0, rows, sum, result);
+    }
+    out
+}
