@@ -206,7 +206,7 @@ SELECT g, g, g::bigint * 1000003,
        CASE WHEN g % 11 = 0 THEN NULL
             ELSE jsonb_build_object('g', g, 'tag', 'k' || (g % 7), 'arr', jsonb_build_array(g, g + 1)) END,
        g % 2 = 0,
-       CASE WHEN g % 10 < 6 THEN substr(p.s, 1 + (g * 7919) % 60000, 3900)
+       CASE WHEN g % 10 < 6 THEN substr(p.s, 1 + ((g::bigint * 7919) % 60000)::int, 3900)
             WHEN g % 10 IN (6, 7) THEN NULL
             ELSE 'short ' || g END
 FROM generate_series(1, $MIXED_ROWS) g,
@@ -241,6 +241,14 @@ say "warm-up: reading every table once"
 for t in "${TABLES[@]}"; do
     src_ -d "$DB" -c "COPY $t TO STDOUT (FORMAT binary)" >/dev/null
 done
+
+# A fresh cluster has no WAL segments to recycle: the first method to write
+# the data's worth of WAL would also pay for creating and zeroing every
+# segment file, which later methods reuse. Write that much WAL once, untimed.
+wal_bytes=$(src_ -d "$DB" -c "SELECT pg_database_size(current_database())")
+say "warm-up: preallocating the destination's WAL ($((wal_bytes / 1048576)) MB)"
+dst_ -d postgres -c "CREATE TABLE decant_bench_wal AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, $((wal_bytes / 1100))) g" \
+    -c "DROP TABLE decant_bench_wal" -c "CHECKPOINT" >/dev/null
 
 # --- methods -----------------------------------------------------------------------
 # Each method_X takes the (new, empty) destination database name. It runs in
@@ -366,6 +374,9 @@ for m in "${METHODS[@]}"; do
     say "$m: ${SECS[$m]} s, row counts match, ${INDEXES[$m]} indexes"
     printf '%s\t%s\t%s\n' "$m" "${SECS[$m]}" "${INDEXES[$m]}" >>"$results"
     if [[ $m == decant ]]; then
+        # Where decant's time went: its phase log lines.
+        sed 's/\x1b\[[0-9;]*m//g' "$WORK/$m.log" | grep -E "schema dumped|copying|full copy done|post-data|phases done" \
+            | sed 's/^/bench: decant: /' >&2 || true
         # Leave the source as the peers find it.
         src_ -d "$DB" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
                           WHERE slot_name = 'decant_bench' AND NOT active" >/dev/null

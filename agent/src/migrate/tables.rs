@@ -44,8 +44,10 @@ pub async fn list_tables(client: &Client, config: &Config, server_version: u32) 
         let heap: i64 = row.get(3);
         // TID range scans (PostgreSQL 14+) read one range without
         // touching the rest of the table.
-        let ranges = if server_version >= 140000 && heap as u64 > split_bytes {
-            let pieces = (heap as u64).div_ceil(split_bytes);
+        // The size that counts is the table's with its TOAST data; ranges
+        // are cut by heap pages, which spreads the TOASTed rows with them.
+        let ranges = if server_version >= 140000 && total as u64 > split_bytes {
+            let pieces = (total as u64).div_ceil(split_bytes);
             ctid_ranges((heap / block.max(1)) as u64, pieces)
         } else {
             Vec::new()

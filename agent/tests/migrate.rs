@@ -1,0 +1,287 @@
+//! `decant migrate` end to end on real clusters: schema, full copy under
+//! load, handover to the stream, crashes during the copy and post-data,
+//! and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use decant_tests::process::{wait_for, Role};
+use decant_tests::Cluster;
+
+const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo/sample.sql");
+
+fn decant() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_decant"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pg_tool(cluster: &Cluster, tool: &str) -> Command {
+    let mut c = Command::new(cluster.bindir().join(tool));
+    c.args(["-h", cluster.host(), "-p", &cluster.port().to_string(), "-U", "postgres"]);
+    c
+}
+
+struct Task {
+    source: Cluster,
+    dest: Cluster,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+/// A source and an empty destination, and a task configuration with
+/// `migrate` settings.
+fn task(migrate: &str, extra: &str) -> Task {
+    let source = Cluster::start();
+    let dest = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("task.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "task_id = \"m\"\n{extra}\n\
+             [source]\ndsn = \"{}\"\nslot = \"decant_m\"\nheartbeat_seconds = 1\n\
+             [destination]\ndsn = \"{}\"\n\
+             [agent]\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
+             [applier]\nmetrics_listen = \"\"\n\
+             [retry]\nconnection_minutes = 10\nother_minutes = 2\n\
+             [migrate]\nprogress = \"log\"\n{migrate}\n",
+            source.conninfo("postgres"),
+            dest.conninfo("postgres")
+        ),
+    )
+    .unwrap();
+    Task { source, dest, dir, config }
+}
+
+impl Task {
+    fn migrate(&self, log: &str) -> Role {
+        Role::start(decant(), "migrate", &self.config, &self.dir.path().join(log))
+    }
+
+    /// Runs a one-shot command; returns (exit success, stdout + stderr).
+    fn command(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(decant()).args(args).arg("--config").arg(&self.config).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    fn phase(&self) -> String {
+        let mut c = self.dest.connect();
+        c.query_opt("SELECT phase FROM decant.task WHERE task_id = 'm'", &[]).ok().flatten().map(|r| r.get(0)).unwrap_or_default()
+    }
+
+    fn pgbench_init(&self, scale: &str) {
+        run(pg_tool(&self.source, "pgbench").args(["-i", "-s", scale, "-q", "postgres"]));
+        self.source.connect().batch_execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL").unwrap();
+    }
+
+    /// A pgbench run in the background for `seconds`.
+    fn pgbench_load(&self, seconds: u32) -> std::process::Child {
+        pg_tool(&self.source, "pgbench")
+            .args(["-n", "-c", "2", "-T", &seconds.to_string(), "postgres"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `decant verify` after the destination caught up: every table equal.
+    fn assert_equal(&self) {
+        let (ok, out) = self.command(&["verify", "--wait", "120"]);
+        assert!(ok, "verify failed:\n{out}");
+        assert!(out.contains("tables equal"), "{out}");
+    }
+}
+
+/// `pg_dump --schema-only` with what legitimately differs taken out: the
+/// restrict keys, comments and blank lines, and decant's own schema.
+fn normalized_schema(cluster: &Cluster) -> String {
+    let dump = run(pg_tool(cluster, "pg_dump").args(["--schema-only", "--no-owner", "--exclude-schema=decant", "-d", "postgres"]));
+    dump.lines()
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict") && !l.starts_with("--") && !l.trim().is_empty())
+        .filter(|l| !l.contains("EXTENSION IF NOT EXISTS decant") && !l.contains("EXTENSION decant"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn schema_with_every_object_kind_and_its_data_migrate() {
+    let t = task("types = [\"schema\", \"full\"]", "");
+    run(pg_tool(&t.source, "psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-f", SAMPLE]));
+    let mut m = t.migrate("migrate.log");
+    assert_eq!(m.wait_exit(Duration::from_secs(180)), Some(0), "{}", m.log());
+    let source_schema = normalized_schema(&t.source);
+    for kind in [
+        "CREATE TABLE",
+        "CREATE VIEW",
+        "CREATE MATERIALIZED VIEW",
+        "CREATE FUNCTION",
+        "CREATE PROCEDURE",
+        "CREATE AGGREGATE",
+        "CREATE OPERATOR",
+        "CREATE RULE",
+        "CREATE SEQUENCE",
+        "CREATE DOMAIN",
+        "AS ENUM",
+        "AS RANGE",
+        "CREATE EXTENSION",
+        "CREATE TRIGGER",
+        "CREATE INDEX",
+        "PARTITION OF",
+        "FOREIGN KEY",
+        "CHECK (",
+        "GENERATED ALWAYS AS IDENTITY",
+        "GENERATED ALWAYS AS (",
+        "COMMENT ON",
+    ] {
+        assert!(source_schema.contains(kind), "the sample schema has no {kind}");
+    }
+    assert_eq!(normalized_schema(&t.dest), source_schema, "schemas differ after migration");
+    t.assert_equal();
+    // Sequences were set from the source.
+    let seq = |c: &Cluster| -> i64 { c.connect().query_one("SELECT last_value FROM shop.order_no_seq", &[]).unwrap().get(0) };
+    assert_eq!(seq(&t.dest), seq(&t.source));
+    let (ok, status) = t.command(&["status"]);
+    assert!(ok && status.contains("Completed"), "{status}");
+    // The materialized view holds its data.
+    let mv = |c: &Cluster| -> i64 { c.connect().query_one("SELECT count(*) FROM shop.daily_sales", &[]).unwrap().get(0) };
+    assert_eq!(mv(&t.dest), mv(&t.source));
+}
+
+#[test]
+fn full_copy_under_load_hands_over_to_the_stream_without_loss_or_duplicates() {
+    let t = task("types = [\"schema\", \"full\", \"incremental\"]\nsplit_tables_larger_than_mb = 1", "");
+    t.pgbench_init("5");
+    let mut load = t.pgbench_load(25);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut m = t.migrate("migrate.log");
+    wait_for("the stream phase", Duration::from_secs(120), || t.phase() == "incremental");
+    // pgbench_accounts (about 64 MB) was copied in ranges.
+    let ranges: i64 = t
+        .dest
+        .connect()
+        .query_one(
+            "SELECT count(*) FROM decant.copy_range r JOIN decant.copy_table c USING (task_id, table_id) WHERE c.name = 'pgbench_accounts'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ranges > 1, "pgbench_accounts was not split");
+    assert!(load.wait().unwrap().success());
+    t.assert_equal();
+    let (ok, status) = t.command(&["status"]);
+    assert!(ok && status.contains("Running (phase: incremental"), "{status}");
+    assert!(m.is_running(), "{}", m.log());
+    assert_eq!(m.stop(), Some(0), "{}", m.log());
+}
+
+#[test]
+fn killed_during_copy_and_during_post_data_resumes_to_an_equal_destination() {
+    // A throttled copy (the kill lands in it) and one slow index (the kill
+    // lands in post-data).
+    let t = task("types = [\"schema\", \"full\", \"incremental\"]\nsplit_tables_larger_than_mb = 2\nmax_mb_per_second = 4", "");
+    t.pgbench_init("2");
+    t.source
+        .connect()
+        .batch_execute(
+            "CREATE FUNCTION slow_key(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 + (SELECT 0 FROM pg_sleep(0.001))';
+             CREATE TABLE slow (id int PRIMARY KEY, v text);
+             INSERT INTO slow SELECT g, md5(g::text) FROM generate_series(1, 3000) g;
+             CREATE INDEX slow_idx ON slow (slow_key(id));",
+        )
+        .unwrap();
+    let mut load = t.pgbench_load(40);
+    let mut m = t.migrate("migrate1.log");
+    let mut dest = t.dest.connect();
+    let ranges = |c: &mut postgres::Client| -> (i64, i64) {
+        c.query_opt("SELECT count(*) FILTER (WHERE done_at IS NOT NULL), count(*) FROM decant.copy_range WHERE task_id = 'm'", &[])
+            .ok()
+            .flatten()
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap_or((0, 0))
+    };
+    wait_for("part of the copy", Duration::from_secs(120), || {
+        let (done, total) = ranges(&mut dest);
+        done >= 1 && done + 2 < total
+    });
+    m.kill9();
+    let (done_before, _) = ranges(&mut dest);
+    let mut m = t.migrate("migrate2.log");
+    // Post-data: all ranges copied, the slow index being built.
+    let post_data = |c: &mut postgres::Client| -> bool {
+        let (done, total) = ranges(c);
+        let building: i64 = c
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%CREATE INDEX slow_idx%' AND pid <> pg_backend_pid()", &[])
+            .unwrap()
+            .get(0);
+        total > 0 && done == total && building > 0
+    };
+    wait_for("the slow index build", Duration::from_secs(180), || post_data(&mut dest));
+    m.kill9();
+    assert!(t.phase() != "incremental", "the kill came too late");
+    let log2 = m.log();
+    assert!(log2.contains("copy resumes from a new snapshot"), "{log2}");
+    assert!(done_before >= 1);
+    let mut m = t.migrate("migrate3.log");
+    wait_for("the stream phase", Duration::from_secs(180), || t.phase() == "incremental");
+    assert!(load.wait().unwrap().success());
+    t.assert_equal();
+    // The slow index exists once.
+    let n: i64 = dest.query_one("SELECT count(*) FROM pg_indexes WHERE indexname = 'slow_idx'", &[]).unwrap().get(0);
+    assert_eq!(n, 1);
+    assert_eq!(m.stop(), Some(0), "{}", m.log());
+}
+
+#[test]
+fn bad_input_gives_one_clear_error_and_writes_nothing() {
+    let t = task("types = [\"schema\", \"full\"]", "");
+    t.source.connect().batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY, v text);").unwrap();
+    let fails = |overrides: &[&str], expect: &[&str]| {
+        let mut args = vec!["migrate"];
+        for o in overrides {
+            args.extend(["--set", o]);
+        }
+        let (ok, out) = t.command(&args);
+        assert!(!ok, "{args:?} succeeded:\n{out}");
+        for e in expect {
+            assert!(out.contains(e), "{args:?}: expected {e:?} in:\n{out}");
+        }
+        assert!(!out.contains("panicked"), "{out}");
+    };
+    // Missing destination database.
+    let dest_missing = format!("destination.dsn=\"{}\"", t.dest.conninfo("nosuchdb"));
+    fails(&[&dest_missing], &["nosuchdb"]);
+    // A selected table that does not exist.
+    fails(&["source.include_tables=[\"public.a\", \"public.nope\"]"], &["no such table", "public.nope"]);
+    // pg_dump missing, and pg_dump older than the source.
+    fails(&["migrate.pg_dump=\"/nonexistent/pg_dump\""], &["pg_dump was not found", "migrate.pg_dump"]);
+    let fake = t.dir.path().join("old_pg_dump");
+    std::fs::write(&fake, "#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fails(&[&format!("migrate.pg_dump=\"{}\"", fake.display())], &["9.6.24", "older than the source"]);
+    // A combination of types that makes no sense.
+    fails(&["migrate.types=[\"schema\", \"incremental\"]"], &["migrate.types", "needs full"]);
+    // Conflicting tables in report mode: listed, and nothing written.
+    t.dest.connect().batch_execute("CREATE TABLE b (id int PRIMARY KEY, v text); INSERT INTO b VALUES (1, 'mine');").unwrap();
+    fails(&[], &["already exist", "TABLE public.b", "conflicts"]);
+    let mut d = t.dest.connect();
+    let tables: i64 = d.query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &[]).unwrap().get(0);
+    assert_eq!(tables, 1, "a table was created although the task failed");
+    let tasks: i64 = d.query_one("SELECT count(*) FROM decant.task", &[]).unwrap().get(0);
+    assert_eq!(tasks, 0, "a plan was stored although the task failed");
+    // Nothing is left on the source either: no slot.
+    let slots: i64 = t.source.connect().query_one("SELECT count(*) FROM pg_replication_slots", &[]).unwrap().get(0);
+    assert_eq!(slots, 0);
+    // With conflicts = ignore the task goes on and keeps the existing row.
+    let (ok, out) = t.command(&["migrate", "--set", "migrate.conflicts=\"ignore\""]);
+    assert!(ok, "{out}");
+    let v: String = d.query_one("SELECT v FROM b WHERE id = 1", &[]).unwrap().get(0);
+    assert_eq!(v, "mine");
+    let a: Option<i32> = d.query_opt("SELECT 1 FROM pg_tables WHERE tablename = 'a'", &[]).unwrap().map(|r| r.get(0));
+    assert!(a.is_some());
+}
