@@ -122,9 +122,40 @@ pub async fn ensure_tables(client: &Client) -> Result<(), tokio_postgres::Error>
     client.batch_execute(CREATE_TABLES).await
 }
 
-async fn session(destination: &ConnInfo) -> Result<Client, MigrationError> {
-    let (client, _conn) = connect(destination, "decant applier", "-c session_replication_role=replica -c synchronous_commit=off").await?;
+/// A destination session of the task's migration; its application_name
+/// names the task, so sessions left by a killed run can be found.
+async fn session(destination: &ConnInfo, task_id: &str) -> Result<Client, MigrationError> {
+    let (client, _conn) =
+        connect(destination, &session_name(task_id), "-c session_replication_role=replica -c synchronous_commit=off").await?;
     Ok(client)
+}
+
+fn session_name(task_id: &str) -> String {
+    format!("decant migrate {task_id}")
+}
+
+/// Ends the destination sessions of an earlier run of this task. A killed
+/// run's backend goes on with its statement (a CREATE INDEX, say) until it
+/// next talks to its client; redoing that step beside it would collide.
+async fn end_leftover_sessions(client: &Client, task_id: &str) -> Result<(), MigrationError> {
+    let name = session_name(task_id);
+    for _ in 0..300 {
+        let pids: Vec<i32> = client
+            .query("SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()", &[&name])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in &pids {
+            tracing::info!(pid, "ending a destination session left by an earlier run of this task");
+            client.execute("SELECT pg_terminate_backend($1)", &[pid]).await?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(MigrationError::State(task_id.into(), "sessions of an earlier run do not end (pg_terminate_backend)".into()))
 }
 
 /// Duplicate-object errors: the object a step creates is already there.
@@ -152,7 +183,7 @@ fn step_label(s: &SchemaStep) -> String {
 
 /// The task's state; phase "new" when it has no plan.
 pub async fn state(destination: &ConnInfo, task_id: &str) -> Result<TaskState, MigrationError> {
-    let client = session(destination).await?;
+    let client = session(destination, task_id).await?;
     ensure_tables(&client).await?;
     read_state(&client, task_id).await
 }
@@ -215,7 +246,7 @@ async fn read_state(client: &Client, task_id: &str) -> Result<TaskState, Migrati
 /// Stores a plan, once. With conflicts = report, objects that already
 /// exist are reported before anything is written.
 pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan) -> Result<TaskState, MigrationError> {
-    let mut client = session(destination).await?;
+    let mut client = session(destination, task_id).await?;
     ensure_tables(&client).await?;
     let current = read_state(&client, task_id).await?;
     if current.phase != "new" {
@@ -381,7 +412,7 @@ pub async fn run_schema(
     workers: usize,
     sequences: &[SequenceValue],
 ) -> Result<TaskState, MigrationError> {
-    let client = session(destination).await?;
+    let client = session(destination, task_id).await?;
     ensure_tables(&client).await?;
     let state = read_state(&client, task_id).await?;
     let has = |t: &str| state.types.iter().any(|x| x == t);
@@ -401,6 +432,7 @@ pub async fn run_schema(
             return Err(MigrationError::State(task_id.into(), format!("tables not copied yet: {}", pending.join(", "))));
         }
     }
+    end_leftover_sessions(&client, task_id).await?;
     let conflicts: String = client.query_one("SELECT conflicts FROM decant.task WHERE task_id = $1", &[&task_id]).await?.get(0);
     let prologue: String = client.query_one("SELECT prologue FROM decant.task WHERE task_id = $1", &[&task_id]).await?.get(0);
     let ignore = conflicts == "ignore";
@@ -469,7 +501,7 @@ async fn run_parallel(
         let (queue, destination, task_id, section, prologue) =
             (queue.clone(), destination.clone(), task_id.to_owned(), section.to_owned(), prologue.to_owned());
         handles.push(tokio::spawn(async move {
-            let client = session(&destination).await?;
+            let client = session(&destination, &task_id).await?;
             // Index builds sort: give each session room.
             client.batch_execute(&prologue).await?;
             client.batch_execute("SET maintenance_work_mem = '256MB'").await?;
@@ -497,14 +529,14 @@ async fn run_parallel(
 /// One step in its own transaction, marked done in it.
 async fn run_step(client: &Client, task_id: &str, section: &str, n: i32, step: &SchemaStep, ignore: bool) -> Result<(), MigrationError> {
     let mark =
-        format!("UPDATE decant.schema_step SET done_at = now() WHERE task_id = '{task_id}' AND section = '{section}' AND step = {n}");
-    match client.batch_execute(&format!("BEGIN;\n{}\n;\n{mark};\nCOMMIT", step.sql)).await {
+        |set: &str| format!("UPDATE decant.schema_step SET {set} WHERE task_id = '{task_id}' AND section = '{section}' AND step = {n}");
+    match client.batch_execute(&format!("BEGIN;\n{}\n;\n{};\nCOMMIT", step.sql, mark("done_at = now()"))).await {
         Ok(()) => Ok(()),
         Err(e) => {
             client.batch_execute("ROLLBACK").await?;
             if is_duplicate(&e) && (ignore || step.kind == "SCHEMA") {
                 tracing::info!(object = %step_label(step), "already in the destination; kept");
-                client.batch_execute(&format!("{mark}, existed = true")).await?;
+                client.batch_execute(&mark("done_at = now(), existed = true")).await?;
                 Ok(())
             } else {
                 Err(MigrationError::Step { section: section.into(), kind: step.kind.clone(), name: step.name.clone(), source: e })
@@ -552,7 +584,8 @@ async fn set_sequences(client: &Client, sequences: &[SequenceValue]) -> Result<(
 /// to it that committed before `lsn` are not applied (they are in the new
 /// copy). Tables the copy finished keep their rows.
 pub async fn resnapshot(destination: &ConnInfo, task_id: &str, lsn: Lsn) -> Result<TaskState, MigrationError> {
-    let mut client = session(destination).await?;
+    let mut client = session(destination, task_id).await?;
+    end_leftover_sessions(&client, task_id).await?;
     let state = read_state(&client, task_id).await?;
     let tx = client.transaction().await?;
     for t in state.tables.iter().filter(|t| t.ranges.iter().any(|r| !r.done)) {
@@ -606,7 +639,7 @@ pub async fn copy_range(
     mut chunks: impl futures_util::Stream<Item = Result<(Bytes, bool), String>> + Unpin,
 ) -> Result<CopyDone, MigrationError> {
     use futures_util::StreamExt;
-    let client = session(destination).await?;
+    let client = session(destination, task_id).await?;
     let row = client
         .query_opt(
             "SELECT t.schema_name, t.name, t.columns, t.binary_ok, t.merge, r.done_at IS NOT NULL, r.rows, r.bytes

@@ -49,7 +49,19 @@ impl ProgressStore {
             .map(|r| r.get(0));
         let table_lsn = from_table.and_then(|s| s.parse::<Lsn>().ok()).unwrap_or_default();
         let name = format!("decant_{task_id}");
-        match Self::open_origin(client, &name).await {
+        // A session of this task that just ended (a restarted process, a
+        // dropped connection) may hold the origin for a moment longer.
+        let mut result = Self::open_origin(client, &name).await;
+        for _ in 0..50 {
+            match &result {
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    result = Self::open_origin(client, &name).await;
+                }
+                _ => break,
+            }
+        }
+        match result {
             Ok(origin_lsn) => Ok((ProgressStore::Origin { name }, origin_lsn.max(table_lsn))),
             // Another session holds the origin: a second applier for this
             // task, or a stale one; never apply beside it.
