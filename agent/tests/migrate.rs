@@ -286,3 +286,23 @@ fn bad_input_gives_one_clear_error_and_writes_nothing() {
     let a: Option<i32> = d.query_opt("SELECT 1 FROM pg_tables WHERE tablename = 'a'", &[]).unwrap().map(|r| r.get(0));
     assert!(a.is_some());
 }
+
+#[test]
+fn the_same_phases_run_with_agent_and_applier_as_separate_services() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let t = task("types = [\"schema\", \"full\", \"incremental\"]", "");
+    t.pgbench_init("1");
+    let overrides = [
+        format!("agent.applier_url=\"http://127.0.0.1:{port}\""),
+        format!("applier.listen=\"127.0.0.1:{port}\""),
+        "transport.token=\"s3cret\"".to_owned(),
+    ];
+    let mut applier = Role::start_with(decant(), "applier", &t.config, &overrides, &t.dir.path().join("applier.log"));
+    decant_tests::process::wait_port(port);
+    let mut agent = Role::start_with(decant(), "agent", &t.config, &overrides, &t.dir.path().join("agent.log"));
+    wait_for("the stream phase", Duration::from_secs(120), || t.phase() == "incremental");
+    run(pg_tool(&t.source, "pgbench").args(["-n", "-t", "200", "postgres"]));
+    t.assert_equal();
+    assert_eq!(agent.stop(), Some(0), "{}", agent.log());
+    assert_eq!(applier.stop(), Some(0), "{}", applier.log());
+}
