@@ -97,7 +97,14 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
             streamed_once |= session.streaming;
             result
         } else {
-            match crate::migrate::drive(&config, &source, &transport, &metrics, &shutdown, &mut streamed_once).await {
+            // A stop request ends the phase at once: every step is its own
+            // destination transaction, so one cut short is simply redone.
+            let mut stop = shutdown.clone();
+            let driven = tokio::select! {
+                r = crate::migrate::drive(&config, &source, &transport, &metrics, &shutdown, &mut streamed_once) => r,
+                _ = stop.changed() => Ok(false),
+            };
+            match driven {
                 Ok(true) if !*shutdown.borrow() => {
                     migrated = true;
                     retry.succeeded();
@@ -227,6 +234,16 @@ impl<'c> Session<'c> {
             .await?;
         let problem = |problem: String, class| AgentError::Slot { slot: slot.to_owned(), problem, class };
         match rows.first() {
+            // A migration's slot comes from its snapshot: one made now would
+            // miss every change since the copy.
+            None if crate::migrate::needs_migration(self.config) => Err(problem(
+                format!(
+                    "does not exist on the source: the changes since task {}'s copy are gone; start the task over \
+                     (DROP SCHEMA decant CASCADE and the migrated objects in the destination)",
+                    self.config.task_id
+                ),
+                ErrorClass::Fatal,
+            )),
             None if self.config.source.create_slot => {
                 let created = repl.create_logical_slot(slot, "decant", false).await?;
                 tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");

@@ -100,7 +100,7 @@ pub fn render(checks: &[TableCheck]) -> String {
     use std::fmt::Write;
     let width = checks.iter().map(|c| c.table.len()).max().unwrap_or(5).max(5);
     let mut out = String::new();
-    let _ = writeln!(out, "{:width$}  {:>12}  {:>12}  {:32}  {}", "TABLE", "SOURCE ROWS", "DEST ROWS", "CHECKSUM (SOURCE)", "RESULT");
+    let _ = writeln!(out, "{:width$}  {:>12}  {:>12}  {:32}  RESULT", "TABLE", "SOURCE ROWS", "DEST ROWS", "CHECKSUM (SOURCE)");
     for c in checks {
         let (rows, result) = match &c.destination {
             Ok((n, sum)) if (*n, sum) == (c.source.0, &c.source.1) => (n.to_string(), "equal".to_owned()),

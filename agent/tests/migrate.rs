@@ -306,3 +306,29 @@ fn the_same_phases_run_with_agent_and_applier_as_separate_services() {
     assert_eq!(agent.stop(), Some(0), "{}", agent.log());
     assert_eq!(applier.stop(), Some(0), "{}", applier.log());
 }
+
+#[test]
+fn selecting_single_tables_migrates_them_with_their_schema_and_nothing_else() {
+    let t = task("types = [\"schema\", \"full\"]", "");
+    t.source
+        .connect()
+        .batch_execute(
+            "CREATE SCHEMA hr; CREATE TABLE hr.staff (id int PRIMARY KEY, name text NOT NULL);
+             CREATE INDEX staff_name ON hr.staff (name);
+             CREATE TABLE hr.other (id int); CREATE VIEW hr.v AS SELECT * FROM hr.staff;
+             INSERT INTO hr.staff SELECT g, 'n' || g FROM generate_series(1, 1000) g;",
+        )
+        .unwrap();
+    let (ok, out) = t.command(&["migrate", "--set", "source.include_tables=[\"hr.staff\"]"]);
+    assert!(ok, "{out}");
+    let mut d = t.dest.connect();
+    let names: Vec<String> = d
+        .query("SELECT relname::text FROM pg_class WHERE relnamespace = 'hr'::regnamespace ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["staff", "staff_name", "staff_pkey"]);
+    let (ok, out) = t.command(&["verify", "--set", "source.include_tables=[\"hr.staff\"]"]);
+    assert!(ok && out.contains("all 1 tables equal"), "{out}");
+}

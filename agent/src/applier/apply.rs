@@ -375,7 +375,7 @@ impl Applier {
                     .0
                     .iter()
                     .enumerate()
-                    .filter(|(i, v)| !matches!(v, Value::UnchangedToast) && !(key_unchanged && target.key.contains(i)))
+                    .filter(|(i, v)| !(matches!(v, Value::UnchangedToast) || (key_unchanged && target.key.contains(i))))
                     .map(|(i, _)| i)
                     .collect();
                 if set.is_empty() {

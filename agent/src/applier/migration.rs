@@ -125,6 +125,9 @@ pub async fn ensure_tables(client: &Client) -> Result<(), tokio_postgres::Error>
 /// A destination session of the task's migration; its application_name
 /// names the task, so sessions left by a killed run can be found.
 async fn session(destination: &ConnInfo, task_id: &str) -> Result<Client, MigrationError> {
+    let mut destination = destination.clone();
+    destination.application_name = None;
+    let destination = &destination;
     let (client, _conn) =
         connect(destination, &session_name(task_id), "-c session_replication_role=replica -c synchronous_commit=off").await?;
     Ok(client)
@@ -587,6 +590,7 @@ pub async fn resnapshot(destination: &ConnInfo, task_id: &str, lsn: Lsn) -> Resu
     let mut client = session(destination, task_id).await?;
     end_leftover_sessions(&client, task_id).await?;
     let state = read_state(&client, task_id).await?;
+    let has_schema = state.types.iter().any(|t| t == "schema");
     let tx = client.transaction().await?;
     for t in state.tables.iter().filter(|t| t.ranges.iter().any(|r| !r.done)) {
         let merge: bool = tx
@@ -594,14 +598,21 @@ pub async fn resnapshot(destination: &ConnInfo, task_id: &str, lsn: Lsn) -> Resu
             .await?
             .get(0);
         if !merge && t.ranges.iter().any(|r| r.done) {
-            tx.batch_execute(&format!("TRUNCATE ONLY {}", qualified(&t.schema, &t.name))).await?;
+            // Without schema migration the user's own foreign keys may point
+            // at the table, which TRUNCATE refuses; DELETE in replica role
+            // fires none of their checks.
+            let empty = if has_schema { "TRUNCATE ONLY" } else { "DELETE FROM ONLY" };
+            tx.batch_execute(&format!("{empty} {}", qualified(&t.schema, &t.name))).await?;
         }
         tx.execute(
             "UPDATE decant.copy_range SET done_at = NULL, started_at = NULL, rows = 0, bytes = 0 WHERE task_id = $1 AND table_id = $2",
             &[&task_id, &(t.table_id as i32)],
         )
         .await?;
-        if lsn.0 != 0 {
+        // A merged table (conflicts = ignore, rows of its own) keeps what
+        // was copied; replaying every change since the first snapshot over
+        // it, with overwrite, converges instead.
+        if lsn.0 != 0 && !merge {
             tx.execute(
                 "UPDATE decant.copy_table SET skip_before = $3::text::pg_lsn WHERE task_id = $1 AND table_id = $2",
                 &[&task_id, &(t.table_id as i32), &lsn.to_string()],

@@ -216,7 +216,14 @@ async fn copy_range(
     }
     .await;
     if let Err(e) = result {
-        call.abort();
+        if e.is_closed_stream() {
+            // The applier ended the call: its answer says why.
+            if let Ok(Err(status)) = call.await {
+                return Err(MigrateError::Applier(StreamError::Status(status)));
+            }
+        } else {
+            call.abort();
+        }
         return Err(e);
     }
     drop(tx);
@@ -236,8 +243,16 @@ async fn send(tx: &mpsc::Sender<CopyChunk>, work: &Work, buf: &mut BytesMut, las
     tx.send(CopyChunk { table_id: 0, range_id: 0, task_id: String::new(), data, last }).await.map_err(|_| closed(work))
 }
 
+impl MigrateError {
+    fn is_closed_stream(&self) -> bool {
+        matches!(self, MigrateError::Copy { message, .. } if message == CLOSED)
+    }
+}
+
+const CLOSED: &str = "the applier closed the copy stream";
+
 fn closed(work: &Work) -> MigrateError {
-    MigrateError::Copy { table: work.display.clone(), message: "the applier closed the copy stream".into(), class: ErrorClass::Connection }
+    MigrateError::Copy { table: work.display.clone(), message: CLOSED.into(), class: ErrorClass::Connection }
 }
 
 #[cfg(test)]

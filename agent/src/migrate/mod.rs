@@ -256,18 +256,14 @@ async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind) -
                 ))
                 .await?;
             if let Some(row) = existing.first() {
+                // Never dropped here: it may be another task's.
                 let plugin = row.first().cloned().flatten().unwrap_or_default();
-                if plugin != "decant" || row.get(1).cloned().flatten().is_some() {
-                    return Err(MigrateError::Invalid(format!(
-                        "source slot {slot:?} already exists (plugin {plugin}) and the destination has no plan for task {}: \
-                         choose another source.slot, or drop the slot if nothing uses it",
-                        config.task_id
-                    )));
-                }
-                // Left by a run that stopped before its plan was stored:
-                // nothing was copied from its snapshot.
-                tracing::warn!(slot, "dropping the slot of an earlier start that did not get as far as the plan");
-                repl.drop_slot(slot).await?;
+                return Err(MigrateError::Invalid(format!(
+                    "source slot {slot:?} already exists (plugin {plugin}) but the destination has no plan for task {}: \
+                     choose another source.slot, or, if nothing uses it (an earlier start of this task that stopped \
+                     before its plan was stored), drop it: SELECT pg_drop_replication_slot('{slot}')",
+                    config.task_id
+                )));
             }
             repl.create_logical_slot(slot, "decant", true).await?
         }
@@ -312,6 +308,19 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> 
         tracing::info!(pg_dump = %pg_dump.path().display(), pre_data = pre.steps.len(), post_data = post.steps.len(), "schema dumped");
         plan.schema_prologue = pre.prologue;
         plan.pre_data = pre.steps;
+        if !schema::selects_whole_schemas(config) {
+            // pg_dump --table dumps the tables, not the schemas they are in.
+            let mut schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).filter(|s| *s != "public").collect();
+            schemas.sort();
+            schemas.dedup();
+            let creates = schemas.into_iter().map(|s| decant_proto::grpc::SchemaStep {
+                kind: "SCHEMA".into(),
+                schema: String::new(),
+                name: s.to_owned(),
+                sql: format!("CREATE SCHEMA IF NOT EXISTS {};", crate::applier::statements::quote_ident(s)),
+            });
+            plan.pre_data.splice(0..0, creates);
+        }
         plan.post_data = post.steps;
     }
     if config.migrate.has(MigrationType::Full) {

@@ -80,6 +80,7 @@ impl PgDump {
         let mut cmd = tokio::process::Command::new(&self.path);
         cmd.arg(format!("--section={section}"))
             .args(["--no-owner", "--no-privileges", "--no-publications", "--no-subscriptions", "--no-security-labels"])
+            .arg("--encoding=UTF8")
             .arg("--exclude-schema=decant")
             .args(selection)
             .arg("--dbname")
@@ -133,6 +134,11 @@ pub fn selection_args(config: &Config) -> Vec<String> {
         }
     }
     args
+}
+
+/// The selection is whole schemas (or everything), not single tables.
+pub fn selects_whole_schemas(config: &Config) -> bool {
+    config.source.include_tables.iter().all(|p| p.strip_suffix(".*").is_some_and(|s| !s.contains('*')))
 }
 
 fn table_pattern(p: &str) -> String {
@@ -227,7 +233,7 @@ fn push_step(steps: &mut Vec<SchemaStep>, mut step: SchemaStep) {
 /// Order of post-data work: indexes and key/check constraints first (in
 /// parallel), then everything else in dump order (index attachments,
 /// triggers, rules, materialized view data, comments), then foreign keys
-/// (in parallel; they need the referenced keys, also on partitioned tables).
+/// (they need the referenced keys, also on partitioned tables).
 pub fn post_data_stage(kind: &str) -> u8 {
     match kind {
         "INDEX" | "CONSTRAINT" => 0,
@@ -236,9 +242,11 @@ pub fn post_data_stage(kind: &str) -> u8 {
     }
 }
 
-/// Whether the steps of a stage may run at once.
+/// Whether the steps of a stage may run at once: indexes and key
+/// constraints each lock one table. Foreign keys lock two, and two tables
+/// that reference each other would deadlock, so they go one at a time.
 pub fn stage_is_parallel(stage: u8) -> bool {
-    stage != 1
+    stage == 0
 }
 
 #[cfg(test)]

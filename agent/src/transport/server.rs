@@ -48,6 +48,7 @@ fn status_of(e: &ApplyError) -> Status {
 
 fn migration_status(e: &MigrationError) -> Status {
     let message = crate::error::report(e);
+    tracing::error!(error = %message, "migration step failed");
     if e.is_connection_loss() {
         Status::unavailable(message)
     } else if e.is_precondition() {
