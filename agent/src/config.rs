@@ -383,13 +383,15 @@ conflicts = "report"
 # Tables copied at once, and post-data objects (indexes, constraints) built
 # at once.
 workers = 2
-# Tables larger than this (MB) are copied in ranges of about this size.
+# Tables larger than this (MB, TOAST included) are copied in ranges of about
+# this size (ctid ranges: PostgreSQL 14+ sources; older ones copy each table
+# whole).
 split_tables_larger_than_mb = 256
 # Full copy throttling; 0 = unlimited.
 max_rows_per_second = 0
 max_mb_per_second = 0
 # pg_dump to use (its version must be at least the source's); "" = the one
-# in PATH, or the one that matches the source in /usr/lib/postgresql.
+# in PATH when new enough, else the newest in /usr/lib/postgresql/*/bin.
 pg_dump = ""
 # "auto": progress bars on a terminal, log lines otherwise; "bars"; "log".
 progress = "auto"
