@@ -253,6 +253,42 @@ try:
         v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
         return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
+    def postmaster_pid(c):
+        with open(os.path.join(c["data"], "postmaster.pid")) as f:
+            return int(f.readline())
+
+    def proc_cpu():
+        # {pid: (ppid, CPU seconds, command line)} of every process now.
+        tck = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for p in os.listdir("/proc"):
+            if not p.isdigit():
+                continue
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[int(p)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tck, cmd)
+        return out
+
+    def cpu_split(before, after, groups):
+        # CPU seconds each named group of processes used between two snapshots.
+        used = {name: 0.0 for name, _ in groups}
+        for pid, (ppid, cpu, cmd) in after.items():
+            for name, match in groups:
+                if match(pid, ppid, cmd):
+                    used[name] += cpu - before.get(pid, (0, 0.0, ""))[1]
+                    break
+        return {k: round(v, 1) for k, v in used.items()}
+
+    src_pm = postmaster_pid(src)
+    source_groups = [("source walsender", lambda pid, ppid, cmd: ppid == src_pm and "walsender" in cmd),
+                     ("source other", lambda pid, ppid, cmd: ppid == src_pm)]
+
     def drain(dest):
         t0 = time.time()
         with psycopg.connect(dest["dsn"], autocommit=True) as c:
@@ -264,14 +300,23 @@ try:
 
     say("backlog: resuming decant")
     c0 = cpu_busy_seconds()
+    p0 = proc_cpu()
     agent = start_role("agent")
     decant_backlog = drain(d_decant)
     decant_cpu = cpu_busy_seconds() - c0
+    dec_pm = postmaster_pid(d_decant)
+    decant_split = cpu_split(p0, proc_cpu(), source_groups + [
+        ("agent", lambda pid, ppid, cmd: pid == agent.pid),
+        ("applier", lambda pid, ppid, cmd: pid == applier.pid),
+        ("destination", lambda pid, ppid, cmd: ppid == dec_pm)])
     say(f"backlog: decant drained in {decant_backlog:.1f} s; resuming native")
     c0 = cpu_busy_seconds()
+    p0 = proc_cpu()
     sql(d_native, "ALTER SUBSCRIPTION sub ENABLE")
     native_backlog = drain(d_native)
     native_cpu = cpu_busy_seconds() - c0
+    nat_pm = postmaster_pid(d_native)
+    native_split = cpu_split(p0, proc_cpu(), source_groups + [("destination", lambda pid, ppid, cmd: ppid == nat_pm)])
     say(f"backlog: native drained in {native_backlog:.1f} s")
 
     # ------------------------------------------------- (c) a large transaction
@@ -309,6 +354,8 @@ try:
     print()
     print(f"backlog speed-up vs native: {native_backlog / decant_backlog:.2f}x; CPU seconds used while draining "
           f"(whole machine, {os.cpu_count()} CPUs): decant {decant_cpu:.1f}, native {native_cpu:.1f}")
+    print("  by process: decant " + ", ".join(f"{k} {v}" for k, v in decant_split.items())
+          + "; native " + ", ".join(f"{k} {v}" for k, v in native_split.items()))
     print(f"large transaction ({LARGE_ROWS} rows) through decant: {large_s:.1f} s")
     print(f"peak RSS: agent {agent_rss:.1f} MB, applier {applier_rss:.1f} MB; destinations equal source: {same}")
     print(json.dumps({
@@ -317,6 +364,7 @@ try:
         "backlog_decant_s": round(decant_backlog, 2), "backlog_native_s": round(native_backlog, 2),
         "backlog_speedup_vs_native": round(native_backlog / decant_backlog, 3),
         "backlog_cpu_seconds_decant": round(decant_cpu, 1), "backlog_cpu_seconds_native": round(native_cpu, 1),
+        "backlog_cpu_by_process": {"decant": decant_split, "native": native_split},
         "decant_rows_per_s": round(changes / decant_backlog), "native_rows_per_s": round(changes / native_backlog),
         "live_lag_p50_s": round(live["decant"]["lag_s_p50"], 3), "live_lag_p99_s": round(live["decant"]["lag_s_p99"], 3),
         "live_lag_max_s": round(live["decant"]["lag_s_max"], 3),
