@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
 use decant_proto::grpc::{AgentMessage, Hello, RecordBatch};
-use decant_proto::{decode, DecodeError, Lsn, Record, FORMAT_VERSION};
+use decant_proto::{decode, peek_kind, DecodeError, Lsn, Record, RecordKind, FORMAT_VERSION};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -337,16 +337,21 @@ impl<'c> Session<'c> {
     /// them, see `max_message_bytes`) into the current batch.
     fn take_records(&mut self, at: Lsn, payload: &[u8]) -> Result<(), AgentError> {
         let mut offset = 0;
+        // Only BEGIN and COMMIT matter here (and COMMIT is small): the
+        // rest pass by their head byte; the applier decodes and checks all.
         while offset < payload.len() {
-            let (record, used) = decode(&payload[offset..]).map_err(|mut error| {
+            let corrupt = |mut error: DecodeError| {
                 error.offset += offset;
                 AgentError::Corrupt { lsn: at, error }
-            })?;
-            match record {
-                Record::Begin(_) => self.in_txn = true,
-                Record::Commit(c) => {
-                    self.in_txn = false;
-                    self.last_commit_end = c.end_lsn;
+            };
+            let (kind, used) = peek_kind(&payload[offset..]).map_err(corrupt)?;
+            match kind {
+                RecordKind::Begin => self.in_txn = true,
+                RecordKind::Commit => {
+                    if let (Record::Commit(c), _) = decode(&payload[offset..]).map_err(corrupt)? {
+                        self.in_txn = false;
+                        self.last_commit_end = c.end_lsn;
+                    }
                 }
                 _ => {}
             }

@@ -310,6 +310,28 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     Ok(length_prefix(buf)?.map(|(body, prefix)| prefix + body + 4))
 }
 
+/// The kind of the frame at the start of `buf` and its whole length, read
+/// from the head byte without checking the CRC or decoding the body: for a
+/// reader that only routes records (the agent), while whoever applies them
+/// decodes and checks each in full.
+pub fn peek_kind(buf: &[u8]) -> Result<(RecordKind, usize), DecodeError> {
+    let Some((body, prefix)) = length_prefix(buf)? else {
+        return Err(DecodeError { offset: 0, kind: DecodeErrorKind::Truncated { needed: buf.len() + 1, available: buf.len() } });
+    };
+    let total = prefix + body + 4;
+    if buf.len() < total || body == 0 {
+        return Err(DecodeError { offset: 0, kind: DecodeErrorKind::Truncated { needed: total.max(prefix + 5), available: buf.len() } });
+    }
+    let head = buf[prefix];
+    if head >> 4 != FORMAT_VERSION {
+        return Err(DecodeError { offset: prefix, kind: DecodeErrorKind::UnsupportedVersion(head >> 4) });
+    }
+    match RecordKind::from_u8(head & 0x0F) {
+        Some(kind) => Ok((kind, total)),
+        None => Err(DecodeError { offset: prefix, kind: DecodeErrorKind::UnknownKind(head & 0x0F) }),
+    }
+}
+
 /// Decodes the frame at the start of `buf`, checking its CRC, and returns the
 /// record and the number of bytes it occupied.
 pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {

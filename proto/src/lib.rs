@@ -22,7 +22,7 @@ pub mod pgtext;
 pub mod record;
 mod varint;
 
-pub use codec::{decode, encode, encode_into, encoded_len, frame_len, DecodeError, MAX_RECORD_LEN};
+pub use codec::{decode, encode, encode_into, encoded_len, frame_len, peek_kind, DecodeError, MAX_RECORD_LEN};
 pub use record::*;
 
 /// The record format version written by this build. Stored in the high

@@ -114,6 +114,24 @@ fn every_truncation_is_an_error() {
 }
 
 #[test]
+fn peek_kind_reads_the_head_byte_and_the_length() {
+    for r in samples() {
+        let mut bytes = Vec::new();
+        encode(&r, &mut bytes);
+        assert_eq!(peek_kind(&bytes).unwrap(), (r.kind(), bytes.len()));
+        assert!(peek_kind(&bytes[..bytes.len() - 1]).is_err(), "a truncated frame");
+        let mut other_version = bytes.clone();
+        other_version[varint_len(&bytes)] ^= 0x30;
+        assert!(matches!(peek_kind(&other_version).unwrap_err().kind, DecodeErrorKind::UnsupportedVersion(_)));
+    }
+    assert!(peek_kind(&framed(&[])).is_err(), "an empty body");
+}
+
+fn varint_len(frame: &[u8]) -> usize {
+    frame.iter().position(|b| b & 0x80 == 0).unwrap() + 1
+}
+
+#[test]
 fn absurd_length_is_refused_before_allocating() {
     let err = decode(&[0xFF, 0xFF, 0xFF, 0xFF, 0x7F]).unwrap_err();
     assert!(matches!(err.kind, DecodeErrorKind::TooLong(_)), "{err}");
