@@ -80,7 +80,8 @@ cat >>"$DEMO_DIR/source/data/postgresql.conf" <<EOF
 wal_level = logical
 max_wal_size = 4GB
 EOF
-if "$BINDIR/postgres" --describe-config 2>/dev/null | grep -q '^output_plugin_libraries'; then
+# (grep reads all of it: with pipefail, grep -q could stop early and fail the pipeline.)
+if "$BINDIR/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
     echo "output_plugin_libraries = 'pgoutput, test_decoding, decant'" >>"$DEMO_DIR/source/data/postgresql.conf"
 fi
 echo "max_wal_size = 4GB" >>"$DEMO_DIR/destination/data/postgresql.conf"
