@@ -17,9 +17,7 @@ pub struct Target {
     pub identity: ReplicaIdentity,
 }
 
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
+pub use crate::replication::client::quote_ident;
 
 impl Target {
     pub fn from_relation(r: &Relation<'_>) -> Target {

@@ -448,7 +448,7 @@ fn parse_server_version(v: &str) -> u32 {
     }
 }
 
-/// A double-quoted identifier, for replication commands.
+/// A double-quoted identifier, for replication commands and SQL alike.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
