@@ -199,9 +199,10 @@ async fn copy_range(
             rows_in_buf += 1;
             messages += 1;
             if buf.len() >= CHUNK_BYTES {
+                let sent = buf.len() as u64;
                 send(&tx, work, &mut buf, false).await?;
-                progress.add(&bar, rows_in_buf, CHUNK_BYTES as u64);
-                let wait = pace.lock().await.take(rows_in_buf, CHUNK_BYTES as u64);
+                progress.add(&bar, rows_in_buf, sent);
+                let wait = pace.lock().await.take(rows_in_buf, sent);
                 rows_in_buf = 0;
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
