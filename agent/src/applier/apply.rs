@@ -79,7 +79,7 @@ impl ApplyError {
             ApplyError::Statement { source, .. } | ApplyError::Session(source) => source,
             _ => return false,
         };
-        pg.is_closed() || pg.as_db_error().is_none() || pg.code().is_some_and(|c| c.code().starts_with("57P") || c.code().starts_with("08"))
+        crate::connect::sql::is_connection_loss(pg)
     }
 }
 

@@ -56,7 +56,7 @@ impl MigrationError {
             MigrationError::Stream { .. } => return true,
             _ => return false,
         };
-        pg.is_closed() || pg.as_db_error().is_none() || pg.code().is_some_and(|c| c.code().starts_with("57P") || c.code().starts_with("08"))
+        crate::connect::sql::is_connection_loss(pg)
     }
 
     /// Errors that retrying cannot fix.
@@ -436,8 +436,8 @@ pub async fn run_schema(
         }
     }
     end_leftover_sessions(&client, task_id).await?;
-    let conflicts: String = client.query_one("SELECT conflicts FROM decant.task WHERE task_id = $1", &[&task_id]).await?.get(0);
-    let prologue: String = client.query_one("SELECT prologue FROM decant.task WHERE task_id = $1", &[&task_id]).await?.get(0);
+    let task = client.query_one("SELECT conflicts, prologue FROM decant.task WHERE task_id = $1", &[&task_id]).await?;
+    let (conflicts, prologue): (String, String) = (task.get(0), task.get(1));
     let ignore = conflicts == "ignore";
     let steps: Vec<(i32, SchemaStep)> = client
         .query(

@@ -45,9 +45,21 @@ pub fn settings(config: &Config) -> ApplySettings {
     }
 }
 
-/// Runs `decant applier` until `shutdown` turns true. The destination is
-/// checked once at start, so a wrong password or database is reported at
-/// once instead of on the first agent connection.
+/// The gRPC service for `config`'s task. The destination is checked once
+/// here, so a wrong password or database is reported at start instead of
+/// on the first agent connection.
+pub async fn service(config: &Config, destination: ConnInfo, metrics: Arc<Metrics>) -> Result<ApplierService, ApplierRoleError> {
+    drop(Applier::open(&destination, settings(config), metrics.clone()).await?);
+    Ok(ApplierService {
+        task_id: config.task_id.clone(),
+        destination,
+        settings: settings(config),
+        metrics,
+        busy: Arc::new(tokio::sync::Mutex::new(())),
+    })
+}
+
+/// Runs `decant applier` until `shutdown` turns true.
 pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), ApplierRoleError> {
     let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv)?;
     let listen: std::net::SocketAddr = config
@@ -57,14 +69,7 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
         .map_err(|e: std::net::AddrParseError| ApplierRoleError::Listen(config.applier.listen.clone(), e.to_string()))?;
     let transport = TransportSettings::from_config(&config)?;
     tracing::info!(task = %config.task_id, destination = %destination, "applier starting");
-    drop(Applier::open(&destination, settings(&config), metrics.clone()).await?);
-    let service = ApplierService {
-        task_id: config.task_id.clone(),
-        destination,
-        settings: settings(&config),
-        metrics,
-        busy: Arc::new(tokio::sync::Mutex::new(())),
-    };
+    let service = service(&config, destination, metrics).await?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| ApplierRoleError::Listen(config.applier.listen.clone(), e.to_string()))?;
     serve(listener, service, &transport, async move {

@@ -26,6 +26,13 @@ impl ConnectError {
     }
 }
 
+/// Whether `e` means the session is gone (closed, never answered, or ended
+/// by the server: admin shutdown, connection exceptions), as opposed to a
+/// statement the server refused.
+pub fn is_connection_loss(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || e.as_db_error().is_none() || e.code().is_some_and(|c| c.code().starts_with("57P") || c.code().starts_with("08"))
+}
+
 /// Connects and spawns the connection task; the task ends when the client
 /// is dropped or the connection fails.
 pub async fn connect(

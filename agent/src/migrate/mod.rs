@@ -356,15 +356,7 @@ pub async fn run(mut config: Config, metrics: Arc<Metrics>, shutdown: watch::Rec
     config.agent.applier_url = format!("http://127.0.0.1:{port}");
     config.transport = crate::config::Transport { token: one_time_token()?, ..Default::default() };
     let transport = TransportSettings::from_config(&config)?;
-    let settings = crate::applier::settings(&config);
-    drop(crate::applier::apply::Applier::open(&destination, settings.clone(), metrics.clone()).await?);
-    let service = crate::transport::server::ApplierService {
-        task_id: config.task_id.clone(),
-        destination,
-        settings,
-        metrics: metrics.clone(),
-        busy: Arc::new(tokio::sync::Mutex::new(())),
-    };
+    let service = crate::applier::service(&config, destination, metrics.clone()).await?;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let transport = transport.clone();
