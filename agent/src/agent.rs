@@ -158,6 +158,12 @@ struct Session<'c> {
     wal_end: Lsn,
     committed: Lsn,
     confirmed: Lsn,
+    /// The plugin packs transactions (`pack_transactions`): its keepalive
+    /// position may lie past a COMMIT it still holds.
+    packing: bool,
+    /// Position of the last non-transactional message received: every
+    /// transaction committed before it has been received.
+    last_marker: Lsn,
     /// Both ends connected and the stream started.
     streaming: bool,
 }
@@ -178,6 +184,8 @@ impl<'c> Session<'c> {
             wal_end: Lsn(0),
             committed: Lsn(0),
             confirmed: Lsn(0),
+            packing: false,
+            last_marker: Lsn(0),
             streaming: false,
         }
     }
@@ -209,6 +217,13 @@ impl<'c> Session<'c> {
         // Records of a transaction packed into messages of up to 64 KiB:
         // far fewer messages for the walsender and for us to handle.
         options.push(("max_message_bytes", PACKED_MESSAGE_BYTES.to_string()));
+        // A backlog of small transactions in few messages. Safe only with
+        // heartbeats: on an idle stream their positions are what may be
+        // confirmed (see `confirmable`).
+        self.packing = config.source.heartbeat_seconds > 0;
+        if self.packing {
+            options.push(("pack_transactions", "on".to_owned()));
+        }
         repl.start_replication(slot, applier.resume_lsn, &options).await?;
         tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, "streaming");
         self.streaming = true;
@@ -353,6 +368,11 @@ impl<'c> Session<'c> {
                         self.last_commit_end = c.end_lsn;
                     }
                 }
+                RecordKind::Message if !self.in_txn => {
+                    if let (Record::Message(m), _) = decode(&payload[offset..]).map_err(corrupt)? {
+                        self.last_marker = self.last_marker.max(m.lsn);
+                    }
+                }
                 _ => {}
             }
             self.batch_count += 1;
@@ -391,7 +411,9 @@ impl<'c> Session<'c> {
 
     /// What may be confirmed to the source: what the destination durably
     /// committed, or — when no transaction is in flight — the WAL end the
-    /// source reported, so an idle slot keeps moving. Records outside
+    /// source reported, so an idle slot keeps moving (with packing, the
+    /// position of the last heartbeat instead: the plugin may hold a COMMIT
+    /// before the WAL end, never before a heartbeat). Records outside
     /// transactions (heartbeats and other non-transactional messages) do
     /// not count as in flight: the destination has nothing to commit for
     /// them, and counting them would let a heartbeat that always arrives
@@ -399,7 +421,7 @@ impl<'c> Session<'c> {
     fn confirmable(&self) -> Lsn {
         let idle = !self.in_txn && self.committed >= self.last_commit_end;
         if idle {
-            self.committed.max(self.wal_end)
+            self.committed.max(if self.packing { self.last_marker } else { self.wal_end })
         } else {
             self.committed
         }

@@ -25,6 +25,17 @@ pub struct PluginOptions {
     /// message is always sent at COMMIT), which saves the per-message cost
     /// of the walsender and the consumer. Memory stays bounded by this size.
     pub max_message_bytes: u32,
+    /// With `max_message_bytes`: a message may also hold several
+    /// transactions. At a COMMIT, while the walsender has more WAL waiting
+    /// to be decoded, the records stay in the message (the next commit is
+    /// usually a few hundred bytes further on); they are sent when the
+    /// message is full, when decoding catches up with the WAL, or with the
+    /// next non-transactional message. Only a walsender ever holds records
+    /// back (the SQL functions end at their last record). A consumer must
+    /// then not take the walsender's keepalive position as proof that every
+    /// earlier commit reached it: a held commit may lie before it. The
+    /// position of a non-transactional message is such proof.
+    pub pack_transactions: bool,
 }
 
 /// Bounds of `max_message_bytes` (besides 0).
@@ -39,6 +50,7 @@ impl Default for PluginOptions {
             include_tables: Vec::new(),
             exclude_tables: Vec::new(),
             max_message_bytes: 0,
+            pack_transactions: false,
         }
     }
 }
@@ -54,7 +66,7 @@ pub enum OriginFilter {
 
 /// The names of every option, for documentation and error messages.
 pub const OPTION_NAMES: &[&str] =
-    &["format_version", "include_messages", "origin", "include_tables", "exclude_tables", "max_message_bytes"];
+    &["format_version", "include_messages", "origin", "include_tables", "exclude_tables", "max_message_bytes", "pack_transactions"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptionError {
@@ -101,6 +113,7 @@ impl PluginOptions {
                     };
                 }
                 "include_messages" => o.include_messages = parse_bool(name, value)?,
+                "pack_transactions" => o.pack_transactions = parse_bool(name, value)?,
                 "origin" => {
                     let v = required()?;
                     o.origin = match v.to_ascii_lowercase().as_str() {
@@ -134,6 +147,9 @@ impl PluginOptions {
                     })
                 }
             }
+        }
+        if o.pack_transactions && o.max_message_bytes == 0 {
+            return Err(error("pack_transactions", "requires max_message_bytes (the size of the messages that transactions are packed into)"));
         }
         Ok(o)
     }
@@ -238,12 +254,16 @@ mod tests {
             ("origin", "some"),
             ("include_tables", "nodot"),
             ("max_message_bytes", "10"),
+            ("pack_transactions", "sometimes"),
         ] {
             let e = parse(&[(name, Some(value))]).unwrap_err();
             assert_eq!(e.option, name);
             assert!(e.to_string().contains(value), "{e}");
         }
         assert!(parse(&[("origin", None)]).is_err());
+        let e = parse(&[("pack_transactions", Some("on"))]).unwrap_err();
+        assert!(e.to_string().contains("requires max_message_bytes"), "{e}");
+        assert!(parse(&[("max_message_bytes", Some("65536")), ("pack_transactions", None)]).unwrap().pack_transactions);
     }
 
     #[test]

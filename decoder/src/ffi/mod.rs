@@ -20,7 +20,7 @@ mod relation;
 mod session;
 mod tuple;
 
-use output::{write_record, Flush};
+use output::{flush_pending, write_record, Flush};
 use session::{with_session, ChangeScope, Session};
 
 ::pgrx::pg_module_magic!(name, version);
@@ -83,18 +83,30 @@ unsafe extern "C-unwind" fn commit(
     txn: *mut pg_sys::ReorderBufferTXN,
     _commit_lsn: pg_sys::XLogRecPtr,
 ) {
+    // SAFETY: txn is valid for the call.
+    let end_lsn = unsafe { (*txn).end_lsn };
+    // With pack_transactions, a walsender that has more WAL waiting keeps
+    // the COMMIT in the message with the next transactions (see output.rs).
+    // SAFETY: am_walsender is set once at backend start.
+    let hold = with_session(|s| s.options.pack_transactions) && unsafe { pg_sys::am_walsender && compat::wal_flushed_beyond(end_lsn) };
     let began = with_session(|s| s.pending_begin.take().is_none());
     if !began {
-        // Nothing was emitted: let the walsender confirm progress anyway.
+        // Nothing was emitted: send what is held if decoding caught up, and
+        // let the walsender confirm progress anyway.
         // SAFETY: ctx is valid for the call.
-        unsafe { compat::update_progress(ctx, true) };
+        unsafe {
+            if !hold {
+                flush_pending(ctx);
+            }
+            compat::update_progress(ctx, true);
+        }
         return;
     }
     // SAFETY: txn is valid for the call.
-    let commit = unsafe { Commit { end_lsn: Lsn((*txn).end_lsn), commit_time: compat::commit_time(txn) } };
+    let commit = unsafe { Commit { end_lsn: Lsn(end_lsn), commit_time: compat::commit_time(txn) } };
     let scope = ChangeScope::enter();
     // SAFETY: ctx is valid for the call.
-    unsafe { write_record(ctx, &scope, &Record::Commit(commit), Flush::Now) };
+    unsafe { write_record(ctx, &scope, &Record::Commit(commit), if hold { Flush::Later } else { Flush::Now }) };
 }
 
 /// Writes the transaction's BEGIN if it has not been written yet.
@@ -189,6 +201,11 @@ unsafe extern "C-unwind" fn message(
     message: *const c_char,
 ) {
     if !with_session(|s| s.options.include_messages) {
+        if !transactional {
+            // Still a point where held records go out (pack_transactions).
+            // SAFETY: ctx is valid for the call.
+            unsafe { flush_pending(ctx) };
+        }
         return;
     }
     let scope = ChangeScope::enter();

@@ -1,6 +1,7 @@
 //! Writing records into the walsender's output: one record per message, or
 //! (option `max_message_bytes`) the records of a transaction packed into
-//! messages of bounded size.
+//! messages of bounded size, and (option `pack_transactions`) those of
+//! several transactions while a walsender works through a backlog.
 
 use decant_proto::{encode_into, encoded_len, Record, MAX_RECORD_LEN};
 use pgrx::pg_sys;
@@ -37,6 +38,15 @@ pub(super) unsafe fn write_record(ctx: *mut pg_sys::LogicalDecodingContext, _sco
         s.pending.len() >= max
     });
     if full || flush == Flush::Now {
+        // SAFETY: forwarded from the caller.
+        unsafe { send_pending(ctx, max) };
+    }
+}
+
+/// Sends the records held back, if any.
+pub(super) unsafe fn flush_pending(ctx: *mut pg_sys::LogicalDecodingContext) {
+    let max = with_session(|s| s.options.max_message_bytes) as usize;
+    if max > 0 {
         // SAFETY: forwarded from the caller.
         unsafe { send_pending(ctx, max) };
     }
