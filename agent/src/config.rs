@@ -246,7 +246,7 @@ impl Default for Applier {
     fn default() -> Self {
         Applier {
             listen: "127.0.0.1:7480".into(),
-            group_max_transactions: 2000,
+            group_max_transactions: 50000,
             group_max_bytes: 32 << 20,
             group_max_delay_ms: 200,
             pipeline_depth: 512,
@@ -321,7 +321,7 @@ metrics_listen = "127.0.0.1:9631"
 # Address the gRPC server listens on.
 listen = "127.0.0.1:7480"
 # One destination transaction applies up to this many source transactions ...
-group_max_transactions = 2000
+group_max_transactions = 50000
 # ... or this many bytes of records ...
 group_max_bytes = 33554432
 # ... or is committed after this long.

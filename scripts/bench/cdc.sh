@@ -139,13 +139,13 @@ try:
                         "-U", "postgres", "postgres"], input=dump, check=True, capture_output=True)
     say("native: CREATE SUBSCRIPTION (copy_data = false)")
     sql(d_native, f"CREATE SUBSCRIPTION sub CONNECTION '{src['dsn']}' PUBLICATION cdc WITH (copy_data = false)")
-    applier_port = free_port()
+    applier_port, applier_metrics = free_port(), free_port()
     config = f"{work}/task.toml"
     with open(config, "w") as f:
         f.write(f'task_id = "bench"\n[source]\ndsn = "{src["dsn"]}"\nslot = "decant_bench"\n'
                 f'[destination]\ndsn = "{d_decant["dsn"]}"\n'
                 f'[agent]\napplier_url = "http://127.0.0.1:{applier_port}"\nmetrics_listen = ""\n'
-                f'[applier]\nlisten = "127.0.0.1:{applier_port}"\nmetrics_listen = ""\n')
+                f'[applier]\nlisten = "127.0.0.1:{applier_port}"\nmetrics_listen = "127.0.0.1:{applier_metrics}"\n')
 
     def start_role(role):
         log = open(f"{work}/{role}.log", "a")
@@ -293,11 +293,15 @@ try:
     source_groups = [("source walsender", lambda pid, ppid, cmd: ppid == src_pm and "walsender" in cmd),
                      ("source other", lambda pid, ppid, cmd: ppid == src_pm)]
 
+    polls = {}
+
     def drain(dest):
         t0 = time.time()
+        polls[dest["name"]] = 2  # the count below, and commits() after
         with psycopg.connect(dest["dsn"], autocommit=True) as c:
             while not c.execute("SELECT EXISTS (SELECT FROM lag_probe WHERE id = -1)").fetchone()[0]:
                 time.sleep(0.02)
+                polls[dest["name"]] += 1
                 if time.time() - t0 > 3600:
                     raise SystemExit("backlog not drained within an hour")
             took = time.time() - t0
@@ -306,23 +310,39 @@ try:
                 raise SystemExit(f"bench: {dest['name']} holds {got} history rows after the backlog, the source {want}")
         return took
 
+    def commits(dest):
+        # Transactions committed in the destination database so far: for
+        # decant the applier's own count (it also runs small queries).
+        if dest is d_decant:
+            with socket.create_connection(("127.0.0.1", applier_metrics)) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                body = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+            return int(next(l.split()[1] for l in body.splitlines() if l.startswith("decant_destination_commits_total ")))
+        return sql(dest, "SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'")[0][0]
+
     say("backlog: resuming decant")
+    k0 = commits(d_decant)
     c0 = cpu_busy_seconds()
     p0 = proc_cpu()
     agent = start_role("agent")
     decant_backlog = drain(d_decant)
     decant_cpu = cpu_busy_seconds() - c0
+    time.sleep(0.6)  # statistics reach pg_stat_database within 0.5 s
+    decant_commits = commits(d_decant) - k0
     dec_pm = postmaster_pid(d_decant)
     decant_split = cpu_split(p0, proc_cpu(), source_groups + [
         ("agent", lambda pid, ppid, cmd: pid == agent.pid),
         ("applier", lambda pid, ppid, cmd: pid == applier.pid),
         ("destination", lambda pid, ppid, cmd: ppid == dec_pm)])
     say(f"backlog: decant drained in {decant_backlog:.1f} s; resuming native")
+    k0 = commits(d_native)
     c0 = cpu_busy_seconds()
     p0 = proc_cpu()
     sql(d_native, "ALTER SUBSCRIPTION sub ENABLE")
     native_backlog = drain(d_native)
     native_cpu = cpu_busy_seconds() - c0
+    time.sleep(0.6)
+    native_commits = commits(d_native) - k0 - polls[d_native["name"]]
     nat_pm = postmaster_pid(d_native)
     native_split = cpu_split(p0, proc_cpu(), source_groups + [("destination", lambda pid, ppid, cmd: ppid == nat_pm)])
     say(f"backlog: native drained in {native_backlog:.1f} s")
@@ -362,6 +382,7 @@ try:
     print()
     print(f"backlog speed-up vs native: {native_backlog / decant_backlog:.2f}x; CPU seconds used while draining "
           f"(whole machine, {os.cpu_count()} CPUs): decant {decant_cpu:.1f}, native {native_cpu:.1f}")
+    print(f"  destination transactions while draining: decant {decant_commits}, native {native_commits}")
     print("  by process: decant " + ", ".join(f"{k} {v}" for k, v in decant_split.items())
           + "; native " + ", ".join(f"{k} {v}" for k, v in native_split.items()))
     print(f"large transaction ({LARGE_ROWS} rows) through decant: {large_s:.1f} s")
@@ -373,6 +394,7 @@ try:
         "backlog_speedup_vs_native": round(native_backlog / decant_backlog, 3),
         "backlog_cpu_seconds_decant": round(decant_cpu, 1), "backlog_cpu_seconds_native": round(native_cpu, 1),
         "backlog_cpu_by_process": {"decant": decant_split, "native": native_split},
+        "backlog_destination_transactions": {"decant": decant_commits, "native": native_commits},
         "decant_rows_per_s": round(changes / decant_backlog), "native_rows_per_s": round(changes / native_backlog),
         "live_lag_p50_s": round(live["decant"]["lag_s_p50"], 3), "live_lag_p99_s": round(live["decant"]["lag_s_p99"], 3),
         "live_lag_max_s": round(live["decant"]["lag_s_max"], 3),

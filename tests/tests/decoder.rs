@@ -573,6 +573,18 @@ fn options_are_validated_and_applied() {
             "a message ends with COMMIT or a non-transactional message: {last:?}"
         );
     }
+    // pack_transactions holds COMMITs back only in a walsender: the SQL
+    // functions end at their last record, so they must send every message
+    // exactly as without it (a held COMMIT would be lost there).
+    let options: Vec<String> = ["max_message_bytes", "1024", "pack_transactions", "on"].iter().map(|s| s.to_string()).collect();
+    let with_packing: Vec<Vec<u8>> = s
+        .client
+        .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, VARIADIC $1::text[])", &[&options])
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(with_packing, packed);
 
     // Transactions whose changes are all filtered out produce no output at all.
     let msgs = get_changes(&mut s.client, "s", &[("include_tables", "nomatch.*"), ("include_messages", "off")]).unwrap();

@@ -69,6 +69,8 @@ pub enum ApplyError {
     Session(tokio_postgres::Error),
     #[error("{0}")]
     Progress(#[from] ProgressError),
+    #[error("the task committing a group on the destination failed: {0}")]
+    CommitTask(String),
 }
 
 impl ApplyError {
@@ -120,6 +122,8 @@ struct InFlight {
 
 /// Open destination transaction grouping source transactions.
 struct Group {
+    /// BEGIN was sent (it is sent with the group's first statement).
+    begun: bool,
     source_transactions: usize,
     bytes: usize,
     started: Instant,
@@ -132,7 +136,7 @@ pub struct Applier {
     _connection: tokio::task::JoinHandle<()>,
     settings: ApplySettings,
     metrics: Arc<Metrics>,
-    targets: HashMap<u32, Target>,
+    targets: HashMap<u32, Arc<Target>>,
     statements: HashMap<(u32, String), Statement>,
     progress: ProgressStore,
     durability: Durability,
@@ -150,7 +154,7 @@ pub struct Applier {
     /// other change of that table.
     appends: HashMap<u32, BytesMut>,
     /// Staging SQL per table; a new generation when the table's shape changes.
-    stages: HashMap<u32, StageSql>,
+    stages: HashMap<u32, Arc<StageSql>>,
     /// Staging tables that exist in this session.
     stages_created: std::collections::HashSet<u32>,
     generation: u64,
@@ -160,10 +164,17 @@ pub struct Applier {
     skip_before: HashMap<String, Lsn>,
     /// Commit LSN of the current source transaction.
     txn_final: Lsn,
+    /// The previous group, committing on the destination while this one is
+    /// folded. The client is its own until [`Applier::settle`] took it back.
+    committing: Option<tokio::task::JoinHandle<Result<(Group, Lsn), ApplyError>>>,
 }
 
-/// Folded changes are merged when they reach this much memory.
-const BULK_FLUSH_BYTES: usize = 8 << 20;
+/// A group ends at the first COMMIT after its folded changes reach this
+/// much memory: they are merged while the next group is folded.
+const GROUP_FOLDED_BYTES: usize = 8 << 20;
+/// Folded changes are merged at once, inside a source transaction, when they
+/// reach this much memory (a large transaction).
+const BULK_FLUSH_BYTES: usize = 2 * GROUP_FOLDED_BYTES;
 
 impl Applier {
     /// Connects to the destination and reads the resume position.
@@ -196,6 +207,7 @@ impl Applier {
             generation: 0,
             skip_before,
             txn_final: Lsn(0),
+            committing: None,
         })
     }
 
@@ -206,11 +218,18 @@ impl Applier {
 
     /// Highest source position whose destination commit is on disk.
     pub async fn durable_lsn(&mut self) -> Result<Lsn, ApplyError> {
+        if self.committing.as_ref().is_some_and(|job| job.is_finished()) {
+            self.settle().await?;
+        }
+        if self.committing.is_some() {
+            // The client is busy with that commit; ask next time.
+            return Ok(self.durability.durable());
+        }
         Ok(self.durability.refresh(&self.client).await?)
     }
 
     pub fn has_undurable_commits(&self) -> bool {
-        self.durability.has_pending()
+        self.durability.has_pending() || self.committing.is_some()
     }
 
     /// Applies one batch of frames. Every CRC is checked before anything of
@@ -228,14 +247,12 @@ impl Applier {
         }
         self.metrics.batches.inc();
         self.metrics.batch_bytes.add(batch.len() as u64);
-        for record in &records {
-            self.apply_record(record, batch).await?;
-        }
+        // Counted up front: a group ends at a COMMIT inside the batch.
         if let Some(g) = &mut self.group {
             g.bytes += batch.len();
         }
-        if self.group_is_full() {
-            self.commit_group().await?;
+        for record in &records {
+            self.apply_record(record, batch).await?;
         }
         Ok(())
     }
@@ -245,6 +262,7 @@ impl Applier {
             Some(g) if !self.in_source_txn && g.source_transactions > 0 => {
                 g.source_transactions >= self.settings.group_max_transactions
                     || g.bytes >= self.settings.group_max_bytes
+                    || self.folded_bytes() >= GROUP_FOLDED_BYTES
                     || g.started.elapsed() >= self.settings.group_max_delay
             }
             _ => false,
@@ -260,28 +278,39 @@ impl Applier {
         Ok(())
     }
 
-    async fn ensure_group(&mut self) -> Result<(), ApplyError> {
+    fn ensure_group(&mut self) {
         if self.group.is_none() {
-            self.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
-            self.group =
-                Some(Group { source_transactions: 0, bytes: 0, started: Instant::now(), last_end: self.committed, last_commit_time: 0 });
+            self.group = Some(Group {
+                begun: false,
+                source_transactions: 0,
+                bytes: 0,
+                started: Instant::now(),
+                last_end: self.committed,
+                last_commit_time: 0,
+            });
+        }
+    }
+
+    /// Takes the client back from the previous group's commit and opens
+    /// the current group's destination transaction: call before any
+    /// statement.
+    async fn open_transaction(&mut self) -> Result<(), ApplyError> {
+        self.settle().await?;
+        if let Some(group) = &mut self.group {
+            if !group.begun {
+                self.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
+                group.begun = true;
+            }
         }
         Ok(())
     }
 
-    async fn commit_group(&mut self) -> Result<(), ApplyError> {
-        if self.group.is_none() {
-            return Ok(());
-        }
-        self.flush_all_bulk().await?;
-        let Some(group) = self.group.take() else { return Ok(()) };
-        self.drain_pipeline(0).await?;
-        if group.source_transactions > 0 {
-            self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
-        }
-        self.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)?;
+    /// Waits for the previous group's commit and takes note of it.
+    async fn settle(&mut self) -> Result<(), ApplyError> {
+        let Some(job) = self.committing.take() else { return Ok(()) };
+        let (group, wal) = job.await.map_err(|e| ApplyError::CommitTask(e.to_string()))??;
         self.committed = group.last_end;
-        self.durability.committed(&self.client, group.last_end).await?;
+        self.durability.committed(wal, group.last_end);
         self.metrics.destination_commits.inc();
         self.metrics.transactions.add(group.source_transactions as u64);
         self.metrics.group_size.set(group.source_transactions as u64);
@@ -290,6 +319,44 @@ impl Applier {
             let age_us = crate::replication::messages::pg_now() - group.last_commit_time;
             self.metrics.lag_seconds.set(age_us / 1_000_000);
         }
+        Ok(())
+    }
+
+    /// Commits the open group. Its merges, progress record and COMMIT run
+    /// in a task of their own while the next group is folded (one group at
+    /// a time: the next commit first waits for this one).
+    async fn commit_group(&mut self) -> Result<(), ApplyError> {
+        if self.group.is_none() {
+            return Ok(());
+        }
+        // A table's first merge in this session creates its staging table,
+        // in the group's own transaction.
+        let unstaged: Vec<u32> =
+            self.bulk.iter().filter(|(oid, b)| !b.is_empty() && !self.stages_created.contains(oid)).map(|(oid, _)| *oid).collect();
+        for oid in unstaged {
+            self.open_transaction().await?;
+            self.ensure_stage(oid).await?;
+        }
+        self.settle().await?;
+        let Some(group) = self.group.take() else { return Ok(()) };
+        let mut merges = Vec::new();
+        for (oid, rows) in std::mem::take(&mut self.appends) {
+            merges.push(Merge::Append { target: self.target(oid)?, rows });
+        }
+        for (oid, buffer) in std::mem::take(&mut self.bulk) {
+            if !buffer.is_empty() {
+                merges.push(Merge::Stage { target: self.target(oid)?, stage: self.stages[&oid].clone(), buffer });
+            }
+        }
+        let commit = GroupCommit {
+            client: self.client.clone(),
+            merges,
+            pipeline: std::mem::take(&mut self.pipeline),
+            progress: self.progress.clone(),
+            on_conflict: self.settings.on_conflict,
+            metrics: self.metrics.clone(),
+        };
+        self.committing = Some(tokio::spawn(commit.run(group)));
         Ok(())
     }
 
@@ -302,7 +369,7 @@ impl Applier {
                 self.skipping = b.final_lsn < self.committed;
                 self.txn_final = b.final_lsn;
                 if !self.skipping {
-                    self.ensure_group().await?;
+                    self.ensure_group();
                 }
             }
             Record::Commit(c) => {
@@ -317,13 +384,18 @@ impl Applier {
                     g.last_commit_time = c.commit_time;
                 }
                 self.metrics.source_commit_time.set(c.commit_time);
+                // Checked at every COMMIT: a batch of packed messages
+                // rarely ends at one.
+                if self.group_is_full() {
+                    self.commit_group().await?;
+                }
             }
             Record::Relation(r) => {
                 self.flush_bulk(r.oid).await?;
                 let target = Target::from_relation(r);
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
                 self.stages.remove(&r.oid);
-                self.targets.insert(r.oid, target);
+                self.targets.insert(r.oid, Arc::new(target));
             }
             Record::Insert(i) if !self.skipping => {
                 let target = self.target(i.relation)?;
@@ -407,8 +479,8 @@ impl Applier {
                 self.execute(target.oid, target.delete_sql(), params(&locator, batch), "DELETE", true).await?;
             }
             Record::Truncate(t) if !self.skipping && self.settings.apply_truncate => {
-                let targets: Vec<Target> = t.relations.iter().map(|oid| self.target(*oid)).collect::<Result<_, _>>()?;
-                let tables: Vec<String> = targets.into_iter().filter(|t| !self.in_copy(t)).map(|t| t.qualified).collect();
+                let targets: Vec<Arc<Target>> = t.relations.iter().map(|oid| self.target(*oid)).collect::<Result<_, _>>()?;
+                let tables: Vec<String> = targets.iter().filter(|t| !self.in_copy(t)).map(|t| t.qualified.clone()).collect();
                 if tables.is_empty() {
                     return Ok(());
                 }
@@ -420,6 +492,7 @@ impl Applier {
                     sql.push_str(" CASCADE");
                 }
                 self.flush_all_bulk().await?;
+                self.open_transaction().await?;
                 self.drain_pipeline(0).await?;
                 self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement {
                     op: "TRUNCATE",
@@ -433,6 +506,7 @@ impl Applier {
                 let prefix = String::from_utf8_lossy(m.prefix).into_owned();
                 let content = m.content.to_vec();
                 self.flush_all_bulk().await?;
+                self.open_transaction().await?;
                 self.drain_pipeline(0).await?;
                 self.client
                     .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&prefix, &content])
@@ -449,7 +523,7 @@ impl Applier {
         self.skip_before.get(&target.qualified).is_some_and(|&lsn| self.txn_final < lsn)
     }
 
-    fn target(&self, oid: u32) -> Result<Target, ApplyError> {
+    fn target(&self, oid: u32) -> Result<Arc<Target>, ApplyError> {
         self.targets.get(&oid).cloned().ok_or(ApplyError::UnknownRelation(oid))
     }
 
@@ -484,6 +558,7 @@ impl Applier {
         op: &'static str,
         expects_row: bool,
     ) -> Result<(), ApplyError> {
+        self.open_transaction().await?;
         let table = self.targets.get(&oid).map(|t| t.display.clone()).unwrap_or_default();
         let statement = self.statement(oid, sql, &table).await?;
         let client = self.client.clone();
@@ -499,20 +574,7 @@ impl Applier {
     }
 
     async fn drain_pipeline(&mut self, keep: usize) -> Result<(), ApplyError> {
-        while self.pipeline.len() > keep {
-            let Some(item) = self.pipeline.pop_front() else { break };
-            let rows = item.future.await.map_err(|source| ApplyError::Statement { op: item.op, table: item.table.clone(), source })?;
-            if rows == 0 && item.expects_row {
-                match self.settings.on_conflict {
-                    ConflictPolicy::Stop => return Err(ApplyError::MissingRow { op: item.op, table: item.table }),
-                    ConflictPolicy::Overwrite => {
-                        self.metrics.missing_rows.inc();
-                        tracing::warn!(table = %item.table, op = item.op, "row not found on the destination; change counted and skipped");
-                    }
-                }
-            }
-        }
-        Ok(())
+        drain(&mut self.pipeline, keep, self.settings.on_conflict, &self.metrics).await
     }
 
     /// Whether changes of `target` are folded for set-based apply: tables
@@ -525,11 +587,15 @@ impl Applier {
     /// After folding a change: merge when the folded changes grew large.
     async fn folded(&mut self) -> Result<(), ApplyError> {
         self.metrics.changes.inc();
-        let held = self.bulk.values().map(|b| b.bytes).sum::<usize>() + self.appends.values().map(BytesMut::len).sum::<usize>();
-        if held >= BULK_FLUSH_BYTES {
+        if self.folded_bytes() >= BULK_FLUSH_BYTES {
             self.flush_all_bulk().await?;
         }
         Ok(())
+    }
+
+    /// Memory held by folded changes.
+    fn folded_bytes(&self) -> usize {
+        self.bulk.values().map(|b| b.bytes).sum::<usize>() + self.appends.values().map(BytesMut::len).sum::<usize>()
     }
 
     async fn flush_all_bulk(&mut self) -> Result<(), ApplyError> {
@@ -540,21 +606,30 @@ impl Applier {
         Ok(())
     }
 
-    /// Merges the folded changes of one table: COPY into its staging table,
-    /// then delete, update and insert from it.
+    /// Merges the folded changes of one table now (in the middle of a
+    /// group: before a change that cannot fold, or when they grew large).
     async fn flush_bulk(&mut self, oid: u32) -> Result<(), ApplyError> {
-        if let Some(rows) = self.appends.remove(&oid) {
-            self.drain_pipeline(0).await?;
-            let target = self.target(oid)?;
-            let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
-            let copy = format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", "));
-            copy_in(&self.client, &copy, rows.freeze()).await.map_err(statement_error("COPY", &target.display))?;
-        }
-        let Some(buffer) = self.bulk.remove(&oid) else { return Ok(()) };
-        if buffer.is_empty() {
+        let appends = self.appends.remove(&oid);
+        let buffer = self.bulk.remove(&oid).filter(|b| !b.is_empty());
+        if appends.is_none() && buffer.is_none() {
             return Ok(());
         }
+        self.open_transaction().await?;
         self.drain_pipeline(0).await?;
+        let target = self.target(oid)?;
+        if let Some(rows) = appends {
+            Merge::Append { target: target.clone(), rows }.run(&self.client, &self.metrics).await?;
+        }
+        if let Some(buffer) = buffer {
+            self.ensure_stage(oid).await?;
+            Merge::Stage { target, stage: self.stages[&oid].clone(), buffer }.run(&self.client, &self.metrics).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the table's staging table in this session, inside the open
+    /// transaction, if it is not there yet.
+    async fn ensure_stage(&mut self, oid: u32) -> Result<(), ApplyError> {
         let target = self.target(oid)?;
         let table = target.display.clone();
         let stmt_err = |op| statement_error(op, &table);
@@ -571,63 +646,149 @@ impl Applier {
                 .await
                 .map_err(stmt_err("reading rules"))?
                 .get(0);
-            self.stages.insert(oid, StageSql::new(&target, self.generation, has_rules));
+            self.stages.insert(oid, Arc::new(StageSql::new(&target, self.generation, has_rules)));
             self.stages_created.remove(&oid);
         }
-        let stage = &self.stages[&oid];
-        if !self.stages_created.contains(&oid) {
-            self.client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
-            // Staging columns take the domains' base types: a staged
-            // deletion has no values, which a NOT NULL domain refuses.
-            loop {
-                let domains = self
-                    .client
-                    .query(
-                        "SELECT format('ALTER TABLE %s ALTER COLUMN %I TYPE %s', $1::text, a.attname, format_type(t.typbasetype, t.typtypmod))
-                           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                          WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND t.typtype = 'd'",
-                        &[&stage.stage],
-                    )
-                    .await
-                    .map_err(stmt_err("reading staging column types"))?;
-                if domains.is_empty() {
-                    break;
-                }
-                for d in domains {
-                    self.client.batch_execute(d.get(0)).await.map_err(stmt_err("ALTER staging table"))?;
-                }
+        if self.stages_created.contains(&oid) {
+            return Ok(());
+        }
+        let stage = self.stages[&oid].clone();
+        self.client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
+        // Staging columns take the domains' base types: a staged deletion
+        // has no values, which a NOT NULL domain refuses.
+        loop {
+            let domains = self
+                .client
+                .query(
+                    "SELECT format('ALTER TABLE %s ALTER COLUMN %I TYPE %s', $1::text, a.attname, format_type(t.typbasetype, t.typtypmod))
+                       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                      WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND t.typtype = 'd'",
+                    &[&stage.stage],
+                )
+                .await
+                .map_err(stmt_err("reading staging column types"))?;
+            if domains.is_empty() {
+                break;
             }
-            self.stages_created.insert(oid);
+            for d in domains {
+                self.client.batch_execute(d.get(0)).await.map_err(stmt_err("ALTER staging table"))?;
+            }
         }
-        let (data, counts) = buffer.copy_data(&target);
-        copy_in(&self.client, &stage.copy, data.freeze()).await.map_err(stmt_err("COPY"))?;
-        let deleted = self.client.execute(&stage.delete, &[]).await.map_err(stmt_err("DELETE"))? as usize;
-        let updated = match &stage.update {
-            Some(sql) => self.client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
-            None => counts.updates,
-        };
-        self.client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
-        self.client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
-        let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
-        if missing > 0 {
-            self.metrics.missing_rows.add(missing as u64);
-            tracing::warn!(table = %table, rows = missing, "rows not found on the destination for UPDATE or DELETE; changes counted and skipped");
-        }
+        self.stages_created.insert(oid);
         Ok(())
     }
 
-    /// Rolls back an open group (after an error, before reconnecting).
+    /// Rolls back an open group (after an error, before reconnecting). A
+    /// group already committing is let finish: it holds its own progress.
     pub async fn abort(&mut self) {
+        if let Some(job) = self.committing.take() {
+            let _ = job.await;
+        }
         self.bulk.clear();
         self.appends.clear();
         self.stages_created.clear();
         self.pipeline.clear();
-        if self.group.take().is_some() {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
+        self.group = None;
+        // Also ends the transaction of a commit task that failed half-way.
+        let _ = self.client.batch_execute("ROLLBACK").await;
         self.in_source_txn = false;
         self.skipping = false;
     }
+}
+
+/// The destination work of a group once its last source transaction is
+/// folded: run by its own task, so the applier folds the next group meanwhile.
+struct GroupCommit {
+    client: Arc<Client>,
+    merges: Vec<Merge>,
+    /// Row-by-row statements already sent, whose results are still due.
+    pipeline: std::collections::VecDeque<InFlight>,
+    progress: ProgressStore,
+    on_conflict: ConflictPolicy,
+    metrics: Arc<Metrics>,
+}
+
+impl GroupCommit {
+    /// Returns the group and an upper bound of its commit's WAL position.
+    async fn run(mut self, group: Group) -> Result<(Group, Lsn), ApplyError> {
+        if !group.begun {
+            self.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
+        }
+        drain(&mut self.pipeline, 0, self.on_conflict, &self.metrics).await?;
+        for merge in self.merges {
+            merge.run(&self.client, &self.metrics).await?;
+        }
+        if group.source_transactions > 0 {
+            self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
+        }
+        self.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)?;
+        let wal = Durability::commit_position(&self.client).await?;
+        Ok((group, wal))
+    }
+}
+
+/// Folded changes of one table, ready to be written.
+enum Merge {
+    /// INSERTs into a table without a key, as COPY text.
+    Append { target: Arc<Target>, rows: BytesMut },
+    /// Net changes per key, merged through the staging table.
+    Stage { target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer },
+}
+
+impl Merge {
+    async fn run(self, client: &Client, metrics: &Metrics) -> Result<(), ApplyError> {
+        match self {
+            Merge::Append { target, rows } => {
+                let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
+                let copy = format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", "));
+                copy_in(client, &copy, rows.freeze()).await.map_err(statement_error("COPY", &target.display))?;
+            }
+            Merge::Stage { target, stage, buffer } => {
+                let table = target.display.as_str();
+                let stmt_err = |op| statement_error(op, table);
+                let (data, counts) = buffer.copy_data(&target);
+                drop(buffer);
+                copy_in(client, &stage.copy, data.freeze()).await.map_err(stmt_err("COPY"))?;
+                let deleted = client.execute(&stage.delete, &[]).await.map_err(stmt_err("DELETE"))? as usize;
+                let updated = match &stage.update {
+                    Some(sql) => client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
+                    None => counts.updates,
+                };
+                client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
+                client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
+                let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
+                if missing > 0 {
+                    metrics.missing_rows.add(missing as u64);
+                    tracing::warn!(table, rows = missing, "rows not found on the destination for UPDATE or DELETE; changes counted and skipped");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects the results of row-by-row statements in flight until at most
+/// `keep` remain.
+async fn drain(
+    pipeline: &mut std::collections::VecDeque<InFlight>,
+    keep: usize,
+    on_conflict: ConflictPolicy,
+    metrics: &Metrics,
+) -> Result<(), ApplyError> {
+    while pipeline.len() > keep {
+        let Some(item) = pipeline.pop_front() else { break };
+        let rows = item.future.await.map_err(|source| ApplyError::Statement { op: item.op, table: item.table.clone(), source })?;
+        if rows == 0 && item.expects_row {
+            match on_conflict {
+                ConflictPolicy::Stop => return Err(ApplyError::MissingRow { op: item.op, table: item.table }),
+                ConflictPolicy::Overwrite => {
+                    metrics.missing_rows.inc();
+                    tracing::warn!(table = %item.table, op = item.op, "row not found on the destination; change counted and skipped");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The values that locate the old row: the key columns (from the old key or

@@ -24,6 +24,7 @@ fn err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ProgressErro
     move |source| ProgressError { what, source }
 }
 
+#[derive(Clone)]
 pub enum ProgressStore {
     Origin { name: String },
     Table { task_id: String },
@@ -129,12 +130,17 @@ impl Durability {
         Durability { pending: VecDeque::new(), durable }
     }
 
-    /// Call right after a COMMIT returned.
-    pub async fn committed(&mut self, client: &Client, source: Lsn) -> Result<(), ProgressError> {
+    /// An upper bound of the WAL position of the commit that just returned
+    /// on `client`.
+    pub async fn commit_position(client: &Client) -> Result<Lsn, ProgressError> {
         let wal: String =
             client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.map_err(err("reading the WAL position"))?.get(0);
-        self.pending.push_back((wal.parse().unwrap_or(Lsn(u64::MAX)), source));
-        Ok(())
+        Ok(wal.parse().unwrap_or(Lsn(u64::MAX)))
+    }
+
+    /// The commit at destination WAL position `wal` recorded `source`.
+    pub fn committed(&mut self, wal: Lsn, source: Lsn) {
+        self.pending.push_back((wal, source));
     }
 
     pub fn has_pending(&self) -> bool {
