@@ -345,7 +345,7 @@ impl Applier {
         }
         for (oid, buffer) in std::mem::take(&mut self.bulk) {
             if !buffer.is_empty() {
-                merges.push(Merge::Stage { target: self.target(oid)?, stage: self.stages[&oid].clone(), buffer });
+                merges.push(Merge::staged(self.target(oid)?, self.stages[&oid].clone(), buffer));
             }
         }
         let commit = GroupCommit {
@@ -618,11 +618,11 @@ impl Applier {
         self.drain_pipeline(0).await?;
         let target = self.target(oid)?;
         if let Some(rows) = appends {
-            Merge::Append { target: target.clone(), rows }.run(&self.client, &self.metrics).await?;
+            Merge::Append { target: target.clone(), rows }.run(&self.client, &self.metrics, false).await?;
         }
         if let Some(buffer) = buffer {
             self.ensure_stage(oid).await?;
-            Merge::Stage { target, stage: self.stages[&oid].clone(), buffer }.run(&self.client, &self.metrics).await?;
+            Merge::staged(target, self.stages[&oid].clone(), buffer).run(&self.client, &self.metrics, false).await?;
         }
         Ok(())
     }
@@ -716,7 +716,7 @@ impl GroupCommit {
         }
         drain(&mut self.pipeline, 0, self.on_conflict, &self.metrics).await?;
         for merge in self.merges {
-            merge.run(&self.client, &self.metrics).await?;
+            merge.run(&self.client, &self.metrics, true).await?;
         }
         if group.source_transactions > 0 {
             self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
@@ -731,31 +731,52 @@ impl GroupCommit {
 enum Merge {
     /// INSERTs into a table without a key, as COPY text.
     Append { target: Arc<Target>, rows: BytesMut },
-    /// Net changes per key, merged through the staging table.
-    Stage { target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer },
+    /// Net changes per key as COPY text for the staging table, merged from
+    /// there.
+    Stage { target: Arc<Target>, stage: Arc<StageSql>, data: BytesMut, counts: bulk::Counts },
 }
 
 impl Merge {
-    async fn run(self, client: &Client, metrics: &Metrics) -> Result<(), ApplyError> {
+    /// Turns folded changes into their staging rows. Done where they were
+    /// folded: their many small allocations are freed on the thread that
+    /// made them (freeing them on the commit task's thread made the
+    /// allocator contend).
+    fn staged(target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer) -> Merge {
+        let (data, counts) = buffer.copy_data(&target);
+        drop(buffer);
+        Merge::Stage { target, stage, data, counts }
+    }
+
+    /// `then_commit`: the group commits right after, which empties the
+    /// staging table.
+    async fn run(self, client: &Client, metrics: &Metrics, then_commit: bool) -> Result<(), ApplyError> {
         match self {
             Merge::Append { target, rows } => {
                 let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
                 let copy = format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", "));
                 copy_in(client, &copy, rows.freeze()).await.map_err(statement_error("COPY", &target.display))?;
             }
-            Merge::Stage { target, stage, buffer } => {
+            Merge::Stage { target, stage, data, counts } => {
                 let table = target.display.as_str();
                 let stmt_err = |op| statement_error(op, table);
-                let (data, counts) = buffer.copy_data(&target);
-                drop(buffer);
                 copy_in(client, &stage.copy, data.freeze()).await.map_err(stmt_err("COPY"))?;
-                let deleted = client.execute(&stage.delete, &[]).await.map_err(stmt_err("DELETE"))? as usize;
-                let updated = match &stage.update {
-                    Some(sql) => client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
-                    None => counts.updates,
+                // Each statement scans the staging table: only those with
+                // rows to act on run.
+                let mut deleted = 0;
+                if counts.deletes > 0 {
+                    deleted = client.execute(&stage.delete, &[]).await.map_err(stmt_err("DELETE"))? as usize;
+                }
+                let update = if counts.keeps_values { &stage.update_keeping } else { &stage.update };
+                let updated = match update {
+                    Some(sql) if counts.updates > 0 => client.execute(sql, &[]).await.map_err(stmt_err("UPDATE"))? as usize,
+                    _ => counts.updates,
                 };
-                client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
-                client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
+                if counts.inserts > 0 {
+                    client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
+                }
+                if !then_commit {
+                    client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
+                }
                 let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
                 if missing > 0 {
                     metrics.missing_rows.add(missing as u64);

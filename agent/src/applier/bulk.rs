@@ -117,6 +117,7 @@ impl Buffer {
             match net {
                 Net::Deleted { counted } => {
                     let op = if *counted { b"D" } else { b"d" };
+                    counts.deletes += 1;
                     counts.deletes_counted += usize::from(*counted);
                     let mut values: Vec<&Text> = vec![&None; ncols];
                     for (n, &i) in target.key.iter().enumerate() {
@@ -132,6 +133,7 @@ impl Buffer {
                         counts.updates += 1;
                     }
                     let kept: Vec<usize> = unchanged.iter().enumerate().filter(|(_, &u)| u).map(|(i, _)| i + 1).collect();
+                    counts.keeps_values |= !kept.is_empty();
                     write_row(&mut out, values.iter(), op, &kept);
                 }
             }
@@ -142,9 +144,13 @@ impl Buffer {
 
 #[derive(Debug, Default)]
 pub struct Counts {
+    pub deletes: usize,
+    /// Deletions that expected the row to exist.
     pub deletes_counted: usize,
     pub updates: usize,
     pub inserts: usize,
+    /// Some row keeps a destination value (an untouched TOASTed column).
+    pub keeps_values: bool,
 }
 
 /// One line of COPY text for a plain INSERT.
@@ -207,6 +213,10 @@ pub struct StageSql {
     pub create: String,
     pub copy: String,
     pub delete: String,
+    /// UPDATE from the staged rows that keep destination values where marked
+    /// (`None`: the table has only key columns).
+    pub update_keeping: Option<String>,
+    /// UPDATE when no staged row keeps a value: no per-column test.
     pub update: Option<String>,
     pub insert: String,
     pub truncate: String,
@@ -223,11 +233,15 @@ impl StageSql {
         let key_match: Vec<String> = target.key.iter().map(|&i| format!("t.{c} = s.{c}", c = cols[i])).collect();
         let key_match = key_match.join(" AND ");
         let non_key: Vec<usize> = (0..cols.len()).filter(|i| !target.key.contains(i)).collect();
-        let update = (!non_key.is_empty()).then(|| {
+        let update_keeping = (!non_key.is_empty()).then(|| {
             let set: Vec<String> = non_key
                 .iter()
                 .map(|&i| format!("{c} = CASE WHEN {n} = ANY (s.decant_keep) THEN t.{c} ELSE s.{c} END", c = cols[i], n = i + 1))
                 .collect();
+            format!("UPDATE {} t SET {} FROM {stage} s WHERE s.decant_op = 'u' AND {key_match}", target.qualified, set.join(", "))
+        });
+        let update = (!non_key.is_empty()).then(|| {
+            let set: Vec<String> = non_key.iter().map(|&i| format!("{c} = s.{c}", c = cols[i])).collect();
             format!("UPDATE {} t SET {} FROM {stage} s WHERE s.decant_op = 'u' AND {key_match}", target.qualified, set.join(", "))
         });
         let key_cols: Vec<String> = target.key.iter().map(|&i| cols[i].clone()).collect();
@@ -262,13 +276,16 @@ impl StageSql {
         };
         StageSql {
             stage: stage.clone(),
+            // Emptied by every COMMIT (cheaper than TRUNCATE, which makes
+            // a new file each time); `truncate` is for merges within a group.
             create: format!(
-                "CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {list} FROM {} WITH NO DATA;
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS SELECT {list} FROM {} WITH NO DATA;
                  ALTER TABLE {stage} ADD COLUMN IF NOT EXISTS decant_op \"char\", ADD COLUMN IF NOT EXISTS decant_keep int2[]",
                 target.qualified
             ),
             copy: format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN"),
             delete: format!("DELETE FROM {} t USING {stage} s WHERE s.decant_op IN ('D', 'd') AND {key_match}", target.qualified),
+            update_keeping,
             update,
             insert,
             truncate: format!("TRUNCATE {stage}"),
@@ -335,7 +352,8 @@ mod tests {
     #[test]
     fn statements() {
         let s = StageSql::new(&target(), 1, false);
-        assert!(s.update.unwrap().contains("\"a\" = CASE WHEN 2 = ANY (s.decant_keep) THEN t.\"a\" ELSE s.\"a\" END"));
+        assert!(s.update_keeping.unwrap().contains("\"a\" = CASE WHEN 2 = ANY (s.decant_keep) THEN t.\"a\" ELSE s.\"a\" END"));
+        assert!(s.update.unwrap().contains("SET \"a\" = s.\"a\", \"big\" = s.\"big\" FROM"));
         assert!(s.insert.ends_with("ON CONFLICT (\"id\") DO UPDATE SET \"a\" = EXCLUDED.\"a\", \"big\" = EXCLUDED.\"big\""));
         assert!(s.delete.contains("t.\"id\" = s.\"id\""));
     }
