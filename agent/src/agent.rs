@@ -37,6 +37,11 @@ pub enum AgentError {
     Corrupt { lsn: Lsn, error: DecodeError },
     #[error("the applier closed the stream")]
     ApplierClosed,
+    #[error(
+        "the source is shutting down: its walsender waits for a confirmation of {wal_end}, past a transaction the plugin still \
+         holds (pack_transactions); the stream ends so the source can stop, and resumes from the last confirmed position"
+    )]
+    SourceStopping { wal_end: Lsn },
     #[error("{0}")]
     Migrate(#[from] crate::migrate::MigrateError),
 }
@@ -68,6 +73,7 @@ impl AgentError {
             AgentError::Applier(_) => ErrorClass::Other,
             AgentError::Slot { class, .. } => *class,
             AgentError::Corrupt { .. } => ErrorClass::Other,
+            AgentError::SourceStopping { .. } => ErrorClass::Connection,
             AgentError::ApplierClosed => ErrorClass::Connection,
             AgentError::Migrate(e) => e.class(),
         }
@@ -164,6 +170,9 @@ struct Session<'c> {
     /// Position of the last non-transactional message received: every
     /// transaction committed before it has been received.
     last_marker: Lsn,
+    /// The position of a reply-requested keepalive that could not be
+    /// confirmed, until data arrives.
+    unconfirmed_ping: Option<Lsn>,
     /// Both ends connected and the stream started.
     streaming: bool,
 }
@@ -186,6 +195,7 @@ impl<'c> Session<'c> {
             confirmed: Lsn(0),
             packing: false,
             last_marker: Lsn(0),
+            unconfirmed_ping: None,
             streaming: false,
         }
     }
@@ -331,6 +341,7 @@ impl<'c> Session<'c> {
                 msg = repl.recv(), if self.pending.is_none() => {
                     match msg? {
                         Streamed::Data { wal_start, wal_end, payload, .. } => {
+                            self.unconfirmed_ping = None;
                             self.wal_end = self.wal_end.max(wal_end);
                             self.last_received = self.last_received.max(wal_start);
                             self.take_records(wal_start, &payload)?;
@@ -338,6 +349,9 @@ impl<'c> Session<'c> {
                         Streamed::Keepalive { wal_end, reply_requested, .. } => {
                             self.wal_end = self.wal_end.max(wal_end);
                             self.send_status(repl, reply_requested).await?;
+                            if reply_requested {
+                                self.check_source_stopping(wal_end)?;
+                            }
                         }
                         Streamed::End => return Err(AgentError::Source(ReplicationError::Protocol("the source ended the replication stream".into()))),
                     }
@@ -427,6 +441,27 @@ impl<'c> Session<'c> {
         }
     }
 
+    /// A walsender that is shutting down asks again and again, at once,
+    /// for a confirmation of everything it sent, and exits only then. With
+    /// packing, an idle agent confirms only up to the last heartbeat, and no
+    /// heartbeat comes during a shutdown: the plugin may hold a COMMIT that
+    /// this walsender will never send. Asked twice in a row, with no data in
+    /// between, for a position it cannot confirm (a running walsender asks
+    /// only after wal_sender_timeout / 2 without status updates), the agent
+    /// ends the stream: the source can stop, and the held transaction comes
+    /// again after the restart.
+    fn check_source_stopping(&mut self, wal_end: Lsn) -> Result<(), AgentError> {
+        if !self.packing || self.confirmed >= wal_end {
+            self.unconfirmed_ping = None;
+            return Ok(());
+        }
+        if self.unconfirmed_ping == Some(wal_end) {
+            return Err(AgentError::SourceStopping { wal_end });
+        }
+        self.unconfirmed_ping = Some(wal_end);
+        Ok(())
+    }
+
     async fn send_status(&mut self, repl: &mut ReplicationClient, reply_requested_by_server: bool) -> Result<(), AgentError> {
         // Sent on every request and interval even when unchanged: it is also
         // how the source knows this receiver is alive.
@@ -484,7 +519,9 @@ fn spawn_heartbeat(source: ConnInfo, seconds: u64) -> Option<tokio::task::JoinHa
         return None;
     }
     Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(seconds));
+        // The first one after a full interval, like every other.
+        let period = Duration::from_secs(seconds);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut client = None;
         loop {
             tick.tick().await;

@@ -292,8 +292,8 @@ create_slot = true
 include_tables = []
 # Never these tables.
 exclude_tables = []
-# Seconds between heartbeats (decant.heartbeat(), when the extension is
-# installed in the source database) that keep an idle slot moving; 0 = off.
+# Seconds between heartbeats (a non-transactional logical message) that keep
+# an idle slot moving; 0 = off.
 heartbeat_seconds = 10
 
 [destination]                 # read by `decant applier`
@@ -320,7 +320,9 @@ metrics_listen = "127.0.0.1:9631"
 [applier]
 # Address the gRPC server listens on.
 listen = "127.0.0.1:7480"
-# One destination transaction applies up to this many source transactions ...
+# One destination transaction applies up to this many source transactions
+# (it also ends once 8 MB of changes are folded: it is then merged while the
+# next one is folded) ...
 group_max_transactions = 50000
 # ... or this many bytes of records ...
 group_max_bytes = 33554432

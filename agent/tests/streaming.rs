@@ -260,6 +260,49 @@ fn an_idle_source_keeps_advancing_the_slot() {
 }
 
 #[test]
+fn a_source_shutting_down_while_the_plugin_holds_a_commit_stops_and_loses_nothing() {
+    // Heartbeats so rare that nothing but the shutdown can end the hold.
+    let p = pair("");
+    let config = std::fs::read_to_string(&p.config).unwrap().replace("heartbeat_seconds = 1\n", "heartbeat_seconds = 3600\n");
+    std::fs::write(&p.config, config).unwrap();
+    let _applier = p.role("applier");
+    let mut agent = p.role("agent");
+    p.pgbench(&["-t", "10"]);
+    p.wait_equal();
+    // A backlog, then megabytes of WAL of another database after its last
+    // COMMIT: the plugin reads that COMMIT with a backlog waiting, so it
+    // holds it (pack_transactions), and nothing after it would send it.
+    assert_eq!(agent.stop(), Some(0));
+    p.pgbench(&["-t", "100"]);
+    let mut admin = p.source.connect();
+    admin.batch_execute("CREATE DATABASE other").unwrap();
+    p.source.connect_db("other").batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 200000) g").unwrap();
+    let end: String = admin.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
+    let mut agent = p.role("agent");
+    wait_for("the walsender to send everything", Duration::from_secs(60), || {
+        admin
+            .query_one("SELECT coalesce(bool_or(sent_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication", &[&end])
+            .unwrap()
+            .get::<_, bool>(0)
+    });
+    let history = |c: &mut postgres::Client| c.query_one("SELECT count(*) FROM pgbench_history", &[]).unwrap().get::<_, i64>(0);
+    let source_rows = history(&mut admin);
+    let mut dest = p.dest.connect();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(history(&mut dest) < source_rows, "the last transactions were expected to be held by the plugin");
+    // The walsender waits at shutdown for a confirmation of all it sent; the
+    // agent cannot give it (a held COMMIT lies before), so it ends the stream.
+    p.source.restart();
+    assert!(agent.log().contains("the source is shutting down"), "{}", agent.log());
+    // After the restart the held transactions come again, with new ones,
+    // sent at the latest with the next non-transactional message.
+    p.pgbench(&["-t", "10"]);
+    p.source.connect().batch_execute("SELECT pg_logical_emit_message(false, 'test', 'flush')").unwrap();
+    p.wait_equal();
+    assert!(agent.is_running(), "{}", agent.log());
+}
+
+#[test]
 fn metrics_endpoint_reports_progress() {
     let metrics_port = free_port();
     let p = pair("");

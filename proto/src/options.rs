@@ -26,8 +26,8 @@ pub struct PluginOptions {
     /// of the walsender and the consumer. Memory stays bounded by this size.
     pub max_message_bytes: u32,
     /// With `max_message_bytes`: a message may also hold several
-    /// transactions. At a COMMIT, while the walsender has more WAL waiting
-    /// to be decoded, the records stay in the message (the next commit is
+    /// transactions. At a COMMIT, while the walsender has a backlog (1 MB or
+    /// more of WAL waiting to be decoded), the records stay in the message (the next commit is
     /// usually a few hundred bytes further on); they are sent when the
     /// message is full, when decoding catches up with the WAL, or with the
     /// next non-transactional message. Only a walsender ever holds records

@@ -8,49 +8,67 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
+use bytes::{BufMut, BytesMut};
+
 use crate::record::Value;
 
 impl Value<'_> {
     /// The value's text form, or `None` for NULL and unchanged-TOAST.
     pub fn to_pg_text(&self) -> Option<Cow<'_, [u8]>> {
-        Some(match *self {
-            Value::Null | Value::UnchangedToast => return None,
-            Value::Text(b) => Cow::Borrowed(b),
-            Value::PaddedText(b, pad) => {
-                let mut v = Vec::with_capacity(b.len() + pad as usize);
-                v.extend_from_slice(b);
-                v.resize(b.len() + pad as usize, b' ');
-                Cow::Owned(v)
+        match *self {
+            Value::Text(b) => Some(Cow::Borrowed(b)),
+            _ => {
+                let mut out = BytesMut::new();
+                self.write_pg_text(&mut out).then(|| Cow::Owned(out.to_vec()))
             }
-            Value::Int(i) => Cow::Owned(i.to_string().into_bytes()),
-            Value::Bool(b) => Cow::Borrowed(if b { b"t" } else { b"f" }),
-            Value::Bytes(b) => {
-                let mut s = String::with_capacity(2 + 2 * b.len());
-                s.push_str("\\x");
-                for byte in b {
-                    let _ = write!(s, "{byte:02x}");
-                }
-                Cow::Owned(s.into_bytes())
-            }
-            Value::Float4(bits) => Cow::Owned(float4_text(f32::from_bits(bits)).into_bytes()),
-            Value::Float8(bits) => Cow::Owned(float8_text(f64::from_bits(bits)).into_bytes()),
-            Value::Date(d) => Cow::Owned(date_text(d).into_bytes()),
-            Value::Time(t) => Cow::Owned(time_text(t).into_bytes()),
-            Value::Timestamp(t) => Cow::Owned(timestamp_text(t, "").into_bytes()),
-            Value::TimestampTz(t) => Cow::Owned(timestamp_text(t, "+00").into_bytes()),
-            Value::Uuid(u) => {
-                let mut s = String::with_capacity(36);
-                for (i, byte) in u.iter().enumerate() {
-                    if matches!(i, 4 | 6 | 8 | 10) {
-                        s.push('-');
-                    }
-                    let _ = write!(s, "{byte:02x}");
-                }
-                Cow::Owned(s.into_bytes())
-            }
-            Value::Numeric(packed) => Cow::Owned(unpack_numeric(packed).into_bytes()),
-        })
+        }
     }
+
+    /// Appends the value's text form to `out`, without allocating for the
+    /// common kinds; false (nothing appended) for NULL and unchanged-TOAST.
+    pub fn write_pg_text(&self, out: &mut BytesMut) -> bool {
+        match *self {
+            Value::Null | Value::UnchangedToast => return false,
+            Value::Text(b) => out.extend_from_slice(b),
+            Value::PaddedText(b, pad) => {
+                out.extend_from_slice(b);
+                out.put_bytes(b' ', pad as usize);
+            }
+            Value::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Value::Bool(b) => out.extend_from_slice(if b { b"t" } else { b"f" }),
+            Value::Bytes(b) => {
+                out.reserve(2 + 2 * b.len());
+                out.extend_from_slice(b"\\x");
+                for &byte in b {
+                    out.extend_from_slice(&hex(byte));
+                }
+            }
+            Value::Float4(bits) => out.extend_from_slice(float4_text(f32::from_bits(bits)).as_bytes()),
+            Value::Float8(bits) => out.extend_from_slice(float8_text(f64::from_bits(bits)).as_bytes()),
+            Value::Date(d) => out.extend_from_slice(date_text(d).as_bytes()),
+            Value::Time(t) => out.extend_from_slice(time_text(t).as_bytes()),
+            Value::Timestamp(t) => out.extend_from_slice(timestamp_text(t, "").as_bytes()),
+            Value::TimestampTz(t) => out.extend_from_slice(timestamp_text(t, "+00").as_bytes()),
+            Value::Uuid(u) => {
+                for (i, &byte) in u.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        out.extend_from_slice(b"-");
+                    }
+                    out.extend_from_slice(&hex(byte));
+                }
+            }
+            Value::Numeric(packed) => out.extend(numeric_chars(packed)),
+        }
+        true
+    }
+}
+
+/// Two lowercase hex digits.
+fn hex(byte: u8) -> [u8; 2] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [DIGITS[usize::from(byte >> 4)], DIGITS[usize::from(byte & 0xF)]]
 }
 
 // ---------------------------------------------------------------- numeric

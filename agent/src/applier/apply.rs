@@ -164,6 +164,9 @@ pub struct Applier {
     skip_before: HashMap<String, Lsn>,
     /// Commit LSN of the current source transaction.
     txn_final: Lsn,
+    /// Text forms of folded values are written here and kept as slices of
+    /// it: one allocation for many values.
+    scratch: BytesMut,
     /// The previous group, committing on the destination while this one is
     /// folded. The client is its own until [`Applier::settle`] took it back.
     committing: Option<tokio::task::JoinHandle<Result<(Group, Lsn), ApplyError>>>,
@@ -207,6 +210,7 @@ impl Applier {
             generation: 0,
             skip_before,
             txn_final: Lsn(0),
+            scratch: BytesMut::new(),
             committing: None,
         })
     }
@@ -403,15 +407,15 @@ impl Applier {
                     return Ok(());
                 }
                 if self.folds(&target) {
-                    if let Some(key) = key_texts(&target, &i.new.0, batch) {
-                        let (values, _) = texts(&i.new.0, batch);
+                    let (values, _) = texts(&i.new.0, batch, &mut self.scratch);
+                    if let Some(key) = key_of(&target, &values) {
                         self.bulk.entry(target.oid).or_default().insert(key, values);
                         return self.folded().await;
                     }
                 }
                 if target.key.is_empty() {
                     // No key: nothing to fold, but inserts can be copied in.
-                    let (values, _) = texts(&i.new.0, batch);
+                    let (values, _) = texts(&i.new.0, batch, &mut self.scratch);
                     let buf = self.appends.entry(target.oid).or_default();
                     bulk::append_row(buf, &values);
                     return self.folded().await;
@@ -428,10 +432,14 @@ impl Applier {
                     return Ok(());
                 }
                 if self.folds(&target) {
-                    let new_key = key_texts(&target, &u.new.0, batch);
-                    let old_key = locator_values(&target, u.old.as_ref(), Some(&u.new)).and_then(|v| all_text(&v, batch));
+                    let (values, unchanged) = texts(&u.new.0, batch, &mut self.scratch);
+                    let new_key = key_of(&target, &values);
+                    // Without an old tuple the key did not change.
+                    let old_key = match &u.old {
+                        None => new_key.clone(),
+                        old => locator_values(&target, old.as_ref(), Some(&u.new)).and_then(|v| all_text(&v, batch, &mut self.scratch)),
+                    };
                     if let (Some(key), Some(old)) = (new_key, old_key) {
-                        let (values, unchanged) = texts(&u.new.0, batch);
                         let moved = (old != key).then_some(old);
                         if self.bulk.entry(target.oid).or_default().update(moved, key, values, unchanged).is_ok() {
                             return self.folded().await;
@@ -467,7 +475,7 @@ impl Applier {
                     return Ok(());
                 }
                 if self.folds(&target) {
-                    if let Some(key) = locator_values(&target, d.old.as_ref(), None).and_then(|v| all_text(&v, batch)) {
+                    if let Some(key) = locator_values(&target, d.old.as_ref(), None).and_then(|v| all_text(&v, batch, &mut self.scratch)) {
                         self.bulk.entry(target.oid).or_default().delete(key);
                         return self.folded().await;
                     }
@@ -853,29 +861,35 @@ async fn copy_in(client: &Client, sql: &str, data: Bytes) -> Result<u64, tokio_p
     sink.as_mut().finish().await
 }
 
-/// Text forms of a tuple's values, and which are unchanged TOAST.
-fn texts(values: &[Value<'_>], batch: &Bytes) -> (Vec<Text>, Vec<bool>) {
-    let unchanged = values.iter().map(|v| matches!(v, Value::UnchangedToast)).collect();
-    (values.iter().map(|v| text(v, batch)).collect(), unchanged)
+/// Text forms of a tuple's values, and which are unchanged TOAST (empty
+/// when none is).
+fn texts(values: &[Value<'_>], batch: &Bytes, scratch: &mut BytesMut) -> (Vec<Text>, Vec<bool>) {
+    let unchanged =
+        if values.iter().any(|v| matches!(v, Value::UnchangedToast)) { values.iter().map(|v| matches!(v, Value::UnchangedToast)).collect() } else { Vec::new() };
+    (values.iter().map(|v| text(v, batch, scratch)).collect(), unchanged)
 }
 
-fn text(v: &Value<'_>, batch: &Bytes) -> Text {
-    v.to_pg_text().map(|t| match t {
-        std::borrow::Cow::Borrowed(b) => slice(batch, b),
-        std::borrow::Cow::Owned(v) => Bytes::from(v),
-    })
+/// A value's text: a slice of the batch when it travels as text, else
+/// written into `scratch` and split off it.
+fn text(v: &Value<'_>, batch: &Bytes, scratch: &mut BytesMut) -> Text {
+    if let Value::Text(b) = v {
+        return Some(slice(batch, b));
+    }
+    if scratch.capacity() - scratch.len() < 256 {
+        scratch.reserve(64 << 10);
+    }
+    v.write_pg_text(scratch).then(|| scratch.split().freeze())
 }
 
 /// Every value as text, or `None` if one is NULL or unchanged (then it
 /// cannot serve as a key).
-fn all_text(values: &[Value<'_>], batch: &Bytes) -> Option<Vec<Text>> {
-    values.iter().map(|v| text(v, batch).map(Some)).collect()
+fn all_text(values: &[Value<'_>], batch: &Bytes, scratch: &mut BytesMut) -> Option<Vec<Text>> {
+    values.iter().map(|v| text(v, batch, scratch).map(Some)).collect()
 }
 
-/// The key columns of a full row, as text.
-fn key_texts(target: &Target, row: &[Value<'_>], batch: &Bytes) -> Option<Vec<Text>> {
-    let key: Vec<Value<'_>> = target.key.iter().map(|&i| row.get(i).copied()).collect::<Option<_>>()?;
-    all_text(&key, batch)
+/// The key columns of a row's texts; `None` if one is NULL or unchanged.
+fn key_of(target: &Target, values: &[Text]) -> Option<Vec<Text>> {
+    target.key.iter().map(|&i| values.get(i).cloned().flatten().map(Some)).collect()
 }
 
 fn params(values: &[Value<'_>], batch: &Bytes) -> Vec<Option<Param>> {
@@ -884,7 +898,13 @@ fn params(values: &[Value<'_>], batch: &Bytes) -> Vec<Option<Param>> {
         .map(|v| match v {
             Value::Null | Value::UnchangedToast => None,
             Value::Bytes(raw) => Some(Param { bytes: slice(batch, raw), binary: true }),
-            other => text(other, batch).map(|bytes| Param { bytes, binary: false }),
+            other => other.to_pg_text().map(|t| Param {
+                bytes: match t {
+                    std::borrow::Cow::Borrowed(b) => slice(batch, b),
+                    std::borrow::Cow::Owned(v) => Bytes::from(v),
+                },
+                binary: false,
+            }),
         })
         .collect()
 }

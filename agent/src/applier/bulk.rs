@@ -25,7 +25,7 @@ enum Net {
     /// expected the row to exist (so zero rows deleted means it was missing).
     Deleted { counted: bool },
     /// The row ends with these values. `unchanged[i]`: column i keeps the
-    /// destination's value (an untouched TOASTed value). `inserted`: the
+    /// destination's value (an untouched TOASTed value); empty when none does. `inserted`: the
     /// first change was an INSERT (so the row is written whether or not it
     /// exists); otherwise the row must already exist.
     Row { values: Vec<Text>, unchanged: Vec<bool>, inserted: bool },
@@ -53,8 +53,7 @@ impl Buffer {
 
     pub fn insert(&mut self, key: Vec<Text>, values: Vec<Text>) {
         self.bytes += size(&values);
-        let unchanged = vec![false; values.len()];
-        self.rows.insert(key, Net::Row { values, unchanged, inserted: true });
+        self.rows.insert(key, Net::Row { values, unchanged: Vec::new(), inserted: true });
     }
 
     /// An UPDATE: `old_key` is given when the key changed.
@@ -73,10 +72,10 @@ impl Buffer {
             Some(Net::Row { values: pv, unchanged: pu, inserted }) => {
                 let mut v = values;
                 let mut u = unchanged;
-                for i in 0..v.len() {
+                for i in 0..u.len() {
                     if u[i] {
                         v[i] = pv.get(i).cloned().flatten();
-                        u[i] = pu.get(i).copied().unwrap_or(true);
+                        u[i] = pu.get(i).copied().unwrap_or(false);
                     }
                 }
                 (v, u, *inserted)

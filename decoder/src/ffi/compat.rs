@@ -47,19 +47,19 @@ pub(super) unsafe fn update_progress(ctx: *mut pg_sys::LogicalDecodingContext, s
     }
 }
 
-/// Whether WAL beyond `lsn` is already flushed: a walsender that has just
-/// decoded up to `lsn` then has more to decode at once. Always false during
+/// How much WAL beyond `lsn` is already flushed: what a walsender that has
+/// just decoded up to `lsn` has left to decode at once. Always 0 during
 /// recovery (a standby's walsender reads up to another position).
-pub(super) unsafe fn wal_flushed_beyond(lsn: pg_sys::XLogRecPtr) -> bool {
+pub(super) unsafe fn wal_flushed_beyond(lsn: pg_sys::XLogRecPtr) -> u64 {
     // SAFETY: both read shared memory under their own locks; valid in any backend.
     unsafe {
         if pg_sys::RecoveryInProgress() {
-            return false;
+            return 0;
         }
         #[cfg(any(feature = "pg13", feature = "pg14"))]
         let flushed = pg_sys::GetFlushRecPtr();
         #[cfg(not(any(feature = "pg13", feature = "pg14")))]
         let flushed = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
-        flushed > lsn
+        flushed.saturating_sub(lsn)
     }
 }

@@ -25,6 +25,10 @@ use session::{with_session, ChangeScope, Session};
 
 ::pgrx::pg_module_magic!(name, version);
 
+/// WAL still to decode above which a walsender counts as working through a
+/// backlog (option pack_transactions).
+const PACKING_BACKLOG_BYTES: u64 = 1 << 20;
+
 /// The extension's version, e.g. `0.1.0`.
 #[pg_extern(immutable, parallel_safe)]
 fn version() -> &'static str {
@@ -85,10 +89,13 @@ unsafe extern "C-unwind" fn commit(
 ) {
     // SAFETY: txn is valid for the call.
     let end_lsn = unsafe { (*txn).end_lsn };
-    // With pack_transactions, a walsender that has more WAL waiting keeps
-    // the COMMIT in the message with the next transactions (see output.rs).
+    // With pack_transactions, a walsender with a backlog keeps the COMMIT in
+    // the message with the next transactions (see output.rs). Not for the
+    // last stretch of WAL: a commit followed only by unrelated WAL would
+    // wait for the next heartbeat.
     // SAFETY: am_walsender is set once at backend start.
-    let hold = with_session(|s| s.options.pack_transactions) && unsafe { pg_sys::am_walsender && compat::wal_flushed_beyond(end_lsn) };
+    let hold = with_session(|s| s.options.pack_transactions)
+        && unsafe { pg_sys::am_walsender && compat::wal_flushed_beyond(end_lsn) >= PACKING_BACKLOG_BYTES };
     let began = with_session(|s| s.pending_begin.take().is_none());
     if !began {
         // Nothing was emitted: send what is held if decoding caught up, and
