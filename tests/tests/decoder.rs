@@ -555,15 +555,8 @@ fn options_are_validated_and_applied() {
     );
     // Packed messages carry the same records in fewer messages; the COMMIT
     // always ends a message.
-    let flat: Vec<String> = ["max_message_bytes", "1024"].iter().map(|s| s.to_string()).collect();
-    let packed: Vec<Vec<u8>> = s
-        .client
-        .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, VARIADIC $1::text[])", &[&flat])
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    let single = get_changes_peek(&mut s);
+    let packed = get_changes_peek(&mut s, &["max_message_bytes", "1024"]);
+    let single = get_changes_peek(&mut s, &[]);
     assert_eq!(decode_packed(&packed), decode_all(&single));
     assert!(packed.len() < single.len(), "{} packed messages, {} single", packed.len(), single.len());
     for m in &packed {
@@ -576,14 +569,7 @@ fn options_are_validated_and_applied() {
     // pack_transactions holds COMMITs back only in a walsender: the SQL
     // functions end at their last record, so they must send every message
     // exactly as without it (a held COMMIT would be lost there).
-    let options: Vec<String> = ["max_message_bytes", "1024", "pack_transactions", "on"].iter().map(|s| s.to_string()).collect();
-    let with_packing: Vec<Vec<u8>> = s
-        .client
-        .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, VARIADIC $1::text[])", &[&options])
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
+    let with_packing = get_changes_peek(&mut s, &["max_message_bytes", "1024", "pack_transactions", "on"]);
     assert_eq!(with_packing, packed);
 
     // Transactions whose changes are all filtered out produce no output at all.
@@ -591,9 +577,12 @@ fn options_are_validated_and_applied() {
     assert!(msgs.is_empty(), "{} messages", msgs.len());
 }
 
-fn get_changes_peek(s: &mut Source) -> Vec<Vec<u8>> {
+/// The messages of slot `s`, without consuming them; `options` are name,
+/// value, name, value, …
+fn get_changes_peek(s: &mut Source, options: &[&str]) -> Vec<Vec<u8>> {
+    let options: Vec<String> = options.iter().map(|o| o.to_string()).collect();
     s.client
-        .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL)", &[])
+        .query("SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, VARIADIC $1::text[])", &[&options])
         .unwrap()
         .into_iter()
         .map(|r| r.get(0))
