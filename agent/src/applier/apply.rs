@@ -333,13 +333,19 @@ impl Applier {
         if self.group.is_none() {
             return Ok(());
         }
-        // A table's first merge in this session creates its staging table,
-        // in the group's own transaction.
-        let unstaged: Vec<u32> =
-            self.bulk.iter().filter(|(oid, b)| !b.is_empty() && !self.stages_created.contains(oid)).map(|(oid, _)| *oid).collect();
-        for oid in unstaged {
-            self.open_transaction().await?;
-            self.ensure_stage(oid).await?;
+        // A table's first merge in this session (or first after its shape
+        // changed) creates its staging table, in the group's own transaction.
+        let mut stages = HashMap::new();
+        let tables: Vec<u32> = self.bulk.iter().filter(|(_, b)| !b.is_empty()).map(|(oid, _)| *oid).collect();
+        for oid in tables {
+            let stage = match self.stages.get(&oid).filter(|_| self.stages_created.contains(&oid)) {
+                Some(stage) => stage.clone(),
+                None => {
+                    self.open_transaction().await?;
+                    self.ensure_stage(oid).await?
+                }
+            };
+            stages.insert(oid, stage);
         }
         self.settle().await?;
         let Some(group) = self.group.take() else { return Ok(()) };
@@ -348,8 +354,8 @@ impl Applier {
             merges.push(Merge::Append { target: self.target(oid)?, rows });
         }
         for (oid, buffer) in std::mem::take(&mut self.bulk) {
-            if !buffer.is_empty() {
-                merges.push(Merge::staged(self.target(oid)?, self.stages[&oid].clone(), buffer));
+            if let Some(stage) = stages.remove(&oid) {
+                merges.push(Merge::staged(self.target(oid)?, stage, buffer));
             }
         }
         let commit = GroupCommit {
@@ -399,6 +405,7 @@ impl Applier {
                 let target = Target::from_relation(r);
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
                 self.stages.remove(&r.oid);
+                self.stages_created.remove(&r.oid);
                 self.targets.insert(r.oid, Arc::new(target));
             }
             Record::Insert(i) if !self.skipping => {
@@ -629,19 +636,21 @@ impl Applier {
             Merge::Append { target: target.clone(), rows }.run(&self.client, &self.metrics, false).await?;
         }
         if let Some(buffer) = buffer {
-            self.ensure_stage(oid).await?;
-            Merge::staged(target, self.stages[&oid].clone(), buffer).run(&self.client, &self.metrics, false).await?;
+            let stage = self.ensure_stage(oid).await?;
+            Merge::staged(target, stage, buffer).run(&self.client, &self.metrics, false).await?;
         }
         Ok(())
     }
 
-    /// Creates the table's staging table in this session, inside the open
-    /// transaction, if it is not there yet.
-    async fn ensure_stage(&mut self, oid: u32) -> Result<(), ApplyError> {
+    /// The table's staging SQL; creates its staging table in this session,
+    /// inside the open transaction, if it is not there yet.
+    async fn ensure_stage(&mut self, oid: u32) -> Result<Arc<StageSql>, ApplyError> {
         let target = self.target(oid)?;
         let table = target.display.clone();
         let stmt_err = |op| statement_error(op, &table);
-        if !self.stages.contains_key(&oid) {
+        let stage = if let Some(stage) = self.stages.get(&oid) {
+            stage.clone()
+        } else {
             self.generation += 1;
             // INSERT … ON CONFLICT is refused on tables with INSERT or
             // UPDATE rules, even when the rules would not fire.
@@ -654,13 +663,14 @@ impl Applier {
                 .await
                 .map_err(stmt_err("reading rules"))?
                 .get(0);
-            self.stages.insert(oid, Arc::new(StageSql::new(&target, self.generation, has_rules)));
+            let stage = Arc::new(StageSql::new(&target, self.generation, has_rules));
+            self.stages.insert(oid, stage.clone());
             self.stages_created.remove(&oid);
-        }
+            stage
+        };
         if self.stages_created.contains(&oid) {
-            return Ok(());
+            return Ok(stage);
         }
-        let stage = self.stages[&oid].clone();
         self.client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
         // Staging columns take the domains' base types: a staged deletion
         // has no values, which a NOT NULL domain refuses.
@@ -683,7 +693,7 @@ impl Applier {
             }
         }
         self.stages_created.insert(oid);
-        Ok(())
+        Ok(stage)
     }
 
     /// Rolls back an open group (after an error, before reconnecting). A
