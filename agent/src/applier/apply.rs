@@ -226,7 +226,8 @@ impl Applier {
             self.settle().await?;
         }
         if self.committing.is_some() {
-            // The client is busy with that commit; ask next time.
+            // The client is busy with that commit: the position as of the
+            // last settle (under steady load a commit is always running).
             return Ok(self.durability.durable());
         }
         Ok(self.durability.refresh(&self.client).await?)
@@ -315,6 +316,9 @@ impl Applier {
         let (group, wal) = job.await.map_err(|e| ApplyError::CommitTask(e.to_string()))??;
         self.committed = group.last_end;
         self.durability.committed(wal, group.last_end);
+        // The client is free until the next commit starts: learn what is on
+        // disk now, so acks advance even when a commit is always running.
+        self.durability.refresh(&self.client).await?;
         self.metrics.destination_commits.inc();
         self.metrics.transactions.add(group.source_transactions as u64);
         self.metrics.group_size.set(group.source_transactions as u64);
@@ -633,11 +637,11 @@ impl Applier {
         self.drain_pipeline(0).await?;
         let target = self.target(oid)?;
         if let Some(rows) = appends {
-            Merge::Append { target: target.clone(), rows }.run(&self.client, &self.metrics, false).await?;
+            Merge::Append { target: target.clone(), rows }.run(&self.client, &self.metrics).await?;
         }
         if let Some(buffer) = buffer {
             let stage = self.ensure_stage(oid).await?;
-            Merge::staged(target, stage, buffer).run(&self.client, &self.metrics, false).await?;
+            Merge::staged(target, stage, buffer).run(&self.client, &self.metrics).await?;
         }
         Ok(())
     }
@@ -734,7 +738,7 @@ impl GroupCommit {
         }
         drain(&mut self.pipeline, 0, self.on_conflict, &self.metrics).await?;
         for merge in self.merges {
-            merge.run(&self.client, &self.metrics, true).await?;
+            merge.run(&self.client, &self.metrics).await?;
         }
         if group.source_transactions > 0 {
             self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
@@ -765,9 +769,7 @@ impl Merge {
         Merge::Stage { target, stage, data, counts }
     }
 
-    /// `then_commit`: the group commits right after, which empties the
-    /// staging table.
-    async fn run(self, client: &Client, metrics: &Metrics, then_commit: bool) -> Result<(), ApplyError> {
+    async fn run(self, client: &Client, metrics: &Metrics) -> Result<(), ApplyError> {
         match self {
             Merge::Append { target, rows } => {
                 let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
@@ -792,9 +794,7 @@ impl Merge {
                 if counts.inserts > 0 {
                     client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
                 }
-                if !then_commit {
-                    client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
-                }
+                client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
                 let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
                 if missing > 0 {
                     metrics.missing_rows.add(missing as u64);

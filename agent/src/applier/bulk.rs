@@ -275,10 +275,8 @@ impl StageSql {
         };
         StageSql {
             stage: stage.clone(),
-            // Emptied by every COMMIT (cheaper than TRUNCATE, which makes
-            // a new file each time); `truncate` is for merges within a group.
             create: format!(
-                "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS SELECT {list} FROM {} WITH NO DATA;
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} AS SELECT {list} FROM {} WITH NO DATA;
                  ALTER TABLE {stage} ADD COLUMN IF NOT EXISTS decant_op \"char\", ADD COLUMN IF NOT EXISTS decant_keep int2[]",
                 target.qualified
             ),

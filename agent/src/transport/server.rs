@@ -1,5 +1,6 @@
 //! The applier's gRPC server: one agent stream at a time per task.
 
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use decant_proto::grpc::{
     Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, PlanRequest, ResnapshotRequest, SchemaRequest, TaskState, Welcome,
 };
 use decant_proto::FORMAT_VERSION;
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
@@ -158,7 +160,12 @@ impl ApplierRpc for ApplierService {
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let result = run(&mut applier, inbound, &ack_tx, &metrics).await;
+            // A panic is a defect; it still ends this stream with an error
+            // the agent reports, instead of a stream that just stops.
+            let result = AssertUnwindSafe(run(&mut applier, inbound, &ack_tx, &metrics)).catch_unwind().await.unwrap_or_else(|panic| {
+                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                Err(Status::internal(format!("the applier failed on a defect (please report it): {}", what.unwrap_or_default())))
+            });
             if let Err(e) = result {
                 if matches!(e.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
                     tracing::info!(reason = %e.message(), "agent disconnected");
