@@ -149,7 +149,10 @@ impl PluginOptions {
             }
         }
         if o.pack_transactions && o.max_message_bytes == 0 {
-            return Err(error("pack_transactions", "requires max_message_bytes (the size of the messages that transactions are packed into)"));
+            return Err(error(
+                "pack_transactions",
+                "requires max_message_bytes (the size of the messages that transactions are packed into)",
+            ));
         }
         Ok(o)
     }

@@ -222,15 +222,17 @@ impl Applier {
 
     /// Highest source position whose destination commit is on disk.
     pub async fn durable_lsn(&mut self) -> Result<Lsn, ApplyError> {
-        if self.committing.as_ref().is_some_and(|job| job.is_finished()) {
-            self.settle().await?;
-        }
-        if self.committing.is_some() {
+        match &self.committing {
+            // Settling refreshes the position.
+            Some(job) if job.is_finished() => self.settle().await?,
             // The client is busy with that commit: the position as of the
             // last settle (under steady load a commit is always running).
-            return Ok(self.durability.durable());
+            Some(_) => {}
+            None => {
+                self.durability.refresh(&self.client).await?;
+            }
         }
-        Ok(self.durability.refresh(&self.client).await?)
+        Ok(self.durability.durable())
     }
 
     pub fn has_undurable_commits(&self) -> bool {
@@ -798,7 +800,11 @@ impl Merge {
                 let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
                 if missing > 0 {
                     metrics.missing_rows.add(missing as u64);
-                    tracing::warn!(table, rows = missing, "rows not found on the destination for UPDATE or DELETE; changes counted and skipped");
+                    tracing::warn!(
+                        table,
+                        rows = missing,
+                        "rows not found on the destination for UPDATE or DELETE; changes counted and skipped"
+                    );
                 }
             }
         }
@@ -874,8 +880,11 @@ async fn copy_in(client: &Client, sql: &str, data: Bytes) -> Result<u64, tokio_p
 /// Text forms of a tuple's values, and which are unchanged TOAST (empty
 /// when none is).
 fn texts(values: &[Value<'_>], batch: &Bytes, scratch: &mut BytesMut) -> (Vec<Text>, Vec<bool>) {
-    let unchanged =
-        if values.iter().any(|v| matches!(v, Value::UnchangedToast)) { values.iter().map(|v| matches!(v, Value::UnchangedToast)).collect() } else { Vec::new() };
+    let unchanged = if values.iter().any(|v| matches!(v, Value::UnchangedToast)) {
+        values.iter().map(|v| matches!(v, Value::UnchangedToast)).collect()
+    } else {
+        Vec::new()
+    };
     (values.iter().map(|v| text(v, batch, scratch)).collect(), unchanged)
 }
 
