@@ -698,6 +698,7 @@ impl Applier {
                 self.client.batch_execute(d.get(0)).await.map_err(stmt_err("ALTER staging table"))?;
             }
         }
+        stage.created();
         self.stages_created.insert(oid);
         Ok(stage)
     }
@@ -781,6 +782,7 @@ impl Merge {
             Merge::Stage { target, stage, data, counts } => {
                 let table = target.display.as_str();
                 let stmt_err = |op| statement_error(op, table);
+                let staged = data.len();
                 copy_in(client, &stage.copy, data.freeze()).await.map_err(stmt_err("COPY"))?;
                 // Each statement scans the staging table: only those with
                 // rows to act on run.
@@ -796,7 +798,7 @@ impl Merge {
                 if counts.inserts > 0 {
                     client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
                 }
-                client.batch_execute(&stage.truncate).await.map_err(stmt_err("TRUNCATE staging table"))?;
+                client.batch_execute(stage.empty(staged)).await.map_err(stmt_err("emptying the staging table"))?;
                 let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
                 if missing > 0 {
                     metrics.missing_rows.add(missing as u64);
