@@ -183,9 +183,14 @@ impl Applier {
     /// Connects to the destination and reads the resume position.
     pub async fn open(destination: &ConnInfo, settings: ApplySettings, metrics: Arc<Metrics>) -> Result<Applier, ApplyError> {
         // session_replication_role = replica: no triggers or FK checks fire
-        // for replicated rows (the source already enforced them).
-        let (client, connection) =
-            connect(destination, "decant applier", "-c session_replication_role=replica -c synchronous_commit=off").await?;
+        // for replicated rows (the source already enforced them). work_mem:
+        // merges sort a staging table of up to BULK_FLUSH_BYTES in memory.
+        let (client, connection) = connect(
+            destination,
+            "decant applier",
+            "-c session_replication_role=replica -c synchronous_commit=off -c work_mem=64MB",
+        )
+        .await?;
         let (progress, committed) = ProgressStore::open(&client, &settings.task_id).await?;
         let skip_before = super::migration::skip_before(&client, &settings.task_id).await.map_err(ApplyError::Session)?;
         tracing::info!(resume_lsn = %committed, store = match progress { ProgressStore::Origin { .. } => "replication origin", ProgressStore::Table { .. } => "decant.progress" }, "applier connected to the destination");
