@@ -34,9 +34,7 @@ impl Value<'_> {
                 out.extend_from_slice(b);
                 out.put_bytes(b' ', pad as usize);
             }
-            Value::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
+            Value::Int(i) => out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes()),
             Value::Bool(b) => out.extend_from_slice(if b { b"t" } else { b"f" }),
             Value::Bytes(b) => {
                 out.reserve(2 + 2 * b.len());

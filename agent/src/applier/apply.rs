@@ -185,12 +185,9 @@ impl Applier {
         // session_replication_role = replica: no triggers or FK checks fire
         // for replicated rows (the source already enforced them). work_mem:
         // merges sort a staging table of up to BULK_FLUSH_BYTES in memory.
-        let (client, connection) = connect(
-            destination,
-            "decant applier",
-            "-c session_replication_role=replica -c synchronous_commit=off -c work_mem=64MB",
-        )
-        .await?;
+        let (client, connection) =
+            connect(destination, "decant applier", "-c session_replication_role=replica -c synchronous_commit=off -c work_mem=64MB")
+                .await?;
         let (progress, committed) = ProgressStore::open(&client, &settings.task_id).await?;
         let skip_before = super::migration::skip_before(&client, &settings.task_id).await.map_err(ApplyError::Session)?;
         tracing::info!(resume_lsn = %committed, store = match progress { ProgressStore::Origin { .. } => "replication origin", ProgressStore::Table { .. } => "decant.progress" }, "applier connected to the destination");
@@ -433,9 +430,8 @@ impl Applier {
                 }
                 if target.key.is_empty() {
                     // No key: nothing to fold, but inserts can be copied in.
-                    let (values, _) = texts(&i.new.0, batch, &mut self.scratch);
                     let buf = self.appends.entry(target.oid).or_default();
-                    bulk::append_row(buf, &values);
+                    bulk::append_row(buf, &i.new.0, &mut self.scratch);
                     return self.folded().await;
                 }
                 self.flush_bulk(target.oid).await?;
