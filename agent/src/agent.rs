@@ -8,8 +8,9 @@ use bytes::BytesMut;
 use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
 use decant_proto::grpc::{AgentMessage, Hello, RecordBatch};
+use decant_proto::options::PACKING_BACKLOG_BYTES;
 use decant_proto::{decode, peek_kind, DecodeError, Lsn, Record, RecordKind, FORMAT_VERSION};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
@@ -173,6 +174,10 @@ struct Session<'c> {
     /// The position of a reply-requested keepalive that could not be
     /// confirmed, until data arrives.
     unconfirmed_ping: Option<Lsn>,
+    /// Wakes the heartbeat task early (see `nudge_if_held`).
+    nudge: Arc<Notify>,
+    /// `last_commit_end` when the heartbeat was last woken early.
+    nudged_for: Lsn,
     /// Both ends connected and the stream started.
     streaming: bool,
 }
@@ -196,6 +201,8 @@ impl<'c> Session<'c> {
             packing: false,
             last_marker: Lsn(0),
             unconfirmed_ping: None,
+            nudge: Arc::new(Notify::new()),
+            nudged_for: Lsn(0),
             streaming: false,
         }
     }
@@ -237,7 +244,7 @@ impl<'c> Session<'c> {
         repl.start_replication(slot, applier.resume_lsn, &options).await?;
         tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, "streaming");
         self.streaming = true;
-        let heartbeat = spawn_heartbeat(source.clone(), config.source.heartbeat_seconds);
+        let heartbeat = spawn_heartbeat(source.clone(), config.source.heartbeat_seconds, self.nudge.clone());
         let result = self.pump(&mut repl, &mut applier, retry, shutdown).await;
         if let Some(h) = heartbeat {
             h.abort();
@@ -348,6 +355,7 @@ impl<'c> Session<'c> {
                         }
                         Streamed::Keepalive { wal_end, reply_requested, .. } => {
                             self.wal_end = self.wal_end.max(wal_end);
+                            self.nudge_if_held(wal_end);
                             self.send_status(repl, reply_requested).await?;
                             if reply_requested {
                                 self.check_source_stopping(wal_end)?;
@@ -462,6 +470,24 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
+    /// With packing, the plugin may hold the last COMMIT of a burst when
+    /// the WAL after it holds nothing for the slot (vacuum, another
+    /// database): it goes out with the next non-transactional message, the
+    /// periodic heartbeat. A keepalive showing the source's WAL at least
+    /// `PACKING_BACKLOG_BYTES` past the last COMMIT received is the sign of
+    /// a possibly held one: the heartbeat is then sent at once, once per
+    /// COMMIT received (so its own message cannot start a loop).
+    fn nudge_if_held(&mut self, wal_end: Lsn) {
+        if self.packing
+            && self.config.source.heartbeat_when_held
+            && self.nudged_for != self.last_commit_end
+            && wal_end.0 >= self.last_commit_end.0.saturating_add(PACKING_BACKLOG_BYTES)
+        {
+            self.nudged_for = self.last_commit_end;
+            self.nudge.notify_one();
+        }
+    }
+
     async fn send_status(&mut self, repl: &mut ReplicationClient, reply_requested_by_server: bool) -> Result<(), AgentError> {
         // Sent on every request and interval even when unchanged: it is also
         // how the source knows this receiver is alive.
@@ -513,8 +539,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Emits a heartbeat message on the source every `seconds`, so a slot on an
-/// otherwise idle database still sees WAL go by.
-fn spawn_heartbeat(source: ConnInfo, seconds: u64) -> Option<tokio::task::JoinHandle<()>> {
+/// otherwise idle database still sees WAL go by, and at once when `nudge`
+/// is notified. The message is written in a transaction with an xid so that
+/// its commit flushes the WAL: a non-transactional record alone would wait
+/// for other activity to be flushed, and the walsender sends only flushed WAL.
+fn spawn_heartbeat(source: ConnInfo, seconds: u64, nudge: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
     if seconds == 0 {
         return None;
     }
@@ -524,12 +553,17 @@ fn spawn_heartbeat(source: ConnInfo, seconds: u64) -> Option<tokio::task::JoinHa
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut client = None;
         loop {
-            tick.tick().await;
             if client.is_none() {
                 client = crate::connect::sql::connect(&source, "decant heartbeat", "").await.ok().map(|(c, _)| c);
             }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = nudge.notified() => {}
+            }
             if let Some(c) = &client {
-                if let Err(e) = c.batch_execute("SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text)").await {
+                if let Err(e) =
+                    c.batch_execute("SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text), txid_current()").await
+                {
                     tracing::debug!(error = %e, "heartbeat failed");
                     client = None;
                 }

@@ -127,6 +127,7 @@ pub struct Source {
     pub include_tables: Vec<String>,
     pub exclude_tables: Vec<String>,
     pub heartbeat_seconds: u64,
+    pub heartbeat_when_held: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
@@ -225,6 +226,7 @@ impl Default for Source {
             include_tables: vec![],
             exclude_tables: vec![],
             heartbeat_seconds: 10,
+            heartbeat_when_held: true,
         }
     }
 }
@@ -293,8 +295,14 @@ include_tables = []
 # Never these tables.
 exclude_tables = []
 # Seconds between heartbeats (a non-transactional logical message) that keep
-# an idle slot moving; 0 = off.
+# an idle slot moving; 0 = off (then the plugin never packs several
+# transactions into one message, which speeds up draining a backlog).
 heartbeat_seconds = 10
+# Also send a heartbeat at once when the plugin may be holding back the
+# last COMMIT of a burst (the source's WAL went on by 1 MB or more without
+# any change for the slot): that transaction then arrives without waiting
+# for the next heartbeat. Off: at most one write every heartbeat_seconds.
+heartbeat_when_held = true
 
 [destination]                 # read by `decant applier`
 # Connection string of the destination database; the user must own the

@@ -270,9 +270,12 @@ fn an_idle_source_keeps_advancing_the_slot() {
 
 #[test]
 fn a_source_shutting_down_while_the_plugin_holds_a_commit_stops_and_loses_nothing() {
-    // Heartbeats so rare that nothing but the shutdown can end the hold.
+    // Heartbeats so rare, and none when a commit may be held, that nothing
+    // but the shutdown can end the hold.
     let p = pair("");
-    let config = std::fs::read_to_string(&p.config).unwrap().replace("heartbeat_seconds = 1\n", "heartbeat_seconds = 3600\n");
+    let config = std::fs::read_to_string(&p.config)
+        .unwrap()
+        .replace("heartbeat_seconds = 1\n", "heartbeat_seconds = 3600\nheartbeat_when_held = false\n");
     std::fs::write(&p.config, config).unwrap();
     let _applier = p.role("applier");
     let mut agent = p.role("agent");
@@ -309,6 +312,30 @@ fn a_source_shutting_down_while_the_plugin_holds_a_commit_stops_and_loses_nothin
     p.source.connect().batch_execute("SELECT pg_logical_emit_message(false, 'test', 'flush')").unwrap();
     p.wait_equal();
     assert!(agent.is_running(), "{}", agent.log());
+}
+
+#[test]
+fn a_commit_held_by_the_plugin_arrives_without_waiting_for_the_heartbeat() {
+    // The same hold as above, with heartbeat_when_held on (the default):
+    // the agent sees the source's WAL far past the last COMMIT it received
+    // and sends a heartbeat at once, which ends the hold.
+    let p = pair("");
+    let config = std::fs::read_to_string(&p.config).unwrap().replace("heartbeat_seconds = 1\n", "heartbeat_seconds = 3600\n");
+    std::fs::write(&p.config, config).unwrap();
+    let _applier = p.role("applier");
+    let mut agent = p.role("agent");
+    p.pgbench(&["-t", "10"]);
+    p.wait_equal();
+    assert_eq!(agent.stop(), Some(0));
+    // No autovacuum: its commits in this database would also end the hold.
+    let mut admin = p.source.connect();
+    admin.batch_execute("ALTER SYSTEM SET autovacuum = off").unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    p.pgbench(&["-t", "100"]);
+    p.source.connect().batch_execute("CREATE DATABASE other").unwrap();
+    p.source.connect_db("other").batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 200000) g").unwrap();
+    let _agent = p.role("agent");
+    p.wait_equal();
 }
 
 #[test]

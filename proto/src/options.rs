@@ -8,6 +8,12 @@ use std::fmt;
 
 use crate::FORMAT_VERSION;
 
+/// With `pack_transactions`, a walsender holds a COMMIT back (keeps it in
+/// the current message) only while at least this much WAL is already
+/// flushed beyond it. A consumer that learns the source's WAL is this far
+/// past the last COMMIT it received may be missing a held one.
+pub const PACKING_BACKLOG_BYTES: u64 = 1 << 20;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PluginOptions {
     /// Record format version to write (only [`FORMAT_VERSION`] exists).

@@ -357,8 +357,8 @@ impl Applier {
             };
             stages.insert(oid, stage);
         }
-        self.settle().await?;
-        let Some(group) = self.group.take() else { return Ok(()) };
+        // The staging rows are built while the previous group still commits:
+        // the destination waits only for the settle below.
         let mut merges = Vec::new();
         for (oid, rows) in std::mem::take(&mut self.appends) {
             merges.push(Merge::Append { target: self.target(oid)?, rows });
@@ -368,6 +368,8 @@ impl Applier {
                 merges.push(Merge::staged(self.target(oid)?, stage, buffer));
             }
         }
+        self.settle().await?;
+        let Some(group) = self.group.take() else { return Ok(()) };
         let commit = GroupCommit {
             client: self.client.clone(),
             merges,

@@ -72,6 +72,16 @@ impl ApplierService {
     }
 }
 
+/// Runs an RPC's work so that a panic (a defect) ends the call with an
+/// error the agent reports, instead of a dropped connection that the agent
+/// would take for a network failure and retry for hours.
+async fn guarded<T>(work: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+        Err(Status::internal(format!("the applier failed on a defect (please report it): {}", what.unwrap_or_default())))
+    })
+}
+
 fn ack(committed: decant_proto::Lsn, sequence: u64) -> Result<ApplierMessage, Status> {
     Ok(ApplierMessage { body: Some(ApplierBody::Ack(Ack { committed_lsn: committed.0, applied_sequence: sequence })) })
 }
@@ -89,11 +99,14 @@ impl ApplierRpc for ApplierService {
                 req.format_version
             )));
         }
-        let state = match req.plan {
-            Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
-            None => migration::state(&self.destination, &self.task_id).await,
-        };
-        state.map(Response::new).map_err(|e| migration_status(&e))
+        guarded(async {
+            let state = match req.plan {
+                Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
+                None => migration::state(&self.destination, &self.task_id).await,
+            };
+            state.map(Response::new).map_err(|e| migration_status(&e))
+        })
+        .await
     }
 
     async fn schema(&self, request: Request<SchemaRequest>) -> Result<Response<TaskState>, Status> {
@@ -102,10 +115,13 @@ impl ApplierRpc for ApplierService {
         if req.section != "pre-data" && req.section != "post-data" {
             return Err(Status::invalid_argument(format!("unknown schema section {:?}", req.section)));
         }
-        migration::run_schema(&self.destination, &self.task_id, &req.section, req.workers as usize, &req.sequences)
-            .await
-            .map(Response::new)
-            .map_err(|e| migration_status(&e))
+        guarded(async {
+            migration::run_schema(&self.destination, &self.task_id, &req.section, req.workers as usize, &req.sequences)
+                .await
+                .map(Response::new)
+                .map_err(|e| migration_status(&e))
+        })
+        .await
     }
 
     async fn copy(&self, request: Request<Streaming<CopyChunk>>) -> Result<Response<CopyDone>, Status> {
@@ -113,19 +129,25 @@ impl ApplierRpc for ApplierService {
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty copy stream"))?;
         self.check_task(&first.task_id)?;
         let chunks = inbound.map(|c| c.map(|c| (c.data, c.last)).map_err(|s| s.message().to_owned()));
-        migration::copy_range(&self.destination, &self.task_id, first.table_id, first.range_id, (first.data, first.last), chunks)
-            .await
-            .map(Response::new)
-            .map_err(|e| migration_status(&e))
+        guarded(async {
+            migration::copy_range(&self.destination, &self.task_id, first.table_id, first.range_id, (first.data, first.last), chunks)
+                .await
+                .map(Response::new)
+                .map_err(|e| migration_status(&e))
+        })
+        .await
     }
 
     async fn resnapshot(&self, request: Request<ResnapshotRequest>) -> Result<Response<TaskState>, Status> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
-        migration::resnapshot(&self.destination, &self.task_id, decant_proto::Lsn(req.lsn))
-            .await
-            .map(Response::new)
-            .map_err(|e| migration_status(&e))
+        guarded(async {
+            migration::resnapshot(&self.destination, &self.task_id, decant_proto::Lsn(req.lsn))
+                .await
+                .map(Response::new)
+                .map_err(|e| migration_status(&e))
+        })
+        .await
     }
 
     async fn replicate(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
@@ -162,10 +184,7 @@ impl ApplierRpc for ApplierService {
             let _guard = guard;
             // A panic is a defect; it still ends this stream with an error
             // the agent reports, instead of a stream that just stops.
-            let result = AssertUnwindSafe(run(&mut applier, inbound, &ack_tx, &metrics)).catch_unwind().await.unwrap_or_else(|panic| {
-                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
-                Err(Status::internal(format!("the applier failed on a defect (please report it): {}", what.unwrap_or_default())))
-            });
+            let result = guarded(run(&mut applier, inbound, &ack_tx, &metrics)).await;
             if let Err(e) = result {
                 if matches!(e.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
                     tracing::info!(reason = %e.message(), "agent disconnected");

@@ -10,6 +10,7 @@
 
 use std::ffi::{c_char, c_int, CStr};
 
+use decant_proto::options::PACKING_BACKLOG_BYTES;
 use decant_proto::{Begin, Commit, Delete, Insert, Lsn, Message, OldTuple, Record, Truncate, Update};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -24,10 +25,6 @@ use output::{flush_pending, write_record, Flush};
 use session::{with_session, ChangeScope, Session};
 
 ::pgrx::pg_module_magic!(name, version);
-
-/// WAL still to decode above which a walsender counts as working through a
-/// backlog (option pack_transactions).
-const PACKING_BACKLOG_BYTES: u64 = 1 << 20;
 
 /// The extension's version, e.g. `0.1.0`.
 #[pg_extern(immutable, parallel_safe)]
