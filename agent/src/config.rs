@@ -158,6 +158,7 @@ pub struct Applier {
     pub on_conflict: ConflictPolicy,
     pub apply_truncate: bool,
     pub apply_messages: bool,
+    pub split_merges: bool,
     pub metrics_listen: String,
 }
 
@@ -255,6 +256,7 @@ impl Default for Applier {
             on_conflict: ConflictPolicy::Overwrite,
             apply_truncate: true,
             apply_messages: false,
+            split_merges: true,
             metrics_listen: "127.0.0.1:9632".into(),
         }
     }
@@ -345,6 +347,13 @@ on_conflict = "overwrite"
 apply_truncate = true
 # Re-emit the source's transactional logical messages on the destination.
 apply_messages = false
+# Merge a table's large share of a group on two destination connections at
+# once, half the keys each (tables whose only unique index is the key and
+# that have no ALWAYS or REPLICA triggers). The second connection commits
+# its half just before the group commits; should the group then fail, it is
+# applied again, and that half is written again with the same values. For
+# that moment the destination shows half of the group's changes to the table.
+split_merges = true
 # Prometheus metrics at http://<this>/metrics; "" = off.
 metrics_listen = "127.0.0.1:9632"
 

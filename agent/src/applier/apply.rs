@@ -47,6 +47,7 @@ pub struct ApplySettings {
     pub on_conflict: ConflictPolicy,
     pub apply_truncate: bool,
     pub apply_messages: bool,
+    pub split_merges: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +130,20 @@ struct Group {
     started: Instant,
     last_end: Lsn,
     last_commit_time: i64,
+    /// Tables this group wrote on the main connection before its commit
+    /// (mid-group merges, row-by-row statements): their merges stay there,
+    /// as the second connection would wait for those row locks.
+    touched: std::collections::HashSet<u32>,
+    /// A TRUNCATE ran in this group: nothing is split.
+    truncated: bool,
+}
+
+/// The second destination connection of `split_merges`, with the staging
+/// tables that exist in its session.
+#[derive(Clone)]
+struct Helper {
+    client: Arc<Client>,
+    stages_created: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 pub struct Applier {
@@ -170,7 +185,14 @@ pub struct Applier {
     /// The previous group, committing on the destination while this one is
     /// folded. The client is its own until [`Applier::settle`] took it back.
     committing: Option<tokio::task::JoinHandle<Result<(Group, Lsn), ApplyError>>>,
+    helper: Option<Helper>,
+    _helper_connection: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// A table's folded changes of a group are split over two connections
+/// from this many keys on (below, the second transaction costs more than
+/// it saves).
+const SPLIT_MIN_ROWS: usize = 2000;
 
 /// A group ends at the first COMMIT after its folded changes reach this
 /// much memory: they are merged while the next group is folded. Larger
@@ -187,9 +209,14 @@ impl Applier {
         // session_replication_role = replica: no triggers or FK checks fire
         // for replicated rows (the source already enforced them). work_mem:
         // merges sort a staging table of up to BULK_FLUSH_BYTES in memory.
-        let (client, connection) =
-            connect(destination, "decant applier", "-c session_replication_role=replica -c synchronous_commit=off -c work_mem=64MB")
-                .await?;
+        const OPTIONS: &str = "-c session_replication_role=replica -c synchronous_commit=off -c work_mem=64MB";
+        let (client, connection) = connect(destination, "decant applier", OPTIONS).await?;
+        let (helper, helper_connection) = if settings.split_merges {
+            let (client, connection) = connect(destination, "decant applier (second)", OPTIONS).await?;
+            (Some(Helper { client: Arc::new(client), stages_created: Default::default() }), Some(connection))
+        } else {
+            (None, None)
+        };
         let (progress, committed) = ProgressStore::open(&client, &settings.task_id).await?;
         let skip_before = super::migration::skip_before(&client, &settings.task_id).await.map_err(ApplyError::Session)?;
         tracing::info!(resume_lsn = %committed, store = match progress { ProgressStore::Origin { .. } => "replication origin", ProgressStore::Table { .. } => "decant.progress" }, "applier connected to the destination");
@@ -216,6 +243,8 @@ impl Applier {
             txn_final: Lsn(0),
             scratch: BytesMut::new(),
             committing: None,
+            helper,
+            _helper_connection: helper_connection,
         })
     }
 
@@ -298,6 +327,8 @@ impl Applier {
                 started: Instant::now(),
                 last_end: self.committed,
                 last_commit_time: 0,
+                touched: Default::default(),
+                truncated: false,
             });
         }
     }
@@ -360,12 +391,24 @@ impl Applier {
         // The staging rows are built while the previous group still commits:
         // the destination waits only for the settle below.
         let mut merges = Vec::new();
+        let mut second_merges = Vec::new();
         for (oid, rows) in std::mem::take(&mut self.appends) {
             merges.push(Merge::Append { target: self.target(oid)?, rows });
         }
         for (oid, buffer) in std::mem::take(&mut self.bulk) {
             if let Some(stage) = stages.remove(&oid) {
-                merges.push(Merge::staged(self.target(oid)?, stage, buffer));
+                let target = self.target(oid)?;
+                let split = self.helper.is_some()
+                    && stage.splittable
+                    && buffer.len() >= SPLIT_MIN_ROWS
+                    && self.group.as_ref().is_some_and(|g| !g.truncated && !g.touched.contains(&oid));
+                if split {
+                    let (first, second) = buffer.split_in_two();
+                    merges.push(Merge::staged(target.clone(), stage.clone(), first));
+                    second_merges.push(Merge::staged(target, stage, second));
+                } else {
+                    merges.push(Merge::staged(target, stage, buffer));
+                }
             }
         }
         self.settle().await?;
@@ -373,6 +416,7 @@ impl Applier {
         let commit = GroupCommit {
             client: self.client.clone(),
             merges,
+            second: self.helper.clone().filter(|_| !second_merges.is_empty()).map(|h| (h, second_merges)),
             pipeline: std::mem::take(&mut self.pipeline),
             progress: self.progress.clone(),
             on_conflict: self.settings.on_conflict,
@@ -519,6 +563,9 @@ impl Applier {
                 }
                 self.flush_all_bulk().await?;
                 self.open_transaction().await?;
+                if let Some(g) = &mut self.group {
+                    g.truncated = true;
+                }
                 self.drain_pipeline(0).await?;
                 self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement {
                     op: "TRUNCATE",
@@ -585,6 +632,7 @@ impl Applier {
         expects_row: bool,
     ) -> Result<(), ApplyError> {
         self.open_transaction().await?;
+        self.touch(oid);
         let table = self.targets.get(&oid).map(|t| t.display.clone()).unwrap_or_default();
         let statement = self.statement(oid, sql, &table).await?;
         let client = self.client.clone();
@@ -601,6 +649,13 @@ impl Applier {
 
     async fn drain_pipeline(&mut self, keep: usize) -> Result<(), ApplyError> {
         drain(&mut self.pipeline, keep, self.settings.on_conflict, &self.metrics).await
+    }
+
+    /// Notes that the group wrote `oid` on the main connection.
+    fn touch(&mut self, oid: u32) {
+        if let Some(g) = &mut self.group {
+            g.touched.insert(oid);
+        }
     }
 
     /// Whether changes of `target` are folded for set-based apply: tables
@@ -641,6 +696,7 @@ impl Applier {
             return Ok(());
         }
         self.open_transaction().await?;
+        self.touch(oid);
         self.drain_pipeline(0).await?;
         let target = self.target(oid)?;
         if let Some(rows) = appends {
@@ -665,16 +721,20 @@ impl Applier {
             self.generation += 1;
             // INSERT … ON CONFLICT is refused on tables with INSERT or
             // UPDATE rules, even when the rules would not fire.
-            let has_rules: bool = self
+            // The second: whether the table's merges may be split (see
+            // StageSql::splittable).
+            let row = self
                 .client
                 .query_one(
-                    "SELECT EXISTS (SELECT FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type IN ('2', '3'))",
+                    "SELECT EXISTS (SELECT FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type IN ('2', '3')),
+                            (SELECT count(*) FROM pg_index WHERE indrelid = $1::text::regclass AND indisunique) = 1
+                            AND NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = $1::text::regclass AND contype = 'x')
+                            AND NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgenabled IN ('A', 'R'))",
                     &[&target.qualified],
                 )
                 .await
-                .map_err(stmt_err("reading rules"))?
-                .get(0);
-            let stage = Arc::new(StageSql::new(&target, self.generation, has_rules));
+                .map_err(stmt_err("reading rules, unique indexes and triggers"))?;
+            let stage = Arc::new(StageSql::new(&target, self.generation, row.get(0), row.get(1)));
             self.stages.insert(oid, stage.clone());
             self.stages_created.remove(&oid);
             stage
@@ -682,27 +742,7 @@ impl Applier {
         if self.stages_created.contains(&oid) {
             return Ok(stage);
         }
-        self.client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
-        // Staging columns take the domains' base types: a staged deletion
-        // has no values, which a NOT NULL domain refuses.
-        loop {
-            let domains = self
-                .client
-                .query(
-                    "SELECT format('ALTER TABLE %s ALTER COLUMN %I TYPE %s', $1::text, a.attname, format_type(t.typbasetype, t.typtypmod))
-                       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                      WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND t.typtype = 'd'",
-                    &[&stage.stage],
-                )
-                .await
-                .map_err(stmt_err("reading staging column types"))?;
-            if domains.is_empty() {
-                break;
-            }
-            for d in domains {
-                self.client.batch_execute(d.get(0)).await.map_err(stmt_err("ALTER staging table"))?;
-            }
-        }
+        create_stage(&self.client, &stage, &table).await?;
         stage.created();
         self.stages_created.insert(oid);
         Ok(stage)
@@ -721,6 +761,11 @@ impl Applier {
         self.group = None;
         // Also ends the transaction of a commit task that failed half-way.
         let _ = self.client.batch_execute("ROLLBACK").await;
+        if let Some(h) = &self.helper {
+            let _ = h.client.batch_execute("ROLLBACK").await;
+            // A staging table created in a rolled-back transaction is gone.
+            h.stages_created.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         self.in_source_txn = false;
         self.skipping = false;
     }
@@ -731,6 +776,8 @@ impl Applier {
 struct GroupCommit {
     client: Arc<Client>,
     merges: Vec<Merge>,
+    /// Halves of split merges, for the second connection.
+    second: Option<(Helper, Vec<Merge>)>,
     /// Row-by-row statements already sent, whose results are still due.
     pipeline: std::collections::VecDeque<InFlight>,
     progress: ProgressStore,
@@ -745,15 +792,66 @@ impl GroupCommit {
             self.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
         }
         drain(&mut self.pipeline, 0, self.on_conflict, &self.metrics).await?;
-        for merge in self.merges {
-            merge.run(&self.client, &self.metrics).await?;
-        }
+        let client = &self.client;
+        let metrics = &self.metrics;
+        let main = async {
+            for merge in self.merges {
+                merge.run(client, metrics).await?;
+            }
+            Ok(())
+        };
+        // The second connection commits its halves before this group's
+        // commit: they are idempotent (net rows by key), so if this commit
+        // then fails, applying the group again rewrites them with the same
+        // values, while the progress record stays exact.
+        let second = async {
+            let Some((helper, merges)) = self.second else { return Ok(()) };
+            helper.client.batch_execute("BEGIN").await.map_err(ApplyError::Session)?;
+            for merge in merges {
+                if let Merge::Stage { target, stage, .. } = &merge {
+                    let created = helper.stages_created.lock().unwrap_or_else(|e| e.into_inner()).contains(&stage.stage);
+                    if !created {
+                        create_stage(&helper.client, stage, &target.display).await?;
+                        helper.stages_created.lock().unwrap_or_else(|e| e.into_inner()).insert(stage.stage.clone());
+                    }
+                }
+                merge.run(&helper.client, metrics).await?;
+            }
+            helper.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)
+        };
+        tokio::try_join!(main, second)?;
         if group.source_transactions > 0 {
             self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
         }
         self.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)?;
         let wal = Durability::commit_position(&self.client).await?;
         Ok((group, wal))
+    }
+}
+
+/// Creates a staging table in `client`'s session, inside its open
+/// transaction.
+async fn create_stage(client: &Client, stage: &StageSql, table: &str) -> Result<(), ApplyError> {
+    let stmt_err = |op| statement_error(op, table);
+    client.batch_execute(&stage.create).await.map_err(stmt_err("CREATE staging table"))?;
+    // Staging columns take the domains' base types: a staged deletion
+    // has no values, which a NOT NULL domain refuses.
+    loop {
+        let domains = client
+            .query(
+                "SELECT format('ALTER TABLE %s ALTER COLUMN %I TYPE %s', $1::text, a.attname, format_type(t.typbasetype, t.typtypmod))
+                   FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND t.typtype = 'd'",
+                &[&stage.stage],
+            )
+            .await
+            .map_err(stmt_err("reading staging column types"))?;
+        if domains.is_empty() {
+            return Ok(());
+        }
+        for d in domains {
+            client.batch_execute(d.get(0)).await.map_err(stmt_err("ALTER staging table"))?;
+        }
     }
 }
 

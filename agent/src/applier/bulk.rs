@@ -56,6 +56,22 @@ impl Buffer {
         self.rows.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Splits the keys into two halves (every key in exactly one).
+    pub fn split_in_two(self) -> (Buffer, Buffer) {
+        let (mut a, mut b) = (Buffer::default(), Buffer::default());
+        for (i, (key, net)) in self.rows.into_iter().enumerate() {
+            let half = if i % 2 == 0 { &mut a } else { &mut b };
+            half.rows.insert(key, net);
+        }
+        a.bytes = self.bytes / 2;
+        b.bytes = self.bytes - a.bytes;
+        (a, b)
+    }
+
     pub fn insert(&mut self, key: Vec<Text>, values: Vec<Text>) {
         self.bytes += size(&values);
         self.rows.insert(key, Net::Row { values, unchanged: Vec::new(), inserted: true });
@@ -239,13 +255,17 @@ pub struct StageSql {
     truncate: String,
     /// COPY bytes staged since the table was last truncated (or created).
     staged_since_truncate: AtomicUsize,
+    /// The table's merges may run on two connections at once, half the keys
+    /// each: its only unique index is the key, and no trigger fires for
+    /// replicated rows (nothing else could make one half wait for the other).
+    pub splittable: bool,
 }
 
 impl StageSql {
     /// `has_rules`: the table has INSERT or UPDATE rules, which rule out
     /// INSERT … ON CONFLICT; existing keys are then updated first and only
     /// missing ones inserted (the applier is the table's only writer).
-    pub fn new(target: &Target, generation: u64, has_rules: bool) -> StageSql {
+    pub fn new(target: &Target, generation: u64, has_rules: bool, splittable: bool) -> StageSql {
         let stage = quote_ident(&format!("decant_stage_{}_{generation}", target.oid));
         let cols: Vec<String> = target.columns.iter().map(|c| quote_ident(c)).collect();
         let list = cols.join(", ");
@@ -315,6 +335,7 @@ impl StageSql {
             delete_all: format!("DELETE FROM {stage}"),
             truncate: format!("TRUNCATE {stage}"),
             staged_since_truncate: AtomicUsize::new(0),
+            splittable,
         }
     }
 
@@ -403,7 +424,7 @@ mod tests {
 
     #[test]
     fn statements() {
-        let s = StageSql::new(&target(), 1, false);
+        let s = StageSql::new(&target(), 1, false, false);
         assert!(s.update_keeping.unwrap().contains("\"a\" = CASE WHEN 2 = ANY (s.decant_keep) THEN t.\"a\" ELSE s.\"a\" END"));
         assert!(s.update.unwrap().contains("SET \"a\" = s.\"a\", \"big\" = s.\"big\" FROM"));
         assert!(s.insert.ends_with("ON CONFLICT (\"id\") DO UPDATE SET \"a\" = EXCLUDED.\"a\", \"big\" = EXCLUDED.\"big\""));

@@ -42,6 +42,7 @@ pub fn settings(config: &Config) -> ApplySettings {
         on_conflict: a.on_conflict,
         apply_truncate: a.apply_truncate,
         apply_messages: a.apply_messages,
+        split_merges: a.split_merges,
     }
 }
 
