@@ -52,6 +52,8 @@ pub struct Metrics {
     pub changes: Counter,
     pub transactions: Counter,
     pub destination_commits: Counter,
+    /// Merges split over the two destination connections (split_merges).
+    pub split_merges: Counter,
     pub group_size: Gauge,
     pub applied_lsn: Gauge,
     pub source_commit_time: Gauge,
@@ -79,6 +81,7 @@ impl Metrics {
         counter("changes_applied_total", "Row changes applied to the destination.", self.changes.get());
         counter("transactions_applied_total", "Source transactions applied.", self.transactions.get());
         counter("destination_commits_total", "Destination transactions committed.", self.destination_commits.get());
+        counter("split_merges_total", "Merges of a table split over two destination connections.", self.split_merges.get());
         counter("missing_rows_total", "UPDATEs and DELETEs that found no destination row.", self.missing_rows.get());
         counter("skipped_changes_total", "Changes skipped because their table has no replica identity.", self.skipped_changes.get());
         counter("copy_rows_total", "Rows copied by the full copy.", self.copy_rows.get());

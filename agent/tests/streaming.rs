@@ -339,6 +339,42 @@ fn a_commit_held_by_the_plugin_arrives_without_waiting_for_the_heartbeat() {
 }
 
 #[test]
+fn a_large_group_merged_on_two_connections_arrives_exactly() {
+    // A backlog makes groups with thousands of pgbench_accounts keys, which
+    // split_merges (on by default) merges half on each connection.
+    let metrics_port = free_port();
+    let p = pair("");
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    let at = config.rfind("metrics_listen = \"\"").unwrap();
+    let config = format!("{}metrics_listen = \"127.0.0.1:{metrics_port}\"{}", &config[..at], &config[at + "metrics_listen = \"\"".len()..]);
+    std::fs::write(&p.config, config).unwrap();
+    let mut applier = p.role("applier");
+    let mut agent = p.role("agent");
+    p.pgbench(&["-t", "10"]);
+    p.wait_equal();
+    assert_eq!(agent.stop(), Some(0));
+    p.pgbench(&["-t", "3000"]);
+    let mut agent = p.role("agent");
+    p.wait_equal();
+    let body = http_get(metrics_port, "/metrics");
+    let splits: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("decant_split_merges_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("decant_split_merges_total missing in\n{body}"));
+    assert!(splits >= 1, "no merge was split:\n{body}");
+    // The applier killed while such a backlog is applied: a half that the
+    // second connection committed is applied again after the restart.
+    assert_eq!(agent.stop(), Some(0));
+    p.pgbench(&["-t", "3000"]);
+    let _agent = p.role("agent");
+    pause(400);
+    applier.kill9();
+    let _applier = p.role("applier");
+    p.wait_equal();
+}
+
+#[test]
 fn metrics_endpoint_reports_progress() {
     let metrics_port = free_port();
     let p = pair("");

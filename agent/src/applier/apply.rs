@@ -403,6 +403,7 @@ impl Applier {
                     && buffer.len() >= SPLIT_MIN_ROWS
                     && self.group.as_ref().is_some_and(|g| !g.truncated && !g.touched.contains(&oid));
                 if split {
+                    self.metrics.split_merges.inc();
                     let (first, second) = buffer.split_in_two();
                     merges.push(Merge::staged(target.clone(), stage.clone(), first));
                     second_merges.push(Merge::staged(target, stage, second));
