@@ -45,10 +45,10 @@ impl Value<'_> {
             }
             Value::Float4(bits) => out.extend_from_slice(float4_text(f32::from_bits(bits)).as_bytes()),
             Value::Float8(bits) => out.extend_from_slice(float8_text(f64::from_bits(bits)).as_bytes()),
-            Value::Date(d) => out.extend_from_slice(date_text(d).as_bytes()),
-            Value::Time(t) => out.extend_from_slice(time_text(t).as_bytes()),
-            Value::Timestamp(t) => out.extend_from_slice(timestamp_text(t, "").as_bytes()),
-            Value::TimestampTz(t) => out.extend_from_slice(timestamp_text(t, "+00").as_bytes()),
+            Value::Date(d) => write_date(out, d),
+            Value::Time(t) => write_time(out, t),
+            Value::Timestamp(t) => write_timestamp(out, t, ""),
+            Value::TimestampTz(t) => write_timestamp(out, t, "+00"),
             Value::Uuid(u) => {
                 for (i, &byte) in u.iter().enumerate() {
                     if matches!(i, 4 | 6 | 8 | 10) {
@@ -210,55 +210,92 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-/// `YYYY-MM-DD` and whether the date is BC.
-fn ymd(pg_days: i64) -> (String, bool) {
-    let (y, m, d) = civil_from_days(pg_days + PG_EPOCH_DAYS_FROM_UNIX);
-    let (year, bc) = if y <= 0 { (1 - y, true) } else { (y, false) };
-    (format!("{year:04}-{m:02}-{d:02}"), bc)
+/// Appends `v` in decimal, zero-padded to `width` digits.
+fn put_padded(out: &mut BytesMut, v: u64, width: usize) {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(v);
+    out.put_bytes(b'0', width.saturating_sub(digits.len()));
+    out.extend_from_slice(digits.as_bytes());
 }
 
-pub fn date_text(days: i32) -> String {
+/// Appends `YYYY-MM-DD`; returns whether the date is BC.
+fn write_ymd(out: &mut BytesMut, pg_days: i64) -> bool {
+    let (y, m, d) = civil_from_days(pg_days + PG_EPOCH_DAYS_FROM_UNIX);
+    let (year, bc) = if y <= 0 { (1 - y, true) } else { (y, false) };
+    put_padded(out, year as u64, 4);
+    out.extend_from_slice(b"-");
+    put_padded(out, u64::from(m), 2);
+    out.extend_from_slice(b"-");
+    put_padded(out, u64::from(d), 2);
+    bc
+}
+
+fn write_date(out: &mut BytesMut, days: i32) {
     match days {
-        i32::MIN => "-infinity".into(),
-        i32::MAX => "infinity".into(),
+        i32::MIN => out.extend_from_slice(b"-infinity"),
+        i32::MAX => out.extend_from_slice(b"infinity"),
         _ => {
-            let (date, bc) = ymd(i64::from(days));
-            if bc {
-                format!("{date} BC")
-            } else {
-                date
+            if write_ymd(out, i64::from(days)) {
+                out.extend_from_slice(b" BC");
             }
         }
     }
 }
 
-pub fn time_text(usecs: i64) -> String {
-    let secs = usecs.div_euclid(1_000_000);
-    let frac = usecs.rem_euclid(1_000_000);
-    let mut s = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+/// `HH:MM:SS` and the fraction without trailing zeros.
+fn write_time(out: &mut BytesMut, usecs: i64) {
+    let secs = usecs.div_euclid(1_000_000) as u64;
+    let mut frac = usecs.rem_euclid(1_000_000) as u64;
+    put_padded(out, secs / 3600, 2);
+    out.extend_from_slice(b":");
+    put_padded(out, secs / 60 % 60, 2);
+    out.extend_from_slice(b":");
+    put_padded(out, secs % 60, 2);
     if frac != 0 {
-        let f = format!("{frac:06}");
-        s.push('.');
-        s.push_str(f.trim_end_matches('0'));
+        let mut width = 6;
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
+        }
+        out.extend_from_slice(b".");
+        put_padded(out, frac, width);
     }
-    s
 }
 
-fn timestamp_text(usecs: i64, zone: &str) -> String {
+fn write_timestamp(out: &mut BytesMut, usecs: i64, zone: &str) {
     match usecs {
-        i64::MIN => "-infinity".into(),
-        i64::MAX => "infinity".into(),
+        i64::MIN => out.extend_from_slice(b"-infinity"),
+        i64::MAX => out.extend_from_slice(b"infinity"),
         _ => {
-            let (date, bc) = ymd(usecs.div_euclid(USECS_PER_DAY));
-            let time = time_text(usecs.rem_euclid(USECS_PER_DAY));
-            format!("{date} {time}{zone}{}", if bc { " BC" } else { "" })
+            let bc = write_ymd(out, usecs.div_euclid(USECS_PER_DAY));
+            out.extend_from_slice(b" ");
+            write_time(out, usecs.rem_euclid(USECS_PER_DAY));
+            out.extend_from_slice(zone.as_bytes());
+            if bc {
+                out.extend_from_slice(b" BC");
+            }
         }
     }
 }
 
+/// What a writer above appends, as a String (they write ASCII only).
+fn written(write: impl FnOnce(&mut BytesMut)) -> String {
+    let mut out = BytesMut::new();
+    write(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn date_text(days: i32) -> String {
+    written(|out| write_date(out, days))
+}
+
+pub fn time_text(usecs: i64) -> String {
+    written(|out| write_time(out, usecs))
+}
+
 /// A timestamp (microseconds since 2000-01-01 UTC) as text, for logs.
 pub fn timestamptz_text(usecs: i64) -> String {
-    timestamp_text(usecs, "+00")
+    written(|out| write_timestamp(out, usecs, "+00"))
 }
 
 #[cfg(test)]
