@@ -89,6 +89,26 @@ fn pair(extra_config: &str) -> Pair {
 }
 
 impl Pair {
+    /// A backlog, then megabytes of WAL of another database after its last
+    /// COMMIT: a walsender reads that COMMIT with WAL still to decode, so
+    /// the plugin holds it (pack_transactions).
+    fn backlog_then_unrelated_wal(&self) {
+        self.pgbench(&["-t", "100"]);
+        self.source.connect().batch_execute("CREATE DATABASE other").unwrap();
+        self.source.connect_db("other").batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 200000) g").unwrap();
+    }
+
+    /// Turns on the applier's metrics endpoint (its metrics_listen is the
+    /// second one in the file); returns its port.
+    fn applier_metrics(&self) -> u16 {
+        let port = free_port();
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let at = config.rfind("metrics_listen = \"\"").unwrap();
+        let config = format!("{}metrics_listen = \"127.0.0.1:{port}\"{}", &config[..at], &config[at + "metrics_listen = \"\"".len()..]);
+        std::fs::write(&self.config, config).unwrap();
+        port
+    }
+
     /// Starts a role; an applier is waited for until it listens, an agent
     /// until its slot exists and streams (changes made before the slot is
     /// created are not in it, and the test would wait for them forever).
@@ -285,10 +305,8 @@ fn a_source_shutting_down_while_the_plugin_holds_a_commit_stops_and_loses_nothin
     // COMMIT: the plugin reads that COMMIT with a backlog waiting, so it
     // holds it (pack_transactions), and nothing after it would send it.
     assert_eq!(agent.stop(), Some(0));
-    p.pgbench(&["-t", "100"]);
+    p.backlog_then_unrelated_wal();
     let mut admin = p.source.connect();
-    admin.batch_execute("CREATE DATABASE other").unwrap();
-    p.source.connect_db("other").batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 200000) g").unwrap();
     let end: String = admin.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0);
     let mut agent = p.role("agent");
     wait_for("the walsender to send everything", Duration::from_secs(60), || {
@@ -331,9 +349,7 @@ fn a_commit_held_by_the_plugin_arrives_without_waiting_for_the_heartbeat() {
     let mut admin = p.source.connect();
     admin.batch_execute("ALTER SYSTEM SET autovacuum = off").unwrap();
     admin.batch_execute("SELECT pg_reload_conf()").unwrap();
-    p.pgbench(&["-t", "100"]);
-    p.source.connect().batch_execute("CREATE DATABASE other").unwrap();
-    p.source.connect_db("other").batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 200000) g").unwrap();
+    p.backlog_then_unrelated_wal();
     let _agent = p.role("agent");
     p.wait_equal();
 }
@@ -342,12 +358,8 @@ fn a_commit_held_by_the_plugin_arrives_without_waiting_for_the_heartbeat() {
 fn a_large_group_merged_on_two_connections_arrives_exactly() {
     // A backlog makes groups with thousands of pgbench_accounts keys, which
     // split_merges (on by default) merges half on each connection.
-    let metrics_port = free_port();
     let p = pair("");
-    let config = std::fs::read_to_string(&p.config).unwrap();
-    let at = config.rfind("metrics_listen = \"\"").unwrap();
-    let config = format!("{}metrics_listen = \"127.0.0.1:{metrics_port}\"{}", &config[..at], &config[at + "metrics_listen = \"\"".len()..]);
-    std::fs::write(&p.config, config).unwrap();
+    let metrics_port = p.applier_metrics();
     let mut applier = p.role("applier");
     let mut agent = p.role("agent");
     p.pgbench(&["-t", "10"]);
@@ -357,12 +369,7 @@ fn a_large_group_merged_on_two_connections_arrives_exactly() {
     let mut agent = p.role("agent");
     p.wait_equal();
     let body = http_get(metrics_port, "/metrics");
-    let splits: u64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix("decant_split_merges_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("decant_split_merges_total missing in\n{body}"));
-    assert!(splits >= 1, "no merge was split:\n{body}");
+    assert!(metric(&body, "decant_split_merges_total") >= 1, "no merge was split:\n{body}");
     // The applier killed while such a backlog is applied: a half that the
     // second connection committed is applied again after the restart.
     assert_eq!(agent.stop(), Some(0));
@@ -376,33 +383,30 @@ fn a_large_group_merged_on_two_connections_arrives_exactly() {
 
 #[test]
 fn metrics_endpoint_reports_progress() {
-    let metrics_port = free_port();
     let p = pair("");
-    let config = std::fs::read_to_string(&p.config).unwrap();
-    // The applier's metrics_listen is the second one in the file.
-    let at = config.rfind("metrics_listen = \"\"").unwrap();
-    let config = format!("{}metrics_listen = \"127.0.0.1:{metrics_port}\"{}", &config[..at], &config[at + "metrics_listen = \"\"".len()..]);
-    std::fs::write(&p.config, config).unwrap();
+    let metrics_port = p.applier_metrics();
     let _applier = p.role("applier");
     let _agent = p.role("agent");
     p.pgbench(&["-t", "50"]);
     p.wait_equal();
-    let value = |body: &str, name: &str| -> u64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in\n{body}"))
-    };
     // The data is visible at COMMIT; the counters follow right after it.
     wait_for("the commit counters", Duration::from_secs(30), || {
-        value(&http_get(metrics_port, "/metrics"), "decant_transactions_applied_total") >= 50
+        metric(&http_get(metrics_port, "/metrics"), "decant_transactions_applied_total") >= 50
     });
     let body = http_get(metrics_port, "/metrics");
-    let value = |name: &str| value(&body, name);
+    let value = |name: &str| metric(&body, name);
     assert!(value("decant_changes_applied_total") >= 200, "{body}");
     assert!(value("decant_transactions_applied_total") >= 50, "{body}");
     assert!(value("decant_destination_commits_total") >= 1, "{body}");
     assert!(http_get(metrics_port, "/other").contains("only /metrics"));
+}
+
+/// A counter's value in a /metrics body.
+fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in\n{body}"))
 }
 
 fn http_get(port: u16, path: &str) -> String {
