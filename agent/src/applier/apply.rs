@@ -200,8 +200,10 @@ const SPLIT_MIN_ROWS: usize = 2000;
 /// destination CPU from 2.9 to 2.4 s).
 const GROUP_FOLDED_BYTES: usize = 16 << 20;
 /// Folded changes are merged at once, inside a source transaction, when they
-/// reach this much memory (a large transaction).
-const BULK_FLUSH_BYTES: usize = GROUP_FOLDED_BYTES;
+/// reach this much memory (a large transaction). Above GROUP_FOLDED_BYTES,
+/// so that a group of small transactions ends at a COMMIT first: that merge
+/// runs while the next group is folded, this one does not.
+const BULK_FLUSH_BYTES: usize = GROUP_FOLDED_BYTES + (2 << 20);
 
 impl Applier {
     /// Connects to the destination and reads the resume position.
