@@ -177,7 +177,18 @@ impl Pair {
             .filter(|(_, (w, g))| w != g)
             .map(|(t, (w, g))| format!("{}: source {} rows, destination {} rows", t.0, w.0, g.0))
             .collect();
-        panic!("destination differs from source after 120 s: {}", diff.join("; "));
+        // The roles' logs: whether rows were lost or the stream stopped.
+        let tail = |name: &str| {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        panic!(
+            "destination differs from source after 120 s: {}\n--- agent log (end)\n{}\n--- applier log (end)\n{}",
+            diff.join("; "),
+            tail("agent"),
+            tail("applier")
+        );
     }
 }
 
