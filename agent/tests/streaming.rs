@@ -184,11 +184,64 @@ impl Pair {
             lines[lines.len().saturating_sub(40)..].join("\n")
         };
         panic!(
-            "destination differs from source after 120 s: {}\n--- agent log (end)\n{}\n--- applier log (end)\n{}",
+            "destination differs from source after 120 s: {}\n{}\n--- agent log (end)\n{}\n--- applier log (end)\n{}",
             diff.join("; "),
+            self.positions_and_missing_history(),
             tail("agent"),
             tail("applier")
         );
+    }
+
+    /// For a destination that never caught up: where the source, the slot
+    /// and the destination stand, and which history rows differ (rows
+    /// missing from the middle are a loss; missing at the end, a stream that
+    /// stopped).
+    fn positions_and_missing_history(&self) -> String {
+        let mut src = self.source.connect();
+        let mut dst = self.dest.connect();
+        let one = |c: &mut postgres::Client, sql: &str| -> String {
+            c.query_one(sql, &[]).map(|r| r.get::<_, Option<String>>(0).unwrap_or_default()).unwrap_or_else(|e| e.to_string())
+        };
+        let wal = one(&mut src, "SELECT pg_current_wal_lsn()::text");
+        let slot = one(&mut src, "SELECT confirmed_flush_lsn::text || ' active ' || active FROM pg_replication_slots WHERE slot_name = 'decant_t'");
+        let sent = one(&mut src, "SELECT string_agg(sent_lsn::text || '/' || flush_lsn::text, ', ') FROM pg_stat_replication");
+        let origin = one(&mut dst, "SELECT string_agg(external_id || ' ' || remote_lsn::text, ', ') FROM pg_replication_origin_status");
+        // (mtime, whole row as text), sorted: a merge walk finds the rows
+        // only on one side.
+        let rows = |c: &mut postgres::Client| -> Vec<(String, String)> {
+            let mut v: Vec<(String, String)> = c
+                .query("SELECT mtime::text, h::text FROM pgbench_history h", &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            v.sort();
+            v
+        };
+        let (want, got) = (rows(&mut src), rows(&mut dst));
+        let (mut missing, mut extra) = (Vec::new(), 0);
+        let (mut i, mut j) = (0, 0);
+        while i < want.len() || j < got.len() {
+            if i < want.len() && j < got.len() && want[i] == got[j] {
+                i += 1;
+                j += 1;
+            } else if j == got.len() || (i < want.len() && want[i] < got[j]) {
+                missing.push(&want[i].0);
+                i += 1;
+            } else {
+                extra += 1;
+                j += 1;
+            }
+        }
+        let newest = one(&mut src, "SELECT max(mtime)::text FROM pgbench_history");
+        format!(
+            "source WAL {wal}; slot confirmed {slot}; walsender sent/flush {sent}; destination origin {origin}\n\
+             pgbench_history: {} rows missing (mtime {:?} .. {:?}), {} extra; newest source mtime {newest}",
+            missing.len(),
+            missing.first(),
+            missing.last(),
+            extra
+        )
     }
 }
 
