@@ -98,6 +98,12 @@ impl Pair {
         self.source.connect_db("other").batch_execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 200000) g").unwrap();
     }
 
+    /// A test_decoding slot beside decant's, read only if the destination
+    /// never catches up: it shows where the missing transactions committed.
+    fn audit_slot(&self) {
+        self.source.connect().batch_execute("SELECT pg_create_logical_replication_slot('audit', 'test_decoding')").unwrap();
+    }
+
     /// Turns on the applier's metrics endpoint (its metrics_listen is the
     /// second one in the file); returns its port.
     fn applier_metrics(&self) -> u16 {
@@ -234,9 +240,34 @@ impl Pair {
             }
         }
         let newest = one(&mut src, "SELECT max(mtime)::text FROM pgbench_history");
+        // With an audit slot (see `audit_slot`): the commit positions of
+        // the transactions whose rows are missing, and of the commit before
+        // each, to set against the destination's position.
+        let mut audit = String::new();
+        if let Ok(changes) = src.query("SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes('audit', NULL, NULL)", &[]) {
+            const MTIME: &str = "mtime[timestamp without time zone]:'";
+            let mut xids = std::collections::BTreeSet::new();
+            for c in &changes {
+                let data: String = c.get(2);
+                if let (true, Some(at)) = (data.starts_with("table public.pgbench_history: INSERT:"), data.find(MTIME)) {
+                    let mtime = data[at + MTIME.len()..].split('\'').next().unwrap_or_default();
+                    if missing.iter().any(|m| m.as_str() == mtime) {
+                        xids.insert(c.get::<_, String>(1));
+                    }
+                }
+            }
+            let mut previous = String::new();
+            for c in changes.iter().filter(|c| c.get::<_, String>(2).starts_with("COMMIT")) {
+                let (lsn, xid): (String, String) = (c.get(0), c.get(1));
+                if xids.contains(&xid) {
+                    audit.push_str(&format!("\n  xid {xid} committed at {lsn} (the commit before: {previous})"));
+                }
+                previous = lsn;
+            }
+        }
         format!(
             "source WAL {wal}; slot confirmed {slot}; walsender sent/flush {sent}; destination origin {origin}\n\
-             pgbench_history: {} rows missing (mtime {:?} .. {:?}), {} extra; newest source mtime {newest}",
+             pgbench_history: {} rows missing (mtime {:?} .. {:?}), {} extra; newest source mtime {newest}{audit}",
             missing.len(),
             missing.first(),
             missing.last(),
@@ -289,6 +320,7 @@ fn pause(ms: u64) {
 #[test]
 fn survives_kill9_of_agent_and_applier_and_restarts_of_both_databases() {
     let p = pair("");
+    p.audit_slot();
     let mut applier = p.role("applier");
     let mut agent = p.role("agent");
 
