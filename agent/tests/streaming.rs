@@ -14,6 +14,7 @@ const TABLES: &[(&str, &str)] = &[
     ("pgbench_tellers", "tid"),
     ("pgbench_history", "t::text"),
     ("mixed", "id"),
+    ("typed", "id"),
 ];
 
 struct Pair {
@@ -54,6 +55,15 @@ fn pair(extra_config: &str) -> Pair {
              ALTER TABLE mixed ALTER big SET STORAGE EXTERNAL;
              INSERT INTO mixed SELECT g, g * 1.5, g / 3.0, 'row ' || g, int4send(g), '2024-01-01'::timestamptz + g * interval '1 hour',
                     jsonb_build_object('g', g), ARRAY[g, g + 1], CASE WHEN g % 10 = 0 THEN repeat(md5(g::text), 400) END, 'c' || g
+             FROM generate_series(1, 200) g;
+             -- Every column of a type the applier copies in binary.
+             CREATE TABLE typed (id int8 PRIMARY KEY, s int2, i int4, b bool, f4 float4, f8 float8, d date, tm time,
+                                 ts timestamp, tz timestamptz, u uuid, t text, v varchar(20), c char(6), raw bytea, big text);
+             ALTER TABLE typed ALTER big SET STORAGE EXTERNAL;
+             INSERT INTO typed SELECT g, g - 100, g * 1000, g % 2 = 0, g / 7.0, -g / 3.0, '2000-01-01'::date + g,
+                    '00:00'::time + g * interval '1 min', '2024-01-01'::timestamp + g * interval '1 s',
+                    '2024-01-01'::timestamptz + g * interval '1 ms', md5(g::text)::uuid, 'ü ' || g, 'v' || g, 'c' || g,
+                    int4send(g), CASE WHEN g % 10 = 0 THEN repeat(md5(g::text), 400) END
              FROM generate_series(1, 200) g;",
         )
         .unwrap();
@@ -149,6 +159,15 @@ impl Pair {
                  UPDATE mixed SET id = id + 5000 WHERE id = {moved};
                  UPDATE mixed SET id = id + 7000, big = 'moved' WHERE id = {moved2};
                  INSERT INTO mixed VALUES ({ins}, 'NaN', '-Infinity', NULL, '\\x00ff', 'infinity', '{{\"x\": 1.50}}', '{{1,NULL}}', repeat('x', 9000), 'z')
+                 ON CONFLICT (id) DO NOTHING;
+                 UPDATE typed SET i = i + {round}, ts = ts + interval '1 day', f8 = 'NaN' WHERE id % 7 = {r};
+                 UPDATE typed SET d = 'infinity', tz = '-infinity', tm = '24:00', f4 = '-0', c = 'x', t = t || E'\\t\\\\'
+                 WHERE id % 10 = {r3};
+                 DELETE FROM typed WHERE id = {del};
+                 UPDATE typed SET id = id + 5000 WHERE id = {moved};
+                 UPDATE typed SET id = id + 7000, big = 'moved' WHERE id = {moved2};
+                 INSERT INTO typed VALUES ({ins}, 32767, -2147483648, NULL, 'Infinity', '-Infinity', '-infinity', '00:00',
+                                           'infinity', 'infinity', NULL, E'tab\\there', '', '', '\\x00', repeat('y', 9000))
                  ON CONFLICT (id) DO NOTHING;",
                 r = round % 7,
                 r3 = round % 3,

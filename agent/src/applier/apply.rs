@@ -20,6 +20,7 @@ use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
 use super::bulk::{self, StageSql, Text};
+use super::cells::{cell, slice, Cells, Mismatch};
 use super::progress::{Durability, ProgressError, ProgressStore};
 use super::statements::Target;
 use crate::connect::sql::{connect, ConnectError};
@@ -462,7 +463,8 @@ impl Applier {
             }
             Record::Relation(r) => {
                 self.flush_bulk(r.oid).await?;
-                let target = Target::from_relation(r);
+                let mut target = Target::from_relation(r);
+                target.cells = self.destination_cells(&target).await?;
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
                 self.stages.remove(&r.oid);
                 self.stages_created.remove(&r.oid);
@@ -474,17 +476,22 @@ impl Applier {
                     return Ok(());
                 }
                 if self.folds(&target) {
-                    let (values, _) = texts(&i.new.0, batch, &mut self.scratch);
-                    if let Some(key) = key_of(&target, &values) {
-                        self.bulk.entry(target.oid).or_default().insert(key, values);
-                        return self.folded().await;
+                    match row_cells(&target, &i.new.0, batch, &mut self.scratch) {
+                        Ok((values, _)) => {
+                            if let Some(key) = key_of(&target, &values) {
+                                self.bulk.entry(target.oid).or_default().insert(key, values);
+                                return self.folded().await;
+                            }
+                        }
+                        Err(Mismatch) => self.cells_to_text(&target).await?,
                     }
-                }
-                if target.key.is_empty() {
+                } else if target.key.is_empty() {
                     // No key: nothing to fold, but inserts can be copied in.
                     let buf = self.appends.entry(target.oid).or_default();
-                    bulk::append_row(buf, &i.new.0, &mut self.scratch);
-                    return self.folded().await;
+                    match bulk::append_row(buf, &target.cells, &i.new.0, &mut self.scratch) {
+                        Ok(()) => return self.folded().await,
+                        Err(Mismatch) => self.cells_to_text(&target).await?,
+                    }
                 }
                 self.flush_bulk(target.oid).await?;
                 let upsert = self.settings.on_conflict == ConflictPolicy::Overwrite;
@@ -498,18 +505,27 @@ impl Applier {
                     return Ok(());
                 }
                 if self.folds(&target) {
-                    let (values, unchanged) = texts(&u.new.0, batch, &mut self.scratch);
-                    let new_key = key_of(&target, &values);
-                    // Without an old tuple the key did not change.
-                    let old_key = match &u.old {
-                        None => new_key.clone(),
-                        old => locator_values(&target, old.as_ref(), Some(&u.new)).and_then(|v| all_text(&v, batch, &mut self.scratch)),
-                    };
-                    if let (Some(key), Some(old)) = (new_key, old_key) {
-                        let moved = (old != key).then_some(old);
-                        if self.bulk.entry(target.oid).or_default().update(moved, key, values, unchanged).is_ok() {
-                            return self.folded().await;
+                    let cells = row_cells(&target, &u.new.0, batch, &mut self.scratch).and_then(|(values, unchanged)| {
+                        let new_key = key_of(&target, &values);
+                        // Without an old tuple the key did not change.
+                        let old_key = match &u.old {
+                            None => new_key.clone(),
+                            old => match locator_values(&target, old.as_ref(), Some(&u.new)) {
+                                Some(v) => key_cells(&target, &v, batch, &mut self.scratch)?,
+                                None => None,
+                            },
+                        };
+                        Ok((values, unchanged, new_key, old_key))
+                    });
+                    match cells {
+                        Ok((values, unchanged, Some(key), Some(old))) => {
+                            let moved = (old != key).then_some(old);
+                            if self.bulk.entry(target.oid).or_default().update(moved, key, values, unchanged).is_ok() {
+                                return self.folded().await;
+                            }
                         }
+                        Ok(_) => {}
+                        Err(Mismatch) => self.cells_to_text(&target).await?,
                     }
                 }
                 self.flush_bulk(target.oid).await?;
@@ -541,9 +557,15 @@ impl Applier {
                     return Ok(());
                 }
                 if self.folds(&target) {
-                    if let Some(key) = locator_values(&target, d.old.as_ref(), None).and_then(|v| all_text(&v, batch, &mut self.scratch)) {
-                        self.bulk.entry(target.oid).or_default().delete(key);
-                        return self.folded().await;
+                    if let Some(v) = locator_values(&target, d.old.as_ref(), None) {
+                        match key_cells(&target, &v, batch, &mut self.scratch) {
+                            Ok(Some(key)) => {
+                                self.bulk.entry(target.oid).or_default().delete(key);
+                                return self.folded().await;
+                            }
+                            Ok(None) => {}
+                            Err(Mismatch) => self.cells_to_text(&target).await?,
+                        }
                     }
                 }
                 self.flush_bulk(target.oid).await?;
@@ -592,6 +614,41 @@ impl Applier {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// How the table's values go into COPY data: binary when each column
+    /// has the same built-in type on the destination as on the source and
+    /// decant writes that type in binary (see [`Cells`]), else text.
+    async fn destination_cells(&mut self, target: &Target) -> Result<Cells, ApplyError> {
+        if !self.folds(target) && !target.key.is_empty() {
+            return Ok(Cells::Text);
+        }
+        // The client is the commit task's until settled.
+        self.settle().await?;
+        let names: Vec<&str> = target.columns.iter().map(String::as_str).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT (SELECT a.atttypid FROM pg_attribute a
+                          WHERE a.attrelid = to_regclass($1) AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped)
+                   FROM unnest($2::text[]) WITH ORDINALITY AS c(name, n) ORDER BY c.n",
+                &[&target.qualified, &names],
+            )
+            .await
+            .map_err(statement_error("reading column types", &target.display))?;
+        let destination: Vec<Option<u32>> = rows.iter().map(|r| r.get(0)).collect();
+        Ok(Cells::for_columns(&target.type_oids, &destination))
+    }
+
+    /// A value did not fit its column's binary form (the source sent
+    /// another kind than its type has): what is folded for the table is
+    /// merged, and its values are written as text from now on.
+    async fn cells_to_text(&mut self, target: &Target) -> Result<(), ApplyError> {
+        self.flush_bulk(target.oid).await?;
+        tracing::info!(table = %target.display, "a value does not fit its column's binary COPY form; the table's changes are copied as text");
+        let text = Target { cells: Cells::Text, ..target.clone() };
+        self.targets.insert(target.oid, Arc::new(text));
         Ok(())
     }
 
@@ -881,16 +938,17 @@ impl Merge {
 
     async fn run(self, client: &Client, metrics: &Metrics) -> Result<(), ApplyError> {
         match self {
-            Merge::Append { target, rows } => {
+            Merge::Append { target, mut rows } => {
                 let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
-                let copy = format!("COPY {} ({}) FROM STDIN", target.qualified, cols.join(", "));
+                let copy = format!("COPY {} ({}) FROM STDIN{}", target.qualified, cols.join(", "), target.cells.copy_options());
+                bulk::finish_appends(&mut rows, &target.cells);
                 copy_in(client, &copy, rows.freeze()).await.map_err(statement_error("COPY", &target.display))?;
             }
             Merge::Stage { target, stage, data, counts } => {
                 let table = target.display.as_str();
                 let stmt_err = |op| statement_error(op, table);
                 let staged = data.len();
-                copy_in(client, &stage.copy, data.freeze()).await.map_err(stmt_err("COPY"))?;
+                copy_in(client, stage.copy(&target.cells), data.freeze()).await.map_err(stmt_err("COPY"))?;
                 // Each statement scans the staging table: only those with
                 // rows to act on run.
                 let mut deleted = 0;
@@ -986,33 +1044,29 @@ async fn copy_in(client: &Client, sql: &str, data: Bytes) -> Result<u64, tokio_p
     sink.as_mut().finish().await
 }
 
-/// Text forms of a tuple's values, and which are unchanged TOAST (empty
-/// when none is).
-fn texts(values: &[Value<'_>], batch: &Bytes, scratch: &mut BytesMut) -> (Vec<Text>, Vec<bool>) {
+/// A tuple's cells in the table's encoding, and which values are
+/// unchanged TOAST (empty when none is).
+fn row_cells(target: &Target, values: &[Value<'_>], batch: &Bytes, scratch: &mut BytesMut) -> Result<(Vec<Text>, Vec<bool>), Mismatch> {
     let unchanged = if values.iter().any(|v| matches!(v, Value::UnchangedToast)) {
         values.iter().map(|v| matches!(v, Value::UnchangedToast)).collect()
     } else {
         Vec::new()
     };
-    (values.iter().map(|v| text(v, batch, scratch)).collect(), unchanged)
+    let cells = values.iter().enumerate().map(|(i, v)| cell(&target.cells, i, v, batch, scratch)).collect::<Result<_, _>>()?;
+    Ok((cells, unchanged))
 }
 
-/// A value's text: a slice of the batch when it travels as text, else
-/// written into `scratch` and split off it.
-fn text(v: &Value<'_>, batch: &Bytes, scratch: &mut BytesMut) -> Text {
-    if let Value::Text(b) = v {
-        return Some(slice(batch, b));
+/// The cells of the key columns' `values` (in key order), or `None` if
+/// one is NULL or unchanged (then it cannot serve as a key).
+fn key_cells(target: &Target, values: &[Value<'_>], batch: &Bytes, scratch: &mut BytesMut) -> Result<Option<Vec<Text>>, Mismatch> {
+    let mut key = Vec::with_capacity(values.len());
+    for (&column, v) in target.key.iter().zip(values) {
+        match cell(&target.cells, column, v, batch, scratch)? {
+            Some(c) => key.push(Some(c)),
+            None => return Ok(None),
+        }
     }
-    if scratch.capacity() - scratch.len() < 256 {
-        scratch.reserve(64 << 10);
-    }
-    v.write_pg_text(scratch).then(|| scratch.split().freeze())
-}
-
-/// Every value as text, or `None` if one is NULL or unchanged (then it
-/// cannot serve as a key).
-fn all_text(values: &[Value<'_>], batch: &Bytes, scratch: &mut BytesMut) -> Option<Vec<Text>> {
-    values.iter().map(|v| text(v, batch, scratch).map(Some)).collect()
+    Ok(Some(key))
 }
 
 /// The key columns of a row's texts; `None` if one is NULL or unchanged.
@@ -1035,15 +1089,4 @@ fn params(values: &[Value<'_>], batch: &Bytes) -> Vec<Option<Param>> {
             }),
         })
         .collect()
-}
-
-/// `b` as a zero-copy slice of `batch` when it lies inside it.
-fn slice(batch: &Bytes, b: &[u8]) -> Bytes {
-    let start = b.as_ptr() as usize;
-    let base = batch.as_ptr() as usize;
-    if start >= base && start + b.len() <= base + batch.len() {
-        batch.slice_ref(b)
-    } else {
-        Bytes::copy_from_slice(b)
-    }
 }

@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 
 use decant_proto::Value;
 
+use super::cells::{BinaryRow, Cells, Mismatch, BINARY_HEADER, BINARY_TRAILER};
 use super::statements::{quote_ident, Target};
 
 /// A text value; `None` is NULL.
@@ -127,35 +128,48 @@ impl Buffer {
         self.rows.insert(key, Net::Deleted { counted });
     }
 
-    /// The staging table's rows as COPY text, and how many rows of each
-    /// operation: (deleted and counted, updates, inserts).
+    /// The staging table's rows as COPY data (in the target's cells), and
+    /// how many rows of each operation: (deleted and counted, updates,
+    /// inserts).
     pub fn copy_data(&self, target: &Target) -> (BytesMut, Counts) {
         let mut out = BytesMut::with_capacity(self.bytes + 1024);
         let mut counts = Counts::default();
         let ncols = target.columns.len();
+        let binary = target.cells.is_binary();
+        if binary {
+            out.extend_from_slice(BINARY_HEADER);
+        }
+        let mut deleted: Vec<&Text> = Vec::new();
         for (key, net) in &self.rows {
-            match net {
+            let (values, op, unchanged): (&mut dyn Iterator<Item = &Text>, u8, &[bool]) = match net {
                 Net::Deleted { counted } => {
-                    let op = if *counted { b"D" } else { b"d" };
                     counts.deletes += 1;
                     counts.deletes_counted += usize::from(*counted);
-                    let mut values: Vec<&Text> = vec![&None; ncols];
+                    deleted.clear();
+                    deleted.resize(ncols, &None);
                     for (n, &i) in target.key.iter().enumerate() {
-                        values[i] = &key[n];
+                        deleted[i] = &key[n];
                     }
-                    write_row(&mut out, values.into_iter(), op, &[]);
+                    (&mut deleted.iter().copied(), if *counted { b'D' } else { b'd' }, &[])
                 }
                 Net::Row { values, unchanged, inserted } => {
-                    let op: &[u8] = if *inserted { b"i" } else { b"u" };
                     if *inserted {
                         counts.inserts += 1;
                     } else {
                         counts.updates += 1;
                     }
                     counts.keeps_values |= unchanged.contains(&true);
-                    write_row(&mut out, values.iter(), op, unchanged);
+                    (&mut values.iter(), if *inserted { b'i' } else { b'u' }, unchanged)
                 }
+            };
+            if binary {
+                write_binary_row(&mut out, ncols, values, op, unchanged);
+            } else {
+                write_row(&mut out, values, op, unchanged);
             }
+        }
+        if binary {
+            out.extend_from_slice(BINARY_TRAILER);
         }
         (out, counts)
     }
@@ -172,32 +186,57 @@ pub struct Counts {
     pub keeps_values: bool,
 }
 
-/// One line of COPY text for a plain INSERT, written straight from the
-/// record's values (`scratch` holds a non-text value's text form on the way).
-pub fn append_row(out: &mut BytesMut, values: &[Value<'_>], scratch: &mut BytesMut) {
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b"\t");
-        }
-        match v {
-            Value::Text(b) => escape(out, b),
-            other => {
-                scratch.clear();
-                if other.write_pg_text(scratch) {
-                    escape(out, scratch);
-                } else {
-                    out.extend_from_slice(b"\\N");
+/// One row of COPY data for a plain INSERT, written straight from the
+/// record's values in the table's cells (binary data starts with its
+/// header; [`finish_appends`] ends it). A value that does not fit its
+/// binary column leaves `out` as it was.
+pub fn append_row(out: &mut BytesMut, cells: &Cells, values: &[Value<'_>], scratch: &mut BytesMut) -> Result<(), Mismatch> {
+    if !cells.is_binary() {
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"\t");
+            }
+            match v {
+                Value::Text(b) => escape(out, b),
+                other => {
+                    scratch.clear();
+                    if other.write_pg_text(scratch) {
+                        escape(out, scratch);
+                    } else {
+                        out.extend_from_slice(b"\\N");
+                    }
+                    scratch.clear();
                 }
-                scratch.clear();
             }
         }
+        out.extend_from_slice(b"\n");
+        return Ok(());
     }
-    out.extend_from_slice(b"\n");
+    if out.is_empty() {
+        out.extend_from_slice(BINARY_HEADER);
+    }
+    let row_start = out.len();
+    BinaryRow::start(out, values.len());
+    for (i, v) in values.iter().enumerate() {
+        if let Err(e) = BinaryRow::field_with(out, |o| cells.write(i, v, o)) {
+            out.truncate(row_start);
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
-/// One line of COPY text: the columns, the operation, the 1-based indexes
-/// of the columns to keep (those marked in `unchanged`).
-fn write_row<'a>(out: &mut BytesMut, values: impl Iterator<Item = &'a Text>, op: &[u8], unchanged: &[bool]) {
+/// The end of appended rows' COPY data.
+pub fn finish_appends(out: &mut BytesMut, cells: &Cells) {
+    if cells.is_binary() {
+        out.extend_from_slice(BINARY_TRAILER);
+    }
+}
+
+/// One line of COPY text: the columns, the operation, and the 1-based
+/// indexes of the columns to keep (those marked in `unchanged`; NULL when
+/// none is, which spares the destination parsing an empty array per row).
+fn write_row<'a>(out: &mut BytesMut, values: &mut dyn Iterator<Item = &'a Text>, op: u8, unchanged: &[bool]) {
     for v in values {
         match v {
             None => out.extend_from_slice(b"\\N"),
@@ -205,8 +244,12 @@ fn write_row<'a>(out: &mut BytesMut, values: impl Iterator<Item = &'a Text>, op:
         }
         out.extend_from_slice(b"\t");
     }
-    out.extend_from_slice(op);
-    out.extend_from_slice(b"\t{");
+    out.extend_from_slice(&[op, b'\t']);
+    if !unchanged.contains(&true) {
+        out.extend_from_slice(b"\\N\n");
+        return;
+    }
+    out.extend_from_slice(b"{");
     let mut first = true;
     for (i, _) in unchanged.iter().enumerate().filter(|(_, &u)| u) {
         if !first {
@@ -216,6 +259,18 @@ fn write_row<'a>(out: &mut BytesMut, values: impl Iterator<Item = &'a Text>, op:
         out.extend_from_slice(itoa::Buffer::new().format(i + 1).as_bytes());
     }
     out.extend_from_slice(b"}\n");
+}
+
+/// The same row in binary COPY: the columns' binary cells, the operation as
+/// "char", the kept columns as int2[] (NULL when none).
+fn write_binary_row<'a>(out: &mut BytesMut, ncols: usize, values: &mut dyn Iterator<Item = &'a Text>, op: u8, unchanged: &[bool]) {
+    BinaryRow::start(out, ncols + 2);
+    for v in values {
+        BinaryRow::field(out, v.as_deref());
+    }
+    BinaryRow::field(out, Some(&[op]));
+    let kept = unchanged.iter().enumerate().filter(|(_, &u)| u).map(|(i, _)| (i + 1) as i16);
+    BinaryRow::int2_array(out, kept.collect::<Vec<_>>().into_iter());
 }
 
 /// COPY text escaping: backslash, and the characters that delimit.
@@ -241,7 +296,8 @@ pub struct StageSql {
     /// The staging table's name, quoted.
     pub stage: String,
     pub create: String,
-    pub copy: String,
+    /// COPY into the staging table: text, binary.
+    copy: [String; 2],
     pub delete: String,
     /// UPDATE from the staged rows that keep destination values where marked
     /// (`None`: the table has only key columns).
@@ -324,7 +380,10 @@ impl StageSql {
                  ALTER TABLE {stage} ADD COLUMN IF NOT EXISTS decant_op \"char\", ADD COLUMN IF NOT EXISTS decant_keep int2[]",
                 target.qualified
             ),
-            copy: format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN"),
+            copy: [
+                format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN"),
+                format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN (FORMAT binary)"),
+            ],
             delete: format!(
                 "DELETE FROM {} t USING (SELECT {order} FROM {stage} WHERE decant_op IN ('D', 'd') ORDER BY {order}) s WHERE {key_match}",
                 target.qualified
@@ -337,6 +396,11 @@ impl StageSql {
             staged_since_truncate: AtomicUsize::new(0),
             splittable,
         }
+    }
+
+    /// The COPY into the staging table of data in `cells`.
+    pub fn copy(&self, cells: &Cells) -> &str {
+        &self.copy[usize::from(cells.is_binary())]
     }
 
     /// Called when the staging table was (re)created in a session.
@@ -368,6 +432,7 @@ const STAGE_TRUNCATE_BYTES: usize = 4 << 20;
 
 #[cfg(test)]
 mod tests {
+    use super::super::cells::BinaryType;
     use super::*;
 
     fn t(s: &str) -> Text {
@@ -382,6 +447,8 @@ mod tests {
             columns: vec!["id".into(), "a".into(), "big".into()],
             key: vec![0],
             identity: decant_proto::ReplicaIdentity::Default,
+            type_oids: vec![23, 25, 25],
+            cells: Cells::Text,
         }
     }
 
@@ -404,10 +471,10 @@ mod tests {
         assert_eq!(
             lines(&b),
             [
-                "1\tb\tx\ti\t{}",     // insert then update: the new image, TOAST value carried over
+                "1\tb\tx\ti\t\\N",    // insert then update: the new image, TOAST value carried over
                 "2\tc\t\\N\tu\t{3}",  // update of a row only on the destination: keep column 3
-                "3\t\\N\t\\N\tD\t{}", // a delete that expects the row
-                "4\t\\N\t\\N\td\t{}", // inserted then deleted: nothing to count
+                "3\t\\N\t\\N\tD\t\\N", // a delete that expects the row
+                "4\t\\N\t\\N\td\t\\N", // inserted then deleted: nothing to count
             ]
         );
     }
@@ -416,10 +483,30 @@ mod tests {
     fn key_changes_and_what_cannot_fold() {
         let mut b = Buffer::default();
         b.update(Some(vec![t("1")]), vec![t("9")], vec![t("9"), t("a"), t("x")], vec![false; 3]).unwrap();
-        assert_eq!(lines(&b), ["1\t\\N\t\\N\tD\t{}", "9\ta\tx\ti\t{}"]);
+        assert_eq!(lines(&b), ["1\t\\N\t\\N\tD\t\\N", "9\ta\tx\ti\t\\N"]);
         assert!(b.update(Some(vec![t("5")]), vec![t("6")], vec![t("6"), t("a"), None], vec![false, false, true]).is_err());
         b.delete(vec![t("7")]);
         assert!(b.update(None, vec![t("7")], vec![t("7"), t("a"), t("x")], vec![false; 3]).is_err());
+    }
+
+    #[test]
+    fn binary_staging_rows() {
+        let mut t = target();
+        t.cells = Cells::Binary(vec![BinaryType::Int4, BinaryType::Text, BinaryType::Text]);
+        let c = |v: &[u8]| Some(Bytes::copy_from_slice(v));
+        let mut b = Buffer::default();
+        b.update(None, vec![c(&[0, 0, 0, 2])], vec![c(&[0, 0, 0, 2]), c(b"c"), None], vec![false, false, true]).unwrap();
+        let (data, counts) = b.copy_data(&t);
+        assert_eq!(counts.updates, 1);
+        let mut want = BINARY_HEADER.to_vec();
+        want.extend_from_slice(&[0, 5]); // fields: three columns, op, kept
+        want.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 2]);
+        want.extend_from_slice(&[0, 0, 0, 1, b'c']);
+        want.extend_from_slice(&[0xff; 4]); // the unchanged value: NULL, kept
+        want.extend_from_slice(&[0, 0, 0, 1, b'u']);
+        want.extend_from_slice(&[0, 0, 0, 26, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 21, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 3]);
+        want.extend_from_slice(BINARY_TRAILER);
+        assert_eq!(data.as_ref(), want);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod bulk;
+pub mod cells;
 pub mod migration;
 pub mod progress;
 pub mod statements;

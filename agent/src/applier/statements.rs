@@ -2,6 +2,8 @@
 
 use decant_proto::{Relation, ReplicaIdentity};
 
+use super::cells::Cells;
+
 /// What the applier knows of a source relation.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -15,6 +17,11 @@ pub struct Target {
     /// replica identity key, else the primary key.
     pub key: Vec<usize>,
     pub identity: ReplicaIdentity,
+    /// Each column's type on the source.
+    pub type_oids: Vec<u32>,
+    /// How its values are written into COPY data (text until the
+    /// destination's column types are known).
+    pub cells: Cells,
 }
 
 pub use crate::replication::client::quote_ident;
@@ -34,6 +41,8 @@ impl Target {
             columns: r.columns.iter().map(|c| String::from_utf8_lossy(c.name).into_owned()).collect(),
             key,
             identity: r.replica_identity,
+            type_oids: r.columns.iter().map(|c| c.type_oid).collect(),
+            cells: Cells::Text,
         }
     }
 
@@ -115,6 +124,8 @@ mod tests {
             columns: vec!["id".into(), "a".into(), "b\"q".into()],
             key,
             identity: ReplicaIdentity::Default,
+            type_oids: vec![23, 25, 25],
+            cells: Cells::Text,
         }
     }
 
