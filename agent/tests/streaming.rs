@@ -497,6 +497,51 @@ fn a_large_group_merged_on_two_connections_arrives_exactly() {
 }
 
 #[test]
+fn a_destination_without_replication_origins_keeps_progress_in_a_table_exactly_once() {
+    // An applier role that owns the tables but may not use replication
+    // origins (superuser only): the position goes to decant.progress.
+    let p = pair("");
+    p.dest
+        .connect()
+        .batch_execute(
+            "CREATE ROLE app LOGIN;
+             GRANT CREATE ON DATABASE postgres TO app;
+             GRANT USAGE, CREATE ON SCHEMA decant TO app; -- the extension's schema, restored from the dump
+             GRANT SET ON PARAMETER session_replication_role TO app;
+             ALTER TABLE pgbench_accounts OWNER TO app; ALTER TABLE pgbench_branches OWNER TO app;
+             ALTER TABLE pgbench_tellers OWNER TO app; ALTER TABLE pgbench_history OWNER TO app;
+             ALTER TABLE mixed OWNER TO app; ALTER TABLE typed OWNER TO app;",
+        )
+        .unwrap();
+    let config = std::fs::read_to_string(&p.config).unwrap();
+    let admin_dsn = p.dest.conninfo("postgres");
+    std::fs::write(&p.config, config.replace(&admin_dsn, &admin_dsn.replace("user=postgres", "user=app"))).unwrap();
+    let mut applier = p.role("applier");
+    let _agent = p.role("agent");
+    let load = background_load(&p, 3);
+    pause(1500);
+    applier.kill9();
+    pause(300);
+    let _applier = p.role("applier");
+    load.join().unwrap();
+    p.mixed_changes(1);
+    p.wait_equal();
+    let mut dest = p.dest.connect();
+    let (origins, position): (i64, Option<String>) = {
+        let row = dest
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_replication_origin),
+                        (SELECT source_lsn::text FROM decant.progress WHERE task_id = 't')",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(origins, 0, "the applier used a replication origin");
+    assert!(position.is_some(), "no position in decant.progress");
+}
+
+#[test]
 fn metrics_endpoint_reports_progress() {
     let p = pair("");
     let metrics_port = p.applier_metrics();

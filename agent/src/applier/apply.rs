@@ -19,7 +19,7 @@ use decant_proto::{decode, DecodeError, Lsn, OldTuple, Record, Tuple, Value};
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use super::bulk::{self, StageSql, Text};
+use super::bulk::{self, Conn, StageSql, Text};
 use super::cells::{cell, slice, Cells, Mismatch};
 use super::progress::{Durability, ProgressError, ProgressStore};
 use super::statements::Target;
@@ -761,11 +761,11 @@ impl Applier {
         self.drain_pipeline(0).await?;
         let target = self.target(oid)?;
         if let Some(rows) = appends {
-            Merge::Append { target: target.clone(), rows }.run(&self.client, &self.metrics).await?;
+            Merge::Append { target: target.clone(), rows }.run(&self.client, Conn::Main, &self.metrics).await?;
         }
         if let Some(buffer) = buffer {
             let stage = self.ensure_stage(oid).await?;
-            Merge::staged(target, stage, buffer).run(&self.client, &self.metrics).await?;
+            Merge::staged(target, stage, buffer).run(&self.client, Conn::Main, &self.metrics).await?;
         }
         Ok(())
     }
@@ -804,7 +804,7 @@ impl Applier {
             return Ok(stage);
         }
         create_stage(&self.client, &stage, &table).await?;
-        stage.created();
+        stage.created(Conn::Main);
         self.stages_created.insert(oid);
         Ok(stage)
     }
@@ -857,7 +857,7 @@ impl GroupCommit {
         let metrics = &self.metrics;
         let main = async {
             for merge in self.merges {
-                merge.run(client, metrics).await?;
+                merge.run(client, Conn::Main, metrics).await?;
             }
             Ok(())
         };
@@ -873,10 +873,11 @@ impl GroupCommit {
                     let created = helper.stages_created.lock().unwrap_or_else(|e| e.into_inner()).contains(&stage.stage);
                     if !created {
                         create_stage(&helper.client, stage, &target.display).await?;
+                        stage.created(Conn::Second);
                         helper.stages_created.lock().unwrap_or_else(|e| e.into_inner()).insert(stage.stage.clone());
                     }
                 }
-                merge.run(&helper.client, metrics).await?;
+                merge.run(&helper.client, Conn::Second, metrics).await?;
             }
             helper.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)
         };
@@ -936,7 +937,7 @@ impl Merge {
         Merge::Stage { target, stage, data, counts }
     }
 
-    async fn run(self, client: &Client, metrics: &Metrics) -> Result<(), ApplyError> {
+    async fn run(self, client: &Client, conn: Conn, metrics: &Metrics) -> Result<(), ApplyError> {
         match self {
             Merge::Append { target, mut rows } => {
                 let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
@@ -963,7 +964,7 @@ impl Merge {
                 if counts.inserts > 0 {
                     client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
                 }
-                client.batch_execute(stage.empty(staged)).await.map_err(stmt_err("emptying the staging table"))?;
+                client.batch_execute(stage.empty(conn, staged)).await.map_err(stmt_err("emptying the staging table"))?;
                 let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
                 if missing > 0 {
                     metrics.missing_rows.add(missing as u64);

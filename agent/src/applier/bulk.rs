@@ -309,8 +309,9 @@ pub struct StageSql {
     /// `TRUNCATE` once enough dead rows piled up (see [`StageSql::empty`]).
     delete_all: String,
     truncate: String,
-    /// COPY bytes staged since the table was last truncated (or created).
-    staged_since_truncate: AtomicUsize,
+    /// COPY bytes staged since the table was last truncated (or created),
+    /// on each connection (each has its own temporary table).
+    staged_since_truncate: [AtomicUsize; 2],
     /// The table's merges may run on two connections at once, half the keys
     /// each: its only unique index is the key, and no trigger fires for
     /// replicated rows (nothing else could make one half wait for the other).
@@ -393,7 +394,7 @@ impl StageSql {
             insert,
             delete_all: format!("DELETE FROM {stage}"),
             truncate: format!("TRUNCATE {stage}"),
-            staged_since_truncate: AtomicUsize::new(0),
+            staged_since_truncate: Default::default(),
             splittable,
         }
     }
@@ -403,9 +404,9 @@ impl StageSql {
         &self.copy[usize::from(cells.is_binary())]
     }
 
-    /// Called when the staging table was (re)created in a session.
-    pub fn created(&self) {
-        self.staged_since_truncate.store(0, Ordering::Relaxed);
+    /// Called when the staging table was (re)created on `conn`.
+    pub fn created(&self, conn: Conn) {
+        self.staged_since_truncate[conn as usize].store(0, Ordering::Relaxed);
     }
 
     /// The statement that empties the staging table after a merge of
@@ -415,15 +416,24 @@ impl StageSql {
     /// top of its profile). A DELETE leaves dead rows instead, which the
     /// next merges scan, so the table is truncated once they reach
     /// `STAGE_TRUNCATE_BYTES`.
-    pub fn empty(&self, staged: usize) -> &str {
-        let total = self.staged_since_truncate.fetch_add(staged, Ordering::Relaxed) + staged;
+    pub fn empty(&self, conn: Conn, staged: usize) -> &str {
+        let counter = &self.staged_since_truncate[conn as usize];
+        let total = counter.fetch_add(staged, Ordering::Relaxed) + staged;
         if total >= STAGE_TRUNCATE_BYTES {
-            self.staged_since_truncate.store(0, Ordering::Relaxed);
+            counter.store(0, Ordering::Relaxed);
             &self.truncate
         } else {
             &self.delete_all
         }
     }
+}
+
+/// The applier's destination connections: the main one, and the second
+/// one that split merges use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Conn {
+    Main = 0,
+    Second = 1,
 }
 
 /// Staged bytes after which a staging table is truncated rather than

@@ -38,6 +38,17 @@ CREATE TABLE IF NOT EXISTS decant.progress (
 );
 COMMENT ON TABLE decant.progress IS 'decant: last source commit applied per task, written with the data'";
 
+/// Errors that mean the destination does not let this session use
+/// replication origins.
+const ORIGINS_UNAVAILABLE: &[tokio_postgres::error::SqlState] = &[
+    tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE,
+    tokio_postgres::error::SqlState::UNDEFINED_FUNCTION,
+    tokio_postgres::error::SqlState::UNDEFINED_TABLE,
+    tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED,
+    // max_replication_slots = 0
+    tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+];
+
 impl ProgressStore {
     /// Sets up the store on `client` (once per connection) and returns it
     /// with the last source LSN the destination has committed.
@@ -69,10 +80,16 @@ impl ProgressStore {
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
                 Err(ProgressError { what: "another applier session holds this task's replication origin", source: e })
             }
-            Err(e) => {
+            // Origins refused (not a superuser or replication role) or not
+            // offered (a PostgreSQL-compatible server without them).
+            Err(e) if e.code().is_some_and(|c| ORIGINS_UNAVAILABLE.contains(c)) => {
                 tracing::info!(reason = %e, "replication origins are not available on the destination; keeping progress in decant.progress");
                 Ok((ProgressStore::Table { task_id: task_id.to_owned() }, table_lsn))
             }
+            // Anything else (a timeout, a lost connection) says nothing
+            // about origins: falling back to the table would resume from
+            // its older position and apply transactions twice.
+            Err(e) => Err(ProgressError { what: "setting up the replication origin", source: e }),
         }
     }
 

@@ -185,14 +185,22 @@ impl ApplierRpc for ApplierService {
             // A panic is a defect; it still ends this stream with an error
             // the agent reports, instead of a stream that just stops.
             let result = guarded(run(&mut applier, inbound, &ack_tx, &metrics)).await;
-            if let Err(e) = result {
-                if matches!(e.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
-                    tracing::info!(reason = %e.message(), "agent disconnected");
-                } else {
+            match &result {
+                Ok(()) => tracing::info!("agent ended the stream"),
+                Err(e) if matches!(e.code(), tonic::Code::Cancelled | tonic::Code::Unknown) => {
+                    tracing::info!(reason = %e.message(), "agent disconnected")
+                }
+                Err(e) => {
                     metrics.errors.inc();
                     tracing::error!(error = %e.message(), "apply stream ended with an error");
                 }
-                applier.abort().await;
+            }
+            // However the stream ended, the destination is settled before
+            // the next stream may start (the guard is held until then): a
+            // commit in flight finishes, an open group is rolled back. The
+            // next stream then reads a position no commit will pass later.
+            applier.abort().await;
+            if let Err(e) = result {
                 let _ = end_tx.send(Err(e)).await;
             }
         });
