@@ -932,8 +932,7 @@ impl Merge {
     /// made them (freeing them on the commit task's thread made the
     /// allocator contend).
     fn staged(target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer) -> Merge {
-        let (data, counts) = buffer.copy_data(&target);
-        drop(buffer);
+        let (data, counts) = buffer.into_copy_data(&target);
         Merge::Stage { target, stage, data, counts }
     }
 

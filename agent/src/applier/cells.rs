@@ -185,11 +185,14 @@ impl BinaryRow {
 }
 
 /// A cell for the fold buffer: a slice of the batch when the value travels
-/// as text and the cells are text, else written into `scratch` and split
-/// off it (one allocation for many cells).
+/// as text and its cell is those bytes (text cells, or a text type's binary
+/// form), else written into `scratch` and split off it (one allocation for
+/// many cells).
 pub fn cell(cells: &Cells, column: usize, v: &Value<'_>, batch: &Bytes, scratch: &mut BytesMut) -> Result<Option<Bytes>, Mismatch> {
-    if let (Cells::Text, Value::Text(b)) = (cells, v) {
-        return Ok(Some(slice(batch, b)));
+    if let Value::Text(b) = v {
+        if matches!(cells, Cells::Text) || matches!(cells, Cells::Binary(types) if types.get(column) == Some(&BinaryType::Text)) {
+            return Ok(Some(slice(batch, b)));
+        }
     }
     if scratch.capacity() - scratch.len() < 256 {
         scratch.reserve(64 << 10);
