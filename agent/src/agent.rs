@@ -412,8 +412,10 @@ impl<'c> Session<'c> {
         Ok(())
     }
 
+    /// Makes the records read so far the next message to send, unless one
+    /// is still waiting to go out (it would be lost).
     fn cut_batch(&mut self) {
-        if self.batch.is_empty() {
+        if self.batch.is_empty() || self.pending.is_some() {
             return;
         }
         self.sequence += 1;
@@ -510,9 +512,12 @@ impl<'c> Session<'c> {
     /// On shutdown: send what was read, wait a little for the applier to
     /// commit it, confirm what it did.
     async fn drain_on_shutdown(&mut self, repl: &mut ReplicationClient, applier: &mut ApplierStream) -> Result<(), AgentError> {
-        self.cut_batch();
-        if let Some(msg) = self.pending.take() {
-            let _ = applier.outbound.send(msg).await;
+        // The message waiting for room first, then what was read after it.
+        for _ in 0..2 {
+            if let Some(msg) = self.pending.take() {
+                let _ = applier.outbound.send(msg).await;
+            }
+            self.cut_batch();
         }
         let until = Instant::now() + Duration::from_secs(5);
         while self.committed < self.last_commit_end && Instant::now() < until {

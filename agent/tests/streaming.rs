@@ -350,6 +350,14 @@ fn survives_kill9_of_agent_and_applier_and_restarts_of_both_databases() {
     agent = p.role("agent");
     load.join().unwrap();
 
+    // A graceful stop under load: what was read goes out before the agent
+    // confirms and exits.
+    let load = background_load(&p, 3);
+    pause(1500);
+    assert_eq!(agent.stop(), Some(0));
+    agent = p.role("agent");
+    load.join().unwrap();
+
     let load = background_load(&p, 3);
     pause(1500);
     applier.kill9();
