@@ -198,9 +198,10 @@ const SPLIT_MIN_ROWS: usize = 2000;
 /// A group ends at the first COMMIT after its folded changes reach this
 /// much memory: they are merged while the next group is folded. Larger
 /// groups fold more and merge fewer times (8 → 16 MB took the backlog's
-/// destination CPU from 2.9 to 2.4 s); 14 MB keeps the applier's peak RSS
-/// with a large transaction near 130 MB (see BULK_FLUSH_BYTES).
-const GROUP_FOLDED_BYTES: usize = 14 << 20;
+/// destination CPU from 2.9 to 2.4 s); 13 MB keeps the applier's peak RSS
+/// with a large transaction under 150 MB (see BULK_FLUSH_BYTES; with
+/// binary cells and 14 MB it reached 146–147 MB).
+const GROUP_FOLDED_BYTES: usize = 13 << 20;
 /// Folded changes are merged at once, inside a source transaction, when they
 /// reach this much memory (a large transaction). Above GROUP_FOLDED_BYTES,
 /// so that a group of small transactions ends at a COMMIT first: that merge
