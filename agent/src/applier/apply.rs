@@ -791,7 +791,18 @@ impl Applier {
                     "SELECT EXISTS (SELECT FROM pg_rewrite WHERE ev_class = $1::text::regclass AND ev_type IN ('2', '3')),
                             (SELECT count(*) FROM pg_index WHERE indrelid = $1::text::regclass AND indisunique) = 1
                             AND NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = $1::text::regclass AND contype = 'x')
-                            AND NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgenabled IN ('A', 'R'))",
+                            AND NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgenabled IN ('A', 'R'))
+                            AND NOT EXISTS (
+                                SELECT FROM pg_index i
+                                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                                 WHERE i.indrelid = $1::text::regclass AND i.indisunique
+                                   AND (i.indexprs IS NOT NULL
+                                        OR a.atttypid NOT IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'bool'::regtype,
+                                                              'text'::regtype, 'varchar'::regtype, 'uuid'::regtype, 'date'::regtype,
+                                                              'timestamp'::regtype, 'timestamptz'::regtype, 'bytea'::regtype)
+                                        -- (collisdeterministic exists from PostgreSQL 12 on)
+                                        OR EXISTS (SELECT FROM pg_collation c WHERE c.oid = ANY (i.indcollation)
+                                                      AND NOT coalesce((to_jsonb(c) ->> 'collisdeterministic')::bool, true))))",
                     &[&target.qualified],
                 )
                 .await

@@ -313,8 +313,11 @@ pub struct StageSql {
     /// on each connection (each has its own temporary table).
     staged_since_truncate: [AtomicUsize; 2],
     /// The table's merges may run on two connections at once, half the keys
-    /// each: its only unique index is the key, and no trigger fires for
-    /// replicated rows (nothing else could make one half wait for the other).
+    /// each: its only unique index is the key, of types whose values are
+    /// equal exactly when their text is (not numeric's `1.0` and `1.00`, nor
+    /// a nondeterministic collation: two such keys could fall in different
+    /// halves and meet in the index), and no trigger fires for replicated
+    /// rows (nothing else could make one half wait for the other).
     pub splittable: bool,
 }
 
