@@ -348,8 +348,9 @@ apply_truncate = true
 # Re-emit the source's transactional logical messages on the destination.
 apply_messages = false
 # Merge a table's large share of a group on two destination connections at
-# once, half the keys each (tables whose only unique index is the key and
-# that have no ALWAYS or REPLICA triggers). The second connection commits
+# once, half the keys each (tables whose only unique index is the key, of
+# types whose equal values have equal text such as integers, text and uuid,
+# and that have no ALWAYS or REPLICA triggers). The second connection commits
 # its half just before the group commits; should the group then fail, it is
 # applied again, and that half is written again with the same values. For
 # that moment the destination shows half of the group's changes to the table.
