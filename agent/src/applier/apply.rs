@@ -397,8 +397,7 @@ impl Applier {
         // the destination waits only for the settle below.
         let mut merges = Vec::new();
         let mut second_merges = Vec::new();
-        // (A buffer can be empty: its first row did not fit binary cells.)
-        for (oid, rows) in std::mem::take(&mut self.appends).into_iter().filter(|(_, rows)| !rows.is_empty()) {
+        for (oid, rows) in std::mem::take(&mut self.appends) {
             merges.push(Merge::Append { target: self.target(oid)?, rows });
         }
         for (oid, buffer) in std::mem::take(&mut self.bulk) {
@@ -753,7 +752,7 @@ impl Applier {
     /// Merges the folded changes of one table now (in the middle of a
     /// group: before a change that cannot fold, or when they grew large).
     async fn flush_bulk(&mut self, oid: u32) -> Result<(), ApplyError> {
-        let appends = self.appends.remove(&oid).filter(|rows| !rows.is_empty());
+        let appends = self.appends.remove(&oid);
         let buffer = self.bulk.remove(&oid).filter(|b| !b.is_empty());
         if appends.is_none() && buffer.is_none() {
             return Ok(());

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 
 use decant_proto::Value;
 
-use super::cells::{BinaryRow, Cells, Mismatch, BINARY_HEADER, BINARY_TRAILER};
+use super::cells::{BinaryRow, Cells, Mismatch, BINARY_COPY_OPTIONS, BINARY_HEADER, BINARY_TRAILER};
 use super::statements::{quote_ident, Target};
 
 /// A text value; `None` is NULL.
@@ -384,10 +384,11 @@ impl StageSql {
                  ALTER TABLE {stage} ADD COLUMN IF NOT EXISTS decant_op \"char\", ADD COLUMN IF NOT EXISTS decant_keep int2[]",
                 target.qualified
             ),
-            copy: [
-                format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN"),
-                format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN (FORMAT binary)"),
-            ],
+            copy: {
+                let text = format!("COPY {stage} ({list}, decant_op, decant_keep) FROM STDIN");
+                let binary = format!("{text}{BINARY_COPY_OPTIONS}");
+                [text, binary]
+            },
             delete: format!(
                 "DELETE FROM {} t USING (SELECT {order} FROM {stage} WHERE decant_op IN ('D', 'd') ORDER BY {order}) s WHERE {key_match}",
                 target.qualified
@@ -521,6 +522,17 @@ mod tests {
         want.extend_from_slice(&[0, 0, 0, 26, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 21, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 3]);
         want.extend_from_slice(BINARY_TRAILER);
         assert_eq!(data.as_ref(), want);
+    }
+
+    #[test]
+    fn a_first_appended_row_that_does_not_fit_leaves_an_empty_binary_copy() {
+        let cells = Cells::Binary(vec![BinaryType::Int4]);
+        let mut out = BytesMut::new();
+        let mut scratch = BytesMut::new();
+        assert_eq!(append_row(&mut out, &cells, &[Value::Text(b"1")], &mut scratch), Err(Mismatch));
+        finish_appends(&mut out, &cells);
+        // Header and trailer: a COPY of no rows, which PostgreSQL accepts.
+        assert_eq!(out.as_ref(), [BINARY_HEADER, BINARY_TRAILER].concat());
     }
 
     #[test]

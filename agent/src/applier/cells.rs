@@ -85,7 +85,7 @@ impl Cells {
 
     /// `FROM STDIN` options of a COPY of these cells.
     pub fn copy_options(&self) -> &'static str {
-        if self.is_binary() { " (FORMAT binary)" } else { "" }
+        if self.is_binary() { BINARY_COPY_OPTIONS } else { "" }
     }
 
     /// Appends column `column`'s cell for `v` to `out`; false (nothing
@@ -124,6 +124,9 @@ fn write_binary(ty: BinaryType, v: &Value<'_>, out: &mut BytesMut) -> Result<boo
     }
     Ok(true)
 }
+
+/// What follows `FROM STDIN` in a COPY of binary data.
+pub const BINARY_COPY_OPTIONS: &str = " (FORMAT binary)";
 
 /// The start of binary COPY data: signature, flags, header extension.
 pub const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
