@@ -73,6 +73,8 @@ pub enum ApplyError {
     Progress(#[from] ProgressError),
     #[error("the task committing a group on the destination failed: {0}")]
     CommitTask(String),
+    #[error("COPY into {table} loaded {loaded} rows where {sent} were sent; the group was rolled back")]
+    CopyCount { table: String, sent: u64, loaded: u64 },
 }
 
 impl ApplyError {
@@ -129,6 +131,8 @@ struct Group {
     source_transactions: usize,
     bytes: usize,
     started: Instant,
+    /// End LSN of its first and last source transactions.
+    first_end: Lsn,
     last_end: Lsn,
     last_commit_time: i64,
     /// Tables this group wrote on the main connection before its commit
@@ -168,7 +172,7 @@ pub struct Applier {
     bulk: HashMap<u32, bulk::Buffer>,
     /// INSERTs into tables without a key, as COPY text, until the next
     /// other change of that table.
-    appends: HashMap<u32, BytesMut>,
+    appends: HashMap<u32, bulk::Appends>,
     /// Staging SQL per table; a new generation when the table's shape changes.
     stages: HashMap<u32, Arc<StageSql>>,
     /// Staging tables that exist in this session.
@@ -292,6 +296,10 @@ impl Applier {
         }
         self.metrics.batches.inc();
         self.metrics.batch_bytes.add(batch.len() as u64);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let commits: Vec<Lsn> = records.iter().filter_map(|r| if let Record::Commit(c) = r { Some(c.end_lsn) } else { None }).collect();
+            tracing::debug!(sequence, bytes = batch.len(), records = records.len(), commits = commits.len(), first_commit_end = %commits.first().copied().unwrap_or_default(), last_commit_end = %commits.last().copied().unwrap_or_default(), "batch received");
+        }
         // Counted up front: a group ends at a COMMIT inside the batch.
         if let Some(g) = &mut self.group {
             g.bytes += batch.len();
@@ -330,6 +338,7 @@ impl Applier {
                 source_transactions: 0,
                 bytes: 0,
                 started: Instant::now(),
+                first_end: Lsn(0),
                 last_end: self.committed,
                 last_commit_time: 0,
                 touched: Default::default(),
@@ -451,6 +460,9 @@ impl Applier {
                     return Ok(());
                 }
                 if let Some(g) = &mut self.group {
+                    if g.source_transactions == 0 {
+                        g.first_end = c.end_lsn;
+                    }
                     g.source_transactions += 1;
                     g.last_end = c.end_lsn;
                     g.last_commit_time = c.commit_time;
@@ -488,8 +500,8 @@ impl Applier {
                     }
                 } else if target.key.is_empty() {
                     // No key: nothing to fold, but inserts can be copied in.
-                    let buf = self.appends.entry(target.oid).or_default();
-                    match bulk::append_row(buf, &target.cells, &i.new.0, &mut self.scratch) {
+                    let appends = self.appends.entry(target.oid).or_default();
+                    match appends.push(&target.cells, &i.new.0, &mut self.scratch) {
                         Ok(()) => return self.folded().await,
                         Err(Mismatch) => self.cells_to_text(&target).await?,
                     }
@@ -738,7 +750,7 @@ impl Applier {
 
     /// Memory held by folded changes.
     fn folded_bytes(&self) -> usize {
-        self.bulk.values().map(|b| b.bytes).sum::<usize>() + self.appends.values().map(BytesMut::len).sum::<usize>()
+        self.bulk.values().map(|b| b.bytes).sum::<usize>() + self.appends.values().map(bulk::Appends::bytes).sum::<usize>()
     }
 
     async fn flush_all_bulk(&mut self) -> Result<(), ApplyError> {
@@ -868,10 +880,12 @@ impl GroupCommit {
         let client = &self.client;
         let metrics = &self.metrics;
         let main = async {
+            let mut copied = Vec::with_capacity(self.merges.len());
             for merge in self.merges {
-                merge.run(client, Conn::Main, metrics).await?;
+                let table = merge.target().display.clone();
+                copied.push((table, merge.run(client, Conn::Main, metrics).await?));
             }
-            Ok(())
+            Ok(copied)
         };
         // The second connection commits its halves before this group's
         // commit: they are idempotent (net rows by key), so if this commit
@@ -893,12 +907,20 @@ impl GroupCommit {
             }
             helper.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)
         };
-        tokio::try_join!(main, second)?;
+        let (copied, ()) = tokio::try_join!(main, second)?;
         if group.source_transactions > 0 {
             self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
         }
         self.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)?;
         let wal = Durability::commit_position(&self.client).await?;
+        tracing::debug!(
+            transactions = group.source_transactions,
+            first_end = %group.first_end,
+            last_end = %group.last_end,
+            destination_wal = %wal,
+            ?copied,
+            "group committed"
+        );
         Ok((group, wal))
     }
 }
@@ -931,8 +953,8 @@ async fn create_stage(client: &Client, stage: &StageSql, table: &str) -> Result<
 
 /// Folded changes of one table, ready to be written.
 enum Merge {
-    /// INSERTs into a table without a key, as COPY text.
-    Append { target: Arc<Target>, rows: BytesMut },
+    /// INSERTs into a table without a key, as COPY data.
+    Append { target: Arc<Target>, rows: bulk::Appends },
     /// Net changes per key as COPY text for the staging table, merged from
     /// there.
     Stage { target: Arc<Target>, stage: Arc<StageSql>, data: BytesMut, counts: bulk::Counts },
@@ -948,19 +970,28 @@ impl Merge {
         Merge::Stage { target, stage, data, counts }
     }
 
-    async fn run(self, client: &Client, conn: Conn, metrics: &Metrics) -> Result<(), ApplyError> {
+    fn target(&self) -> &Target {
         match self {
-            Merge::Append { target, mut rows } => {
+            Merge::Append { target, .. } | Merge::Stage { target, .. } => target,
+        }
+    }
+
+    /// Writes the changes; returns the rows copied (appended or staged).
+    async fn run(self, client: &Client, conn: Conn, metrics: &Metrics) -> Result<u64, ApplyError> {
+        match self {
+            Merge::Append { target, rows } => {
                 let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
                 let copy = format!("COPY {} ({}) FROM STDIN{}", target.qualified, cols.join(", "), target.cells.copy_options());
-                bulk::finish_appends(&mut rows, &target.cells);
-                copy_in(client, &copy, rows.freeze()).await.map_err(statement_error("COPY", &target.display))?;
+                let sent = rows.rows;
+                let loaded = copy_in(client, &copy, rows.finish(&target.cells)).await.map_err(statement_error("COPY", &target.display))?;
+                check_copied(&target, sent, loaded)
             }
             Merge::Stage { target, stage, data, counts } => {
                 let table = target.display.as_str();
                 let stmt_err = |op| statement_error(op, table);
                 let staged = data.len();
-                copy_in(client, stage.copy(&target.cells), data.freeze()).await.map_err(stmt_err("COPY"))?;
+                let loaded = copy_in(client, stage.copy(&target.cells), data.freeze()).await.map_err(stmt_err("COPY"))?;
+                check_copied(&target, counts.rows(), loaded)?;
                 // Each statement scans the staging table: only those with
                 // rows to act on run.
                 let mut deleted = 0;
@@ -985,10 +1016,20 @@ impl Merge {
                         "rows not found on the destination for UPDATE or DELETE; changes counted and skipped"
                     );
                 }
+                Ok(loaded)
             }
         }
-        Ok(())
     }
+}
+
+/// A COPY must load every row sent: anything else means the data written
+/// is not the data folded, and committing the group's position with it
+/// would lose changes.
+fn check_copied(target: &Target, sent: u64, loaded: u64) -> Result<u64, ApplyError> {
+    if sent != loaded {
+        return Err(ApplyError::CopyCount { table: target.display.clone(), sent, loaded });
+    }
+    Ok(loaded)
 }
 
 /// Collects the results of row-by-row statements in flight until at most

@@ -186,11 +186,47 @@ pub struct Counts {
     pub keeps_values: bool,
 }
 
+impl Counts {
+    /// Staging rows: one per key.
+    pub fn rows(&self) -> u64 {
+        (self.deletes + self.updates + self.inserts) as u64
+    }
+}
+
+/// INSERTs into a table without a key, as COPY data in the table's cells,
+/// until the next other change of that table.
+#[derive(Default)]
+pub struct Appends {
+    data: BytesMut,
+    /// Rows in `data`: what the COPY must report loading.
+    pub rows: u64,
+}
+
+impl Appends {
+    /// Appends one row; a value that does not fit its binary column
+    /// leaves the data as it was.
+    pub fn push(&mut self, cells: &Cells, values: &[Value<'_>], scratch: &mut BytesMut) -> Result<(), Mismatch> {
+        append_row(&mut self.data, cells, values, scratch)?;
+        self.rows += 1;
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The complete COPY data.
+    pub fn finish(mut self, cells: &Cells) -> Bytes {
+        finish_appends(&mut self.data, cells);
+        self.data.freeze()
+    }
+}
+
 /// One row of COPY data for a plain INSERT, written straight from the
 /// record's values in the table's cells (binary data starts with its
 /// header; [`finish_appends`] ends it). A value that does not fit its
 /// binary column leaves `out` as it was.
-pub fn append_row(out: &mut BytesMut, cells: &Cells, values: &[Value<'_>], scratch: &mut BytesMut) -> Result<(), Mismatch> {
+fn append_row(out: &mut BytesMut, cells: &Cells, values: &[Value<'_>], scratch: &mut BytesMut) -> Result<(), Mismatch> {
     if !cells.is_binary() {
         for (i, v) in values.iter().enumerate() {
             if i > 0 {
@@ -227,7 +263,7 @@ pub fn append_row(out: &mut BytesMut, cells: &Cells, values: &[Value<'_>], scrat
 }
 
 /// The end of appended rows' COPY data.
-pub fn finish_appends(out: &mut BytesMut, cells: &Cells) {
+fn finish_appends(out: &mut BytesMut, cells: &Cells) {
     if cells.is_binary() {
         out.extend_from_slice(BINARY_TRAILER);
     }
