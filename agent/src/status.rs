@@ -102,21 +102,8 @@ async fn sample(dest: &Client, task_id: &str) -> anyhow::Result<Sample> {
     Ok(Sample { rows, bytes, applied: applied_lsn(dest, task_id).await })
 }
 
-/// The source position the destination has committed: the replication
-/// origin's, else decant.progress.
+/// The source position the destination has committed (decant.progress).
 async fn applied_lsn(dest: &Client, task_id: &str) -> Option<Lsn> {
-    let origin = format!("decant_{task_id}");
-    if let Ok(row) = dest
-        .query_opt(
-            "SELECT s.remote_lsn::text FROM pg_replication_origin_status s JOIN pg_replication_origin o ON o.roident = s.local_id WHERE o.roname = $1",
-            &[&origin],
-        )
-        .await
-    {
-        if let Some(lsn) = row.and_then(|r| r.get::<_, Option<String>>(0)).and_then(|s| s.parse().ok()) {
-            return Some(lsn);
-        }
-    }
     let row = dest.query_opt("SELECT source_lsn::text FROM decant.progress WHERE task_id = $1", &[&task_id]).await.ok()??;
     row.get::<_, String>(0).parse().ok()
 }

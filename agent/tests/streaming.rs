@@ -230,7 +230,7 @@ impl Pair {
         let wal = one(&mut src, "SELECT pg_current_wal_lsn()::text");
         let slot = one(&mut src, "SELECT confirmed_flush_lsn::text || ' active ' || active FROM pg_replication_slots WHERE slot_name = 'decant_t'");
         let sent = one(&mut src, "SELECT string_agg(sent_lsn::text || '/' || flush_lsn::text, ', ') FROM pg_stat_replication");
-        let origin = one(&mut dst, "SELECT string_agg(external_id || ' ' || remote_lsn::text, ', ') FROM pg_replication_origin_status");
+        let applied = one(&mut dst, "SELECT string_agg(task_id || ' ' || source_lsn::text, ', ') FROM decant.progress");
         // (mtime, whole row as text), sorted: a merge walk finds the rows
         // only on one side.
         let rows = |c: &mut postgres::Client| -> Vec<(String, String)> {
@@ -285,7 +285,7 @@ impl Pair {
             }
         }
         format!(
-            "source WAL {wal}; slot confirmed {slot}; walsender sent/flush {sent}; destination origin {origin}\n\
+            "source WAL {wal}; slot confirmed {slot}; walsender sent/flush {sent}; destination applied {applied}\n\
              pgbench_history: {} rows missing (mtime {:?} .. {:?}), {} extra; newest source mtime {newest}{audit}",
             missing.len(),
             missing.first(),
@@ -387,6 +387,85 @@ fn survives_kill9_of_agent_and_applier_and_restarts_of_both_databases() {
     assert!(agent.log().contains("retrying"), "{}", agent.log());
     assert_eq!(agent.stop(), Some(0));
     assert_eq!(applier.stop(), Some(0));
+}
+
+#[test]
+fn a_group_whose_commit_fails_is_applied_again_in_full() {
+    // A deferred constraint trigger on the destination fails the first
+    // group's COMMIT, after the group's position was written in it. The
+    // position must roll back with the changes, so that the applier, on
+    // its next session, asks for them again.
+    let p = pair("");
+    p.dest
+        .connect()
+        .batch_execute(
+            "CREATE SEQUENCE history_rows;
+             CREATE FUNCTION fail_first_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('history_rows') = 1 THEN
+                 RAISE EXCEPTION 'the first commit fails';
+               END IF;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER fail_first_commit AFTER INSERT ON pgbench_history
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_first_commit();
+             -- Replicated rows fire only triggers enabled ALWAYS.
+             ALTER TABLE pgbench_history ENABLE ALWAYS TRIGGER fail_first_commit;",
+        )
+        .unwrap();
+    let applier = p.role("applier");
+    let _agent = p.role("agent");
+    p.pgbench(&["-t", "50"]);
+    p.wait_equal();
+    assert!(applier.log().contains("the first commit fails"), "the trigger did not fail a commit:\n{}", applier.log());
+}
+
+#[test]
+fn a_destination_session_ended_during_commit_loses_nothing() {
+    // A group's COMMIT waits in a deferred trigger, and its session is
+    // terminated there. At exit the session drops its temporary (staging)
+    // tables in a transaction of its own, which commits with the session's
+    // replication origin and the position last set with
+    // pg_replication_origin_xact_setup: a position kept there would pass
+    // the aborted group. decant.progress rolls back with the changes.
+    let p = pair("");
+    p.dest
+        .connect()
+        .batch_execute(
+            "CREATE TABLE armed ();
+             CREATE SEQUENCE waits;
+             CREATE FUNCTION wait_in_commit_once() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF EXISTS (SELECT FROM armed) AND nextval('waits') = 1 THEN
+                 PERFORM pg_sleep(60);
+               END IF;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER wait_in_commit_once AFTER INSERT ON pgbench_history
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_in_commit_once();
+             ALTER TABLE pgbench_history ENABLE ALWAYS TRIGGER wait_in_commit_once;",
+        )
+        .unwrap();
+    let _applier = p.role("applier");
+    let _agent = p.role("agent");
+    // First groups commit, and with them the session's staging tables.
+    p.pgbench(&["-t", "20"]);
+    p.wait_equal();
+    let mut admin = p.dest.connect();
+    admin.batch_execute("INSERT INTO armed DEFAULT VALUES").unwrap();
+    p.pgbench(&["-t", "50"]);
+    wait_for("the applier's commit to wait in the trigger", Duration::from_secs(60), || {
+        admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE application_name = 'decant applier' AND wait_event = 'PgSleep'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    });
+    p.wait_equal();
 }
 
 #[test]
@@ -505,9 +584,10 @@ fn a_large_group_merged_on_two_connections_arrives_exactly() {
 }
 
 #[test]
-fn a_destination_without_replication_origins_keeps_progress_in_a_table_exactly_once() {
+fn a_destination_role_without_replication_origins_applies_exactly_once() {
     // An applier role that owns the tables but may not use replication
-    // origins (superuser only): the position goes to decant.progress.
+    // origins (superuser only): its changes carry no origin, and the
+    // position is in decant.progress as always.
     let p = pair("");
     p.dest
         .connect()

@@ -68,7 +68,7 @@ pub enum ApplyError {
     #[error("{op} on {table}: the table has no replica identity, so the row cannot be located; give it a primary key or REPLICA IDENTITY FULL on the source")]
     NoIdentity { op: &'static str, table: String },
     #[error("destination: {0}")]
-    Session(tokio_postgres::Error),
+    Session(#[source] tokio_postgres::Error),
     #[error("{0}")]
     Progress(#[from] ProgressError),
     #[error("the task committing a group on the destination failed: {0}")]
@@ -228,7 +228,7 @@ impl Applier {
         };
         let (progress, committed) = ProgressStore::open(&client, &settings.task_id).await?;
         let skip_before = super::migration::skip_before(&client, &settings.task_id).await.map_err(ApplyError::Session)?;
-        tracing::info!(resume_lsn = %committed, store = match progress { ProgressStore::Origin { .. } => "replication origin", ProgressStore::Table { .. } => "decant.progress" }, "applier connected to the destination");
+        tracing::info!(resume_lsn = %committed, replication_origin = progress.origin, "applier connected to the destination");
         Ok(Applier {
             client: Arc::new(client),
             _connection: connection,
@@ -908,11 +908,8 @@ impl GroupCommit {
             helper.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)
         };
         let (copied, ()) = tokio::try_join!(main, second)?;
-        if group.source_transactions > 0 {
-            self.progress.record(&self.client, group.last_end, group.last_commit_time).await?;
-        }
-        self.client.batch_execute("COMMIT").await.map_err(ApplyError::Session)?;
-        let wal = Durability::commit_position(&self.client).await?;
+        let record = (group.source_transactions > 0).then_some(group.last_end);
+        let wal = self.progress.commit(&self.client, record).await?;
         tracing::debug!(
             transactions = group.source_transactions,
             first_end = %group.first_end,

@@ -2,15 +2,24 @@
 //! same transaction as the data it covers, and how it learns which of its
 //! commits are durable.
 //!
-//! The position is recorded with a replication origin where the destination
-//! allows it (the commit record then carries it, and the applied changes are
-//! marked with the origin so they can be told apart from local writes), and
-//! in the table `decant.progress` otherwise.
+//! The position is a row of the table `decant.progress`, written by the
+//! statement that commits the group. Where the destination allows it, the
+//! session also uses a replication origin: the applied changes are then
+//! marked with it, so they can be told apart from local writes (a reverse
+//! replication can skip them), and it keeps a second applier of the task
+//! out. The origin does not hold the position: the position set with
+//! `pg_replication_origin_xact_setup` stays in the session after the
+//! transaction, and the next commit of that session advances the origin to
+//! it, even when the transaction it was set for aborted. An applier killed
+//! between that call and COMMIT showed it on PostgreSQL 15: at backend exit
+//! the server drops the session's temporary tables (our staging tables) in a
+//! transaction of its own, whose commit moved the origin past a group that
+//! had been rolled back.
 
 use std::collections::VecDeque;
 
 use decant_proto::Lsn;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 #[derive(Debug, thiserror::Error)]
 #[error("destination progress ({what}): {source}")]
@@ -25,9 +34,10 @@ fn err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ProgressErro
 }
 
 #[derive(Clone)]
-pub enum ProgressStore {
-    Origin { name: String },
-    Table { task_id: String },
+pub struct ProgressStore {
+    task_id: String,
+    /// The session's changes carry the replication origin `decant_<task>`.
+    pub origin: bool,
 }
 
 const CREATE_TABLE: &str = "CREATE SCHEMA IF NOT EXISTS decant;
@@ -54,27 +64,34 @@ impl ProgressStore {
     /// with the last source LSN the destination has committed.
     pub async fn open(client: &Client, task_id: &str) -> Result<(ProgressStore, Lsn), ProgressError> {
         client.batch_execute(CREATE_TABLE).await.map_err(err("creating decant.progress"))?;
-        let from_table: Option<String> = client
+        let origin = Self::use_origin(client, task_id).await?;
+        let position: Option<String> = client
             .query_opt("SELECT source_lsn::text FROM decant.progress WHERE task_id = $1", &[&task_id])
             .await
             .map_err(err("reading decant.progress"))?
             .map(|r| r.get(0));
-        let table_lsn = from_table.and_then(|s| s.parse::<Lsn>().ok()).unwrap_or_default();
+        let position = position.and_then(|s| s.parse::<Lsn>().ok()).unwrap_or_default();
+        Ok((ProgressStore { task_id: task_id.to_owned(), origin }, position))
+    }
+
+    /// Marks this session's changes with the task's replication origin;
+    /// false when the destination does not offer or allow origins.
+    async fn use_origin(client: &Client, task_id: &str) -> Result<bool, ProgressError> {
         let name = format!("decant_{task_id}");
         // A session of this task that just ended (a restarted process, a
         // dropped connection) may hold the origin for a moment longer.
-        let mut result = Self::open_origin(client, &name).await;
+        let mut result = Self::setup_origin(client, &name).await;
         for _ in 0..50 {
             match &result {
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    result = Self::open_origin(client, &name).await;
+                    result = Self::setup_origin(client, &name).await;
                 }
                 _ => break,
             }
         }
         match result {
-            Ok(origin_lsn) => Ok((ProgressStore::Origin { name }, origin_lsn.max(table_lsn))),
+            Ok(()) => Ok(true),
             // Another session holds the origin: a second applier for this
             // task, or a stale one; never apply beside it.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
@@ -83,17 +100,15 @@ impl ProgressStore {
             // Origins refused (not a superuser or replication role) or not
             // offered (a PostgreSQL-compatible server without them).
             Err(e) if e.code().is_some_and(|c| ORIGINS_UNAVAILABLE.contains(c)) => {
-                tracing::info!(reason = %e, "replication origins are not available on the destination; keeping progress in decant.progress");
-                Ok((ProgressStore::Table { task_id: task_id.to_owned() }, table_lsn))
+                tracing::info!(reason = %e, "replication origins are not available on the destination; applied changes are not marked with one");
+                Ok(false)
             }
-            // Anything else (a timeout, a lost connection) says nothing
-            // about origins: falling back to the table would resume from
-            // its older position and apply transactions twice.
+            // Anything else (a timeout, a lost connection) is an error.
             Err(e) => Err(ProgressError { what: "setting up the replication origin", source: e }),
         }
     }
 
-    async fn open_origin(client: &Client, name: &str) -> Result<Lsn, tokio_postgres::Error> {
+    async fn setup_origin(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
         client
             .execute(
                 "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT FROM pg_replication_origin WHERE roname = $1)",
@@ -101,33 +116,31 @@ impl ProgressStore {
             )
             .await?;
         client.execute("SELECT pg_replication_origin_session_setup($1)", &[&name]).await?;
-        let lsn: Option<String> = client.query_one("SELECT pg_replication_origin_session_progress(true)::text", &[]).await?.get(0);
-        Ok(lsn.and_then(|s| s.parse().ok()).unwrap_or_default())
+        Ok(())
     }
 
-    /// Records `lsn` inside the open destination transaction.
-    pub async fn record(&self, client: &Client, lsn: Lsn, commit_time: i64) -> Result<(), ProgressError> {
-        let lsn_text = lsn.to_string();
-        match self {
-            ProgressStore::Origin { .. } => {
-                let time = decant_proto::pgtext::timestamptz_text(commit_time);
-                client
-                    .execute("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2::text::timestamptz)", &[&lsn_text, &time])
-                    .await
-                    .map_err(err("recording the origin position"))?;
-            }
-            ProgressStore::Table { task_id } => {
-                client
-                    .execute(
-                        "INSERT INTO decant.progress (task_id, source_lsn, updated_at) VALUES ($1, $2::text::pg_lsn, now())
-                         ON CONFLICT (task_id) DO UPDATE SET source_lsn = EXCLUDED.source_lsn, updated_at = EXCLUDED.updated_at",
-                        &[task_id, &lsn_text],
-                    )
-                    .await
-                    .map_err(err("writing decant.progress"))?;
-            }
-        }
-        Ok(())
+    /// Records `lsn` and commits the open destination transaction, in one
+    /// round trip; returns an upper bound of the commit's WAL position.
+    /// `lsn` None: commits without recording.
+    pub async fn commit(&self, client: &Client, lsn: Option<Lsn>) -> Result<Lsn, ProgressError> {
+        // One simple query: the statements run in order, and one that
+        // fails ends the transaction before COMMIT runs (the task id is
+        // letters, digits and underscores; the position is ours).
+        let record = match lsn {
+            Some(lsn) => format!(
+                "INSERT INTO decant.progress (task_id, source_lsn, updated_at) VALUES ('{}', '{lsn}', now()) \
+                 ON CONFLICT (task_id) DO UPDATE SET source_lsn = EXCLUDED.source_lsn, updated_at = EXCLUDED.updated_at;",
+                self.task_id
+            ),
+            None => String::new(),
+        };
+        let sql = format!("{record}COMMIT; SELECT pg_current_wal_insert_lsn()::text");
+        let messages = client.simple_query(&sql).await.map_err(err("recording the position and committing"))?;
+        let wal = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).and_then(|s| s.parse().ok()),
+            _ => None,
+        });
+        Ok(wal.unwrap_or(Lsn(u64::MAX)))
     }
 }
 
@@ -145,14 +158,6 @@ pub struct Durability {
 impl Durability {
     pub fn new(durable: Lsn) -> Self {
         Durability { pending: VecDeque::new(), durable }
-    }
-
-    /// An upper bound of the WAL position of the commit that just returned
-    /// on `client`.
-    pub async fn commit_position(client: &Client) -> Result<Lsn, ProgressError> {
-        let wal: String =
-            client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.map_err(err("reading the WAL position"))?.get(0);
-        Ok(wal.parse().unwrap_or(Lsn(u64::MAX)))
     }
 
     /// The commit at destination WAL position `wal` recorded `source`.
