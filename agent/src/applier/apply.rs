@@ -151,12 +151,16 @@ struct Helper {
     stages_created: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
+/// Maps looked up by relation OID on every change: a fast hash (the
+/// default SipHash showed in the applier's profile while folding a backlog).
+type OidMap<V> = HashMap<u32, V, foldhash::fast::RandomState>;
+
 pub struct Applier {
     client: Arc<Client>,
     _connection: tokio::task::JoinHandle<()>,
     settings: ApplySettings,
     metrics: Arc<Metrics>,
-    targets: HashMap<u32, Arc<Target>>,
+    targets: OidMap<Arc<Target>>,
     statements: HashMap<(u32, String), Statement>,
     progress: ProgressStore,
     durability: Durability,
@@ -169,10 +173,14 @@ pub struct Applier {
     skipping: bool,
     pipeline: std::collections::VecDeque<InFlight>,
     /// Changes folded per table for set-based apply (tables with a key).
-    bulk: HashMap<u32, bulk::Buffer>,
+    bulk: OidMap<bulk::Buffer>,
+    /// Keys each table's buffer held when last merged.
+    bulk_rows: OidMap<usize>,
+    /// Memory held by the folded changes in `bulk` and `appends`.
+    folded_bytes: usize,
     /// INSERTs into tables without a key, as COPY text, until the next
     /// other change of that table.
-    appends: HashMap<u32, bulk::Appends>,
+    appends: OidMap<bulk::Appends>,
     /// Staging SQL per table; a new generation when the table's shape changes.
     stages: HashMap<u32, Arc<StageSql>>,
     /// Staging tables that exist in this session.
@@ -234,7 +242,7 @@ impl Applier {
             _connection: connection,
             settings,
             metrics,
-            targets: HashMap::new(),
+            targets: OidMap::default(),
             statements: HashMap::new(),
             progress,
             durability: Durability::new(committed),
@@ -243,8 +251,10 @@ impl Applier {
             in_source_txn: false,
             skipping: false,
             pipeline: Default::default(),
-            bulk: HashMap::new(),
-            appends: HashMap::new(),
+            bulk: OidMap::default(),
+            bulk_rows: OidMap::default(),
+            folded_bytes: 0,
+            appends: OidMap::default(),
             stages: HashMap::new(),
             stages_created: Default::default(),
             generation: 0,
@@ -315,7 +325,7 @@ impl Applier {
             Some(g) if !self.in_source_txn && g.source_transactions > 0 => {
                 g.source_transactions >= self.settings.group_max_transactions
                     || g.bytes >= self.settings.group_max_bytes
-                    || self.folded_bytes() >= GROUP_FOLDED_BYTES
+                    || self.folded_bytes >= GROUP_FOLDED_BYTES
                     || g.started.elapsed() >= self.settings.group_max_delay
             }
             _ => false,
@@ -409,6 +419,7 @@ impl Applier {
         for (oid, rows) in std::mem::take(&mut self.appends) {
             merges.push(Merge::Append { target: self.target(oid)?, rows });
         }
+        self.folded_bytes = 0;
         for (oid, buffer) in std::mem::take(&mut self.bulk) {
             if let Some(stage) = stages.remove(&oid) {
                 let target = self.target(oid)?;
@@ -416,13 +427,14 @@ impl Applier {
                     && stage.splittable
                     && buffer.len() >= SPLIT_MIN_ROWS
                     && self.group.as_ref().is_some_and(|g| !g.truncated && !g.touched.contains(&oid));
+                self.bulk_rows.insert(oid, buffer.len());
                 if split {
                     self.metrics.split_merges.inc();
-                    let (first, second) = buffer.split_in_two();
-                    merges.push(Merge::staged(target.clone(), stage.clone(), first));
-                    second_merges.push(Merge::staged(target, stage, second));
+                    let mut halves = Merge::staged(target, stage, buffer, 2);
+                    second_merges.extend(halves.pop());
+                    merges.extend(halves.pop());
                 } else {
-                    merges.push(Merge::staged(target, stage, buffer));
+                    merges.extend(Merge::staged(target, stage, buffer, 1));
                 }
             }
         }
@@ -492,7 +504,7 @@ impl Applier {
                     match row_cells(&target, &i.new.0, batch, &mut self.scratch) {
                         Ok((values, _)) => {
                             if let Some(key) = key_of(&target, &values) {
-                                self.bulk.entry(target.oid).or_default().insert(key, values);
+                                self.fold(target.oid, |b| b.insert(key, values));
                                 return self.folded().await;
                             }
                         }
@@ -501,8 +513,12 @@ impl Applier {
                 } else if target.key.is_empty() {
                     // No key: nothing to fold, but inserts can be copied in.
                     let appends = self.appends.entry(target.oid).or_default();
+                    let before = appends.bytes();
                     match appends.push(&target.cells, &i.new.0, &mut self.scratch) {
-                        Ok(()) => return self.folded().await,
+                        Ok(()) => {
+                            self.folded_bytes += appends.bytes() - before;
+                            return self.folded().await;
+                        }
                         Err(Mismatch) => self.cells_to_text(&target).await?,
                     }
                 }
@@ -533,7 +549,7 @@ impl Applier {
                     match cells {
                         Ok((values, unchanged, Some(key), Some(old))) => {
                             let moved = (old != key).then_some(old);
-                            if self.bulk.entry(target.oid).or_default().update(moved, key, values, unchanged).is_ok() {
+                            if self.fold(target.oid, |b| b.update(moved, key, values, unchanged)).is_ok() {
                                 return self.folded().await;
                             }
                         }
@@ -573,7 +589,7 @@ impl Applier {
                     if let Some(v) = locator_values(&target, d.old.as_ref(), None) {
                         match key_cells(&target, &v, batch, &mut self.scratch) {
                             Ok(Some(key)) => {
-                                self.bulk.entry(target.oid).or_default().delete(key);
+                                self.fold(target.oid, |b| b.delete(key));
                                 return self.folded().await;
                             }
                             Ok(None) => {}
@@ -742,15 +758,21 @@ impl Applier {
     /// After folding a change: merge when the folded changes grew large.
     async fn folded(&mut self) -> Result<(), ApplyError> {
         self.metrics.changes.inc();
-        if self.folded_bytes() >= BULK_FLUSH_BYTES {
+        if self.folded_bytes >= BULK_FLUSH_BYTES {
             self.flush_all_bulk().await?;
         }
         Ok(())
     }
 
-    /// Memory held by folded changes.
-    fn folded_bytes(&self) -> usize {
-        self.bulk.values().map(|b| b.bytes).sum::<usize>() + self.appends.values().map(bulk::Appends::bytes).sum::<usize>()
+    /// Folds one change of table `oid` into its buffer (made with room for
+    /// as many keys as its previous group had) and counts the memory it adds.
+    fn fold<R>(&mut self, oid: u32, change: impl FnOnce(&mut bulk::Buffer) -> R) -> R {
+        let rows = &self.bulk_rows;
+        let buffer = self.bulk.entry(oid).or_insert_with(|| bulk::Buffer::with_capacity(rows.get(&oid).copied().unwrap_or(0)));
+        let before = buffer.bytes;
+        let result = change(buffer);
+        self.folded_bytes += buffer.bytes - before;
+        result
     }
 
     async fn flush_all_bulk(&mut self) -> Result<(), ApplyError> {
@@ -765,7 +787,9 @@ impl Applier {
     /// group: before a change that cannot fold, or when they grew large).
     async fn flush_bulk(&mut self, oid: u32) -> Result<(), ApplyError> {
         let appends = self.appends.remove(&oid);
-        let buffer = self.bulk.remove(&oid).filter(|b| !b.is_empty());
+        let buffer = self.bulk.remove(&oid);
+        self.folded_bytes -= appends.as_ref().map_or(0, bulk::Appends::bytes) + buffer.as_ref().map_or(0, |b| b.bytes);
+        let buffer = buffer.filter(|b| !b.is_empty());
         if appends.is_none() && buffer.is_none() {
             return Ok(());
         }
@@ -778,7 +802,9 @@ impl Applier {
         }
         if let Some(buffer) = buffer {
             let stage = self.ensure_stage(oid).await?;
-            Merge::staged(target, stage, buffer).run(&self.client, Conn::Main, &self.metrics).await?;
+            for merge in Merge::staged(target, stage, buffer, 1) {
+                merge.run(&self.client, Conn::Main, &self.metrics).await?;
+            }
         }
         Ok(())
     }
@@ -841,6 +867,7 @@ impl Applier {
         }
         self.bulk.clear();
         self.appends.clear();
+        self.folded_bytes = 0;
         self.stages_created.clear();
         self.pipeline.clear();
         self.group = None;
@@ -962,9 +989,13 @@ impl Merge {
     /// folded: their many small allocations are freed on the thread that
     /// made them (freeing them on the commit task's thread made the
     /// allocator contend).
-    fn staged(target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer) -> Merge {
-        let (data, counts) = buffer.into_copy_data(&target);
-        Merge::Stage { target, stage, data, counts }
+    /// `parts`: merges to make, each with every `parts`-th key.
+    fn staged(target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer, parts: usize) -> Vec<Merge> {
+        buffer
+            .into_copy_data(&target, parts)
+            .into_iter()
+            .map(|(data, counts)| Merge::Stage { target: target.clone(), stage: stage.clone(), data, counts })
+            .collect()
     }
 
     fn target(&self) -> &Target {
