@@ -178,6 +178,10 @@ pub struct Applier {
     bulk_rows: OidMap<usize>,
     /// Memory held by the folded changes in `bulk` and `appends`.
     folded_bytes: usize,
+    /// Changes applied in this batch, added to the metric once per batch
+    /// (an atomic add per change, on a cache line that other threads
+    /// write, took 6% of the applier's time in a backlog).
+    changes_unreported: u64,
     /// INSERTs into tables without a key, as COPY text, until the next
     /// other change of that table.
     appends: OidMap<bulk::Appends>,
@@ -254,6 +258,7 @@ impl Applier {
             bulk: OidMap::default(),
             bulk_rows: OidMap::default(),
             folded_bytes: 0,
+            changes_unreported: 0,
             appends: OidMap::default(),
             stages: HashMap::new(),
             stages_created: Default::default(),
@@ -314,10 +319,15 @@ impl Applier {
         if let Some(g) = &mut self.group {
             g.bytes += batch.len();
         }
+        let mut result = Ok(());
         for record in &records {
-            self.apply_record(record, batch).await?;
+            result = self.apply_record(record, batch).await;
+            if result.is_err() {
+                break;
+            }
         }
-        Ok(())
+        self.metrics.changes.add(std::mem::take(&mut self.changes_unreported));
+        result
     }
 
     fn group_is_full(&self) -> bool {
@@ -733,7 +743,7 @@ impl Applier {
             future = Box::pin(std::future::ready(result));
         }
         self.pipeline.push_back(InFlight { future, op, table, expects_row });
-        self.metrics.changes.inc();
+        self.changes_unreported += 1;
         self.drain_pipeline(self.settings.pipeline_depth).await
     }
 
@@ -757,7 +767,7 @@ impl Applier {
 
     /// After folding a change: merge when the folded changes grew large.
     async fn folded(&mut self) -> Result<(), ApplyError> {
-        self.metrics.changes.inc();
+        self.changes_unreported += 1;
         if self.folded_bytes >= BULK_FLUSH_BYTES {
             self.flush_all_bulk().await?;
         }
