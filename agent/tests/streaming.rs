@@ -389,6 +389,23 @@ fn survives_kill9_of_agent_and_applier_and_restarts_of_both_databases() {
     assert_eq!(applier.stop(), Some(0));
 }
 
+/// Runs `setup`, then installs on the destination's pgbench_history a
+/// deferred constraint trigger that runs `body` (PL/pgSQL) for each row
+/// at the commit of a transaction that inserted history rows.
+fn at_destination_commit(p: &Pair, setup: &str, body: &str) {
+    p.dest
+        .connect()
+        .batch_execute(&format!(
+            "{setup};
+             CREATE FUNCTION at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON pgbench_history
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION at_commit();
+             -- Replicated rows fire only triggers enabled ALWAYS.
+             ALTER TABLE pgbench_history ENABLE ALWAYS TRIGGER at_commit;"
+        ))
+        .unwrap();
+}
+
 #[test]
 fn a_group_whose_commit_fails_is_applied_again_in_full() {
     // A deferred constraint trigger on the destination fails the first
@@ -396,23 +413,11 @@ fn a_group_whose_commit_fails_is_applied_again_in_full() {
     // position must roll back with the changes, so that the applier, on
     // its next session, asks for them again.
     let p = pair("");
-    p.dest
-        .connect()
-        .batch_execute(
-            "CREATE SEQUENCE history_rows;
-             CREATE FUNCTION fail_first_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF nextval('history_rows') = 1 THEN
-                 RAISE EXCEPTION 'the first commit fails';
-               END IF;
-               RETURN NULL;
-             END $$;
-             CREATE CONSTRAINT TRIGGER fail_first_commit AFTER INSERT ON pgbench_history
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_first_commit();
-             -- Replicated rows fire only triggers enabled ALWAYS.
-             ALTER TABLE pgbench_history ENABLE ALWAYS TRIGGER fail_first_commit;",
-        )
-        .unwrap();
+    at_destination_commit(
+        &p,
+        "CREATE SEQUENCE history_rows",
+        "IF nextval('history_rows') = 1 THEN RAISE EXCEPTION 'the first commit fails'; END IF;",
+    );
     let applier = p.role("applier");
     let _agent = p.role("agent");
     p.pgbench(&["-t", "50"]);
@@ -429,23 +434,11 @@ fn a_destination_session_ended_during_commit_loses_nothing() {
     // pg_replication_origin_xact_setup: a position kept there would pass
     // the aborted group. decant.progress rolls back with the changes.
     let p = pair("");
-    p.dest
-        .connect()
-        .batch_execute(
-            "CREATE TABLE armed ();
-             CREATE SEQUENCE waits;
-             CREATE FUNCTION wait_in_commit_once() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-               IF EXISTS (SELECT FROM armed) AND nextval('waits') = 1 THEN
-                 PERFORM pg_sleep(60);
-               END IF;
-               RETURN NULL;
-             END $$;
-             CREATE CONSTRAINT TRIGGER wait_in_commit_once AFTER INSERT ON pgbench_history
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_in_commit_once();
-             ALTER TABLE pgbench_history ENABLE ALWAYS TRIGGER wait_in_commit_once;",
-        )
-        .unwrap();
+    at_destination_commit(
+        &p,
+        "CREATE TABLE armed (); CREATE SEQUENCE waits",
+        "IF EXISTS (SELECT FROM armed) AND nextval('waits') = 1 THEN PERFORM pg_sleep(60); END IF;",
+    );
     let _applier = p.role("applier");
     let _agent = p.role("agent");
     // First groups commit, and with them the session's staging tables.
