@@ -989,7 +989,7 @@ async fn create_stage(client: &Client, stage: &StageSql, table: &str) -> Result<
 enum Merge {
     /// INSERTs into a table without a key, as COPY data.
     Append { target: Arc<Target>, rows: bulk::Appends },
-    /// Net changes per key as COPY text for the staging table, merged from
+    /// Net changes per key as COPY data for the staging table, merged from
     /// there.
     Stage { target: Arc<Target>, stage: Arc<StageSql>, data: BytesMut, counts: bulk::Counts },
 }
@@ -998,8 +998,8 @@ impl Merge {
     /// Turns folded changes into their staging rows. Done where they were
     /// folded: their many small allocations are freed on the thread that
     /// made them (freeing them on the commit task's thread made the
-    /// allocator contend).
-    /// `parts`: merges to make, each with every `parts`-th key.
+    /// allocator contend). `parts`: merges to make, each with every
+    /// `parts`-th key.
     fn staged(target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer, parts: usize) -> Vec<Merge> {
         buffer
             .into_copy_data(&target, parts)

@@ -113,17 +113,21 @@ impl Buffer {
             self.bytes += added;
             return Ok(());
         };
-        match self.rows.get(&old) {
+        // The old key's deletion is counted unless the row was inserted in
+        // these changes.
+        let counted = match self.rows.get(&old) {
             Some(Net::Deleted { .. }) => return Err(NotFoldable),
-            Some(Net::Row { values: pv, unchanged: pu, .. }) => carry_unchanged(&mut values, &mut unchanged, pv, pu),
-            None => {}
-        }
+            Some(Net::Row { values: pv, unchanged: pu, inserted }) => {
+                carry_unchanged(&mut values, &mut unchanged, pv, pu);
+                !*inserted
+            }
+            None => true,
+        };
         // A key change moving a row whose untouched values are only on
         // the destination cannot be expressed as a delete plus an insert.
         if unchanged.iter().any(|&u| u) {
             return Err(NotFoldable);
         }
-        let counted = !matches!(self.rows.get(&old), Some(Net::Row { inserted: true, .. }));
         self.rows.insert(old, Net::Deleted { counted });
         self.bytes += 64;
         self.bytes += size(&values);
@@ -136,7 +140,7 @@ impl Buffer {
         match self.rows.entry(key) {
             Entry::Occupied(mut e) => {
                 let counted = !matches!(e.get(), Net::Row { inserted: true, .. } | Net::Deleted { counted: false });
-                *e.get_mut() = Net::Deleted { counted };
+                e.insert(Net::Deleted { counted });
             }
             Entry::Vacant(e) => {
                 e.insert(Net::Deleted { counted: true });
