@@ -178,6 +178,9 @@ pub struct Applier {
     bulk_rows: OidMap<usize>,
     /// Memory held by the folded changes in `bulk` and `appends`.
     folded_bytes: usize,
+    /// The group's bound on `folded_bytes`: GROUP_FOLDED_BYTES, reached by
+    /// doubling from FIRST_GROUP_FOLDED_BYTES (see there).
+    group_folded_limit: usize,
     /// Changes applied in this batch, added to the metric once per batch
     /// (an atomic add per change, on a cache line that other threads
     /// write, took 6% of the applier's time in a backlog).
@@ -218,6 +221,12 @@ const SPLIT_MIN_ROWS: usize = 2000;
 /// with a large transaction under 150 MB (see BULK_FLUSH_BYTES; with
 /// binary cells and 14 MB it reached 146–147 MB).
 const GROUP_FOLDED_BYTES: usize = 13 << 20;
+/// The first group of a stream ends at this much folded memory, and each
+/// next one at twice its predecessor's bound, up to GROUP_FOLDED_BYTES:
+/// with a backlog waiting, the destination starts merging after a few
+/// thousand transactions instead of idling while the first full group is
+/// folded (a third of a second of the benchmark's drain).
+const FIRST_GROUP_FOLDED_BYTES: usize = 512 << 10;
 /// Folded changes are merged at once, inside a source transaction, when they
 /// reach this much memory (a large transaction). Above GROUP_FOLDED_BYTES,
 /// so that a group of small transactions ends at a COMMIT first: that merge
@@ -258,6 +267,7 @@ impl Applier {
             bulk: OidMap::default(),
             bulk_rows: OidMap::default(),
             folded_bytes: 0,
+            group_folded_limit: FIRST_GROUP_FOLDED_BYTES,
             changes_unreported: 0,
             appends: OidMap::default(),
             stages: HashMap::new(),
@@ -335,7 +345,7 @@ impl Applier {
             Some(g) if !self.in_source_txn && g.source_transactions > 0 => {
                 g.source_transactions >= self.settings.group_max_transactions
                     || g.bytes >= self.settings.group_max_bytes
-                    || self.folded_bytes >= GROUP_FOLDED_BYTES
+                    || self.folded_bytes >= self.group_folded_limit
                     || g.started.elapsed() >= self.settings.group_max_delay
             }
             _ => false,
@@ -430,6 +440,7 @@ impl Applier {
             merges.push(Merge::Append { target: self.target(oid)?, rows });
         }
         self.folded_bytes = 0;
+        self.group_folded_limit = (self.group_folded_limit * 2).min(GROUP_FOLDED_BYTES);
         for (oid, buffer) in std::mem::take(&mut self.bulk) {
             if let Some(stage) = stages.remove(&oid) {
                 let target = self.target(oid)?;
