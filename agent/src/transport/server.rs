@@ -239,6 +239,7 @@ async fn run(
     let mut applied_sequence = 0;
     let mut durable = applier.resume_lsn();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let commit_ended = applier.commit_ended();
     let result = loop {
         tokio::select! {
             next = batches.recv() => {
@@ -257,6 +258,15 @@ async fn run(
                     }
                 }
                 let _ = acks.send(ack(durable, applied_sequence));
+            }
+            // A group kept open while the previous one committed is
+            // committed now if no input is waiting.
+            _ = commit_ended.notified() => {
+                if batches.is_empty() {
+                    if let Err(e) = applier.flush().await {
+                        break Err(status_of(&e));
+                    }
+                }
             }
             _ = tick.tick() => {
                 if let Err(e) = applier.flush().await {
