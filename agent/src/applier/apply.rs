@@ -199,8 +199,8 @@ pub struct Applier {
     skip_before: HashMap<String, Lsn>,
     /// Commit LSN of the current source transaction.
     txn_final: Lsn,
-    /// Text forms of folded values are written here and kept as slices of
-    /// it: one allocation for many values.
+    /// Folded values that are not slices of a batch are written here; the
+    /// long ones are kept as slices of it: one allocation for many values.
     scratch: BytesMut,
     /// The previous group, committing on the destination while this one is
     /// folded. The client is its own until [`Applier::settle`] took it back.

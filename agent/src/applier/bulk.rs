@@ -17,11 +17,11 @@ use bytes::{Bytes, BytesMut};
 
 use decant_proto::Value;
 
-use super::cells::{BinaryRow, Cells, Mismatch, BINARY_COPY_OPTIONS, BINARY_HEADER, BINARY_TRAILER};
+use super::cells::{BinaryRow, Cell, Cells, Mismatch, BINARY_COPY_OPTIONS, BINARY_HEADER, BINARY_TRAILER};
 use super::statements::{quote_ident, Target};
 
-/// A text value; `None` is NULL.
-pub type Text = Option<Bytes>;
+/// A folded value; `None` is NULL.
+pub type Text = Option<Cell>;
 
 /// What the folded changes leave of one key.
 #[derive(Debug)]
@@ -322,7 +322,7 @@ fn finish_appends(out: &mut BytesMut, cells: &Cells) {
 /// One line of COPY text: the columns, the operation, and the 1-based
 /// indexes of the columns to keep (those marked in `unchanged`; NULL when
 /// none is, which spares the destination parsing an empty array per row).
-fn write_row<'a>(out: &mut BytesMut, values: &mut dyn Iterator<Item = &'a Text>, op: u8, unchanged: &[bool]) {
+fn write_row(out: &mut BytesMut, values: &mut dyn Iterator<Item = &Text>, op: u8, unchanged: &[bool]) {
     for v in values {
         match v {
             None => out.extend_from_slice(b"\\N"),
@@ -349,7 +349,7 @@ fn write_row<'a>(out: &mut BytesMut, values: &mut dyn Iterator<Item = &'a Text>,
 
 /// The same row in binary COPY: the columns' binary cells, the operation as
 /// "char", the kept columns as int2[] (NULL when none).
-fn write_binary_row<'a>(out: &mut BytesMut, ncols: usize, values: &mut dyn Iterator<Item = &'a Text>, op: u8, unchanged: &[bool]) {
+fn write_binary_row(out: &mut BytesMut, ncols: usize, values: &mut dyn Iterator<Item = &Text>, op: u8, unchanged: &[bool]) {
     BinaryRow::start(out, ncols + 2);
     for v in values {
         BinaryRow::field(out, v.as_deref());
@@ -536,7 +536,7 @@ mod tests {
     use super::*;
 
     fn t(s: &str) -> Text {
-        Some(Bytes::copy_from_slice(s.as_bytes()))
+        Some(Cell::copy_from(s.as_bytes()))
     }
 
     fn target() -> Target {
@@ -618,7 +618,7 @@ mod tests {
     fn binary_staging_rows() {
         let mut t = target();
         t.cells = Cells::Binary(vec![BinaryType::Int4, BinaryType::Text, BinaryType::Text]);
-        let c = |v: &[u8]| Some(Bytes::copy_from_slice(v));
+        let c = |v: &[u8]| Some(Cell::copy_from(v));
         let mut b = Buffer::default();
         b.update(None, vec![c(&[0, 0, 0, 2])], vec![c(&[0, 0, 0, 2]), c(b"c"), None], vec![false, false, true]).unwrap();
         let [(data, counts)]: [_; 1] = b.into_copy_data(&t, 1).try_into().unwrap();
