@@ -244,11 +244,9 @@ impl<'c> Session<'c> {
         repl.start_replication(slot, applier.resume_lsn, &options).await?;
         tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, "streaming");
         self.streaming = true;
-        let heartbeat = spawn_heartbeat(source.clone(), config.source.heartbeat_seconds, self.nudge.clone());
+        let session = spawn_source_session(source.clone(), config.source.heartbeat_seconds, self.nudge.clone());
         let result = self.pump(&mut repl, &mut applier, retry, shutdown).await;
-        if let Some(h) = heartbeat {
-            h.abort();
-        }
+        session.abort();
         if result.is_ok() {
             repl.close().await;
         }
@@ -543,36 +541,68 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Emits a heartbeat message on the source every `seconds`, so a slot on an
+/// The agent's SQL session on the source, for two periodic writes.
+///
+/// A heartbeat message every `heartbeat_seconds` (0: none), so a slot on an
 /// otherwise idle database still sees WAL go by, and at once when `nudge`
-/// is notified. The message is written in a transaction with an xid so that
-/// its commit flushes the WAL: a non-transactional record alone would wait
-/// for other activity to be flushed, and the walsender sends only flushed WAL.
-fn spawn_heartbeat(source: ConnInfo, seconds: u64, nudge: Arc<Notify>) -> Option<tokio::task::JoinHandle<()>> {
-    if seconds == 0 {
-        return None;
-    }
-    Some(tokio::spawn(async move {
+/// is notified. It is written in a transaction with an xid so that its
+/// commit flushes the WAL: a non-transactional record alone would wait for
+/// other activity to be flushed, and the walsender sends only flushed WAL.
+///
+/// Every second, where the decant extension is installed on the source and
+/// the agent's role may call it, `decant.log_standby_snapshot()`: the slot's
+/// restart point then follows the stream within a second or two, where
+/// PostgreSQL's own snapshots every 15 s left up to twenty seconds of WAL
+/// to decode again on every restart of the stream (after the change-capture
+/// benchmark's 60 s live phase, a sixth of a second of the walsender's time
+/// before the first change reached the applier) and to keep on the source.
+fn spawn_source_session(source: ConnInfo, heartbeat_seconds: u64, nudge: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+    const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+    tokio::spawn(async move {
         // The first one after a full interval, like every other.
-        let period = Duration::from_secs(seconds);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let mut client = None;
+        let period = Duration::from_secs(heartbeat_seconds.max(1));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut snapshot = tokio::time::interval(SNAPSHOT_EVERY);
+        snapshot.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut session: Option<(tokio_postgres::Client, bool)> = None;
         loop {
-            if client.is_none() {
-                client = crate::connect::sql::connect(&source, "decant heartbeat", "").await.ok().map(|(c, _)| c);
+            if session.is_none() {
+                session = open_source_session(&source).await;
             }
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = nudge.notified() => {}
-            }
-            if let Some(c) = &client {
-                if let Err(e) =
-                    c.batch_execute("SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text), txid_current()").await
-                {
-                    tracing::debug!(error = %e, "heartbeat failed");
-                    client = None;
+            let write = tokio::select! {
+                _ = heartbeat.tick(), if heartbeat_seconds > 0 => HEARTBEAT,
+                _ = nudge.notified(), if heartbeat_seconds > 0 => HEARTBEAT,
+                _ = snapshot.tick() => match &session {
+                    Some((_, true)) => "SELECT decant.log_standby_snapshot()",
+                    _ => continue,
+                },
+            };
+            if let Some((client, _)) = &session {
+                if let Err(e) = client.batch_execute(write).await {
+                    tracing::debug!(error = %e, statement = write, "source session write failed");
+                    session = None;
                 }
             }
         }
-    }))
+    })
+}
+
+const HEARTBEAT: &str = "SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text), txid_current()";
+
+/// Connects the source session; `true` with it when the role may call
+/// `decant.log_standby_snapshot()`.
+async fn open_source_session(source: &ConnInfo) -> Option<(tokio_postgres::Client, bool)> {
+    let (client, _) = crate::connect::sql::connect(source, "decant agent session", "").await.ok()?;
+    let snapshots = client
+        .query_opt(
+            "SELECT has_function_privilege(f, 'EXECUTE') FROM to_regprocedure('decant.log_standby_snapshot()') AS f WHERE f IS NOT NULL",
+            &[],
+        )
+        .await
+        .ok()?
+        .is_some_and(|row| row.get::<_, bool>(0));
+    if !snapshots {
+        tracing::info!("decant.log_standby_snapshot() is not installed on the source or not granted to this role: the slot's restart point moves only with PostgreSQL's own snapshots, every 15 s");
+    }
+    Some((client, snapshots))
 }

@@ -456,6 +456,30 @@ fn relation_metadata_is_resent_after_alter_table() {
 }
 
 #[test]
+fn a_logged_standby_snapshot_moves_the_slot_restart_point() {
+    let mut s = Source::new();
+    s.sql("CREATE TABLE t (id int PRIMARY KEY)");
+    let _ = s.changes();
+    let restart = |s: &mut Source| s.rows("SELECT restart_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 's'");
+    let logged = |s: &mut Source| s.rows("SELECT decant.log_standby_snapshot()")[0][0].clone();
+    let before = restart(&mut s);
+    s.sql("INSERT INTO t VALUES (1)");
+    assert_eq!(logged(&mut s), v("t"));
+    // Nothing happened since: nothing to log.
+    assert_eq!(logged(&mut s), v("f"));
+    s.sql("INSERT INTO t VALUES (2)");
+    // Decoding past the snapshot and confirming it moves the restart point
+    // there (PostgreSQL's own snapshot comes only every 15 s).
+    let _ = s.changes();
+    let after = restart(&mut s);
+    let n = |r: &[Vec<V>]| match &r[0][0] {
+        V::Text(t) => t.parse::<u64>().expect("an LSN difference"),
+        other => panic!("restart_lsn: {other:?}"),
+    };
+    assert!(n(&after) > n(&before), "restart_lsn stayed at {before:?}");
+}
+
+#[test]
 fn materialized_view_refreshes_are_not_replicated() {
     // A concurrent refresh writes the view's rows with ordinary heap
     // changes; the destination refreshes its own view instead.

@@ -32,6 +32,35 @@ fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
+/// Logs a snapshot of the running transactions, as the background writer
+/// does every 15 seconds, if WAL moved since this session last logged one;
+/// returns whether it logged one. Decoding sessions move their slot's
+/// restart point to such snapshots once their consumer confirmed what came
+/// before: the agent calls this every second, so a restarted stream decodes
+/// again a second or two of WAL rather than up to twenty, and the source
+/// keeps that much less. (PostgreSQL 16 has `pg_log_standby_snapshot()`,
+/// which logs one whether or not anything happened.)
+#[pg_extern(volatile, parallel_unsafe)]
+fn log_standby_snapshot() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Per backend, like the background writer's own record of it.
+    static LAST_IMPORTANT: AtomicU64 = AtomicU64::new(0);
+    // SAFETY: plain calls into PostgreSQL from a SQL function; each raises
+    // an ERROR (not a crash) if it cannot work.
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            pgrx::error!("decant.log_standby_snapshot() cannot run during recovery; call it on the primary");
+        }
+        let important = pg_sys::GetLastImportantRecPtr();
+        if important == LAST_IMPORTANT.load(Ordering::Relaxed) {
+            return false;
+        }
+        pg_sys::LogStandbySnapshot();
+        LAST_IMPORTANT.store(important, Ordering::Relaxed);
+    }
+    true
+}
+
 /// Entry point PostgreSQL looks up when the library is used as an output plugin.
 #[no_mangle]
 #[pg_guard]
