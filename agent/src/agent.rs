@@ -573,12 +573,18 @@ fn spawn_source_session(source: ConnInfo, heartbeat_seconds: u64, nudge: Arc<Not
                 _ = heartbeat.tick(), if heartbeat_seconds > 0 => HEARTBEAT,
                 _ = nudge.notified(), if heartbeat_seconds > 0 => HEARTBEAT,
                 _ = snapshot.tick() => match &session {
-                    Some((_, true)) => "SELECT decant.log_standby_snapshot()",
+                    Some((_, true)) => SNAPSHOT,
                     _ => continue,
                 },
             };
-            if let Some((client, _)) = &session {
-                if let Err(e) = client.batch_execute(write).await {
+            let Some((client, snapshots)) = &mut session else { continue };
+            if let Err(e) = client.batch_execute(write).await {
+                if write == SNAPSHOT && !client.is_closed() {
+                    // Not a lost connection (a standby, a revoked grant):
+                    // calling again would fail again.
+                    tracing::warn!(error = %e, "decant.log_standby_snapshot() failed; the agent stops calling it until it reconnects");
+                    *snapshots = false;
+                } else {
                     tracing::debug!(error = %e, statement = write, "source session write failed");
                     session = None;
                 }
@@ -588,6 +594,7 @@ fn spawn_source_session(source: ConnInfo, heartbeat_seconds: u64, nudge: Arc<Not
 }
 
 const HEARTBEAT: &str = "SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text), txid_current()";
+const SNAPSHOT: &str = "SELECT decant.log_standby_snapshot()";
 
 /// Connects the source session; `true` with it when the role may call
 /// `decant.log_standby_snapshot()`.
@@ -595,7 +602,8 @@ async fn open_source_session(source: &ConnInfo) -> Option<(tokio_postgres::Clien
     let (client, _) = crate::connect::sql::connect(source, "decant agent session", "").await.ok()?;
     let snapshots = client
         .query_opt(
-            "SELECT has_function_privilege(f, 'EXECUTE') FROM to_regprocedure('decant.log_standby_snapshot()') AS f WHERE f IS NOT NULL",
+            "SELECT has_schema_privilege('decant', 'USAGE') AND has_function_privilege(f, 'EXECUTE') \
+             FROM to_regprocedure('decant.log_standby_snapshot()') AS f WHERE f IS NOT NULL",
             &[],
         )
         .await

@@ -205,6 +205,7 @@ pub struct Applier {
     /// The previous group, committing on the destination while this one is
     /// folded. The client is its own until [`Applier::settle`] took it back.
     committing: Option<tokio::task::JoinHandle<Result<(Group, Lsn), ApplyError>>>,
+    /// Notified as each commit task ends (see [`Applier::flush`]).
     commit_ended: Arc<tokio::sync::Notify>,
     helper: Option<Helper>,
     _helper_connection: Option<tokio::task::JoinHandle<()>>,
