@@ -18,7 +18,8 @@ AS $$ SELECT pg_logical_emit_message(false, 'decant.heartbeat', now()::text) $$;
 pgrx::extension_sql!(
     r#"
 -- It writes WAL: only for roles it is granted to (the agent's, if it is not
--- a superuser: GRANT EXECUTE ON FUNCTION decant.log_standby_snapshot() TO ...).
+-- a superuser: GRANT USAGE ON SCHEMA decant and GRANT EXECUTE ON FUNCTION
+-- decant.log_standby_snapshot() TO ...).
 REVOKE ALL ON FUNCTION decant.log_standby_snapshot() FROM PUBLIC;
 "#,
     name = "decant_sql_privileges",

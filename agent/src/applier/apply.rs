@@ -220,8 +220,9 @@ const SPLIT_MIN_ROWS: usize = 2000;
 /// much memory: they are merged while the next group is folded. Larger
 /// groups fold more and merge fewer times (8 → 16 MB took the backlog's
 /// destination CPU from 2.9 to 2.4 s); 13 MB keeps the applier's peak RSS
-/// with a large transaction under 150 MB (see BULK_FLUSH_BYTES; with
-/// binary cells and 14 MB it reached 146–147 MB).
+/// with a large transaction under 150 MB (see BULK_FLUSH_BYTES; with the
+/// system allocator and 14 MB it reached 146–147 MB; with jemalloc, 13 MB
+/// measured 117–123 MB and 20 MB 150.4 MB).
 const GROUP_FOLDED_BYTES: usize = 13 << 20;
 /// The first group of a stream ends at this much folded memory, and each
 /// next one at twice its predecessor's bound, up to GROUP_FOLDED_BYTES:
@@ -1030,8 +1031,8 @@ impl Merge {
     /// Turns folded changes into their staging rows. Done where they were
     /// folded: their many small allocations are freed on the thread that
     /// made them (freeing them on the commit task's thread made the
-    /// allocator contend). `parts`: merges to make, each with every
-    /// `parts`-th key.
+    /// allocator contend). `parts`: merges to make, each with its own
+    /// range of the keys.
     fn staged(target: Arc<Target>, stage: Arc<StageSql>, buffer: bulk::Buffer, parts: usize) -> Vec<Merge> {
         buffer
             .into_copy_data(&target, parts)
