@@ -67,7 +67,13 @@ impl AgentError {
             },
             AgentError::Applier(e) if e.is_connection_loss() => ErrorClass::Connection,
             AgentError::Applier(StreamError::Status(s))
-                if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument) =>
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::FailedPrecondition
+                ) =>
             {
                 ErrorClass::Fatal
             }
@@ -95,6 +101,9 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
     // configuration (and a service manager restarts the agent anyway).
     // Once streaming, lost connections are retried for the connection time.
     let mut streamed_once = false;
+    if config.migrate.has(crate::config::MigrationType::Incremental) {
+        crate::migrate::check_replica_identity(&config, &source).await?;
+    }
     // Schema and full copy first, when the task has them.
     let mut migrated = !crate::migrate::needs_migration(&config);
     loop {

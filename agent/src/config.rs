@@ -48,6 +48,7 @@ pub struct Migrate {
     pub max_mb_per_second: u64,
     pub pg_dump: String,
     pub progress: ProgressDisplay,
+    pub insert_only_tables: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -108,6 +109,7 @@ impl Default for Migrate {
             max_mb_per_second: 0,
             pg_dump: String::new(),
             progress: ProgressDisplay::Auto,
+            insert_only_tables: Vec::new(),
         }
     }
 }
@@ -415,6 +417,13 @@ max_mb_per_second = 0
 pg_dump = ""
 # "auto": progress bars on a terminal, log lines otherwise; "bars"; "log".
 progress = "auto"
+# With "incremental", every selected table needs a replica identity (a
+# primary key, REPLICA IDENTITY USING INDEX, or REPLICA IDENTITY FULL) so
+# that its UPDATEs and DELETEs can find their row on the destination; the
+# task refuses to start while one lacks it. Tables listed here (patterns
+# as in source.include_tables) are accepted without one, as tables that
+# only ever get INSERTs: an UPDATE or DELETE of one stops the task.
+insert_only_tables = []
 "#;
 
 impl Config {
@@ -508,6 +517,7 @@ impl Config {
         decant_proto::options::PluginOptions::parse(self.plugin_option_pairs().iter().map(|(k, v)| (*k, Some(v.as_str())))).map_err(
             |e| ConfigError::Invalid { key: "source.include_tables", value: self.source.include_tables.join(","), reason: e.message },
         )?;
+        self.insert_only_patterns()?;
         Ok(())
     }
 
@@ -521,6 +531,16 @@ impl Config {
             o.push(("exclude_tables", self.source.exclude_tables.join(",")));
         }
         o
+    }
+
+    /// `migrate.insert_only_tables`, parsed.
+    pub fn insert_only_patterns(&self) -> Result<Vec<decant_proto::options::TablePattern>, ConfigError> {
+        let list = &self.migrate.insert_only_tables;
+        if list.is_empty() {
+            return Ok(Vec::new());
+        }
+        decant_proto::options::TablePattern::parse_list("migrate.insert_only_tables", &list.join(","))
+            .map_err(|e| ConfigError::Invalid { key: "migrate.insert_only_tables", value: list.join(","), reason: e.message })
     }
 
     /// The shared token, from `token` or `token_file`.

@@ -81,10 +81,13 @@ async fn wait_caught_up(src: &Client, slot: &str, timeout: Duration) -> anyhow::
 }
 
 /// Row count and the md5 of the sorted md5s of the rows' text forms (over
-/// the copied columns, in the source's column order).
+/// the copied columns, in the source's column order). The text is hashed
+/// in UTF-8 whatever the database's encoding, so a LATIN1 source and a
+/// UTF-8 destination holding the same characters compare equal. A table
+/// without columns compares by its row count (each row is `()`).
 fn digest_sql(schema: &str, name: &str, columns: &[String]) -> String {
     let cols: Vec<String> = columns.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
-    let row = format!("md5(ROW({})::text)", cols.join(", "));
+    let row = format!("md5(convert_to(ROW({})::text, 'UTF8'))", cols.join(", "));
     format!(
         "SELECT count(*), coalesce(md5(string_agg({row}, '' ORDER BY {row})), '') FROM ONLY {}.{} t",
         quote_ident(schema),

@@ -65,7 +65,11 @@ pub enum ApplyError {
     Statement { op: &'static str, table: String, source: tokio_postgres::Error },
     #[error("{op} on {table} matched no destination row (on_conflict = stop)")]
     MissingRow { op: &'static str, table: String },
-    #[error("{op} on {table}: the table has no replica identity, so the row cannot be located; give it a primary key or REPLICA IDENTITY FULL on the source")]
+    #[error(
+        "{op} on {table} cannot be applied: the table has no replica identity on the source, so the change does not say \
+         which row it changes; the task stops rather than let the destination diverge. Give the table a primary key or \
+         REPLICA IDENTITY FULL on the source, then migrate the table again"
+    )]
     NoIdentity { op: &'static str, table: String },
     #[error("destination: {0}")]
     Session(#[source] tokio_postgres::Error),
@@ -251,6 +255,9 @@ impl Applier {
             (None, None)
         };
         let (progress, committed) = ProgressStore::open(&client, &settings.task_id).await?;
+        if let (Some(helper), true) = (&helper, progress.origin) {
+            progress.mark_second_session(&helper.client).await?;
+        }
         let skip_before = super::migration::skip_before(&client, &settings.task_id).await.map_err(ApplyError::Session)?;
         tracing::info!(resume_lsn = %committed, replication_origin = progress.origin, "applier connected to the destination");
         Ok(Applier {
@@ -532,7 +539,7 @@ impl Applier {
             Record::Relation(r) => {
                 self.flush_bulk(r.oid).await?;
                 let mut target = Target::from_relation(r);
-                target.cells = self.destination_cells(&target).await?;
+                self.learn_destination(&mut target).await?;
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
                 self.stages.remove(&r.oid);
                 self.stages_created.remove(&r.oid);
@@ -569,7 +576,9 @@ impl Applier {
                 let upsert = self.settings.on_conflict == ConflictPolicy::Overwrite;
                 let sql = target.insert_sql(upsert);
                 let params = params(&i.new.0, batch);
-                self.execute(target.oid, sql, params, "INSERT", false).await?;
+                // An upsert's DO UPDATE sets every column but the key.
+                let writes = upsert && target.writes_identity_always((0..target.columns.len()).filter(|i| !target.key.contains(i)));
+                self.execute_writing(&target, writes, sql, params, "INSERT", false).await?;
             }
             Record::Update(u) if !self.skipping => {
                 let target = self.target(u.relation)?;
@@ -621,7 +630,8 @@ impl Applier {
                 };
                 let mut p = params(&set.iter().map(|&i| u.new.0[i]).collect::<Vec<_>>(), batch);
                 p.extend(params(&locator, batch));
-                self.execute(target.oid, target.update_sql(&set), p, "UPDATE", true).await?;
+                let writes = target.writes_identity_always(set.iter().copied());
+                self.execute_writing(&target, writes, target.update_sql(&set), p, "UPDATE", true).await?;
             }
             Record::Delete(d) if !self.skipping => {
                 let target = self.target(d.relation)?;
@@ -652,24 +662,50 @@ impl Applier {
                 if tables.is_empty() {
                     return Ok(());
                 }
-                let mut sql = format!("TRUNCATE {}", tables.join(", "));
-                if t.restart_identity {
-                    sql.push_str(" RESTART IDENTITY");
-                }
-                if t.cascade {
-                    sql.push_str(" CASCADE");
-                }
                 self.flush_all_bulk().await?;
                 self.open_transaction().await?;
                 if let Some(g) = &mut self.group {
                     g.truncated = true;
                 }
                 self.drain_pipeline(0).await?;
-                self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement {
-                    op: "TRUNCATE",
-                    table: tables.join(", "),
-                    source,
-                })?;
+                let err = |source| ApplyError::Statement { op: "TRUNCATE", table: tables.join(", "), source };
+                // Exactly the relations the record names, as PostgreSQL's own
+                // apply worker does: the source's CASCADE already put every
+                // source table it reached into the record, and cascading
+                // again here would empty tables that exist only on the
+                // destination or are not selected. A table that such a table
+                // references by foreign key cannot be truncated without them;
+                // it is emptied by DELETE instead, which in replica role
+                // checks no foreign key, as for any replicated DELETE.
+                let referenced: Vec<bool> = self
+                    .client
+                    .query(
+                        "SELECT EXISTS (SELECT FROM pg_constraint c
+                                         WHERE c.contype = 'f' AND c.confrelid = r.oid
+                                           AND NOT c.conrelid = ANY ($1::text[]::regclass[]))
+                           FROM unnest($1::text[]::regclass[]) WITH ORDINALITY AS r(oid, n) ORDER BY r.n",
+                        &[&tables],
+                    )
+                    .await
+                    .map_err(err)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let (deleted, truncated): (Vec<(&String, bool)>, Vec<(&String, bool)>) =
+                    tables.iter().zip(referenced).partition(|(_, referenced)| *referenced);
+                let mut sql = String::new();
+                if !truncated.is_empty() {
+                    let names: Vec<&str> = truncated.iter().map(|(t, _)| t.as_str()).collect();
+                    sql = format!("TRUNCATE ONLY {}", names.join(", "));
+                    if t.restart_identity {
+                        sql.push_str(" RESTART IDENTITY");
+                    }
+                    sql.push(';');
+                }
+                for (table, _) in &deleted {
+                    sql.push_str(&format!("DELETE FROM ONLY {table};"));
+                }
+                self.client.batch_execute(&sql).await.map_err(err)?;
             }
             Record::Message(m)
                 if !self.skipping && m.transactional && self.settings.apply_messages && !m.prefix.starts_with(b"decant.") =>
@@ -689,28 +725,52 @@ impl Applier {
         Ok(())
     }
 
-    /// How the table's values go into COPY data: binary when each column
+    /// Learns what the destination table decides about applying its
+    /// changes: how its values go into COPY data (binary when each column
     /// has the same built-in type on the destination as on the source and
-    /// decant writes that type in binary (see [`Cells`]), else text.
-    async fn destination_cells(&mut self, target: &Target) -> Result<Cells, ApplyError> {
-        if !self.folds(target) && !target.key.is_empty() {
-            return Ok(Cells::Text);
-        }
+    /// decant writes that type in binary, see [`Cells`], else text), its
+    /// identity columns GENERATED ALWAYS, and whether its changes must keep
+    /// source order (see [`Target::source_order`]).
+    async fn learn_destination(&mut self, target: &mut Target) -> Result<(), ApplyError> {
         // The client is the commit task's until settled.
         self.settle().await?;
         let names: Vec<&str> = target.columns.iter().map(String::as_str).collect();
+        let key: Vec<&str> = target.key.iter().map(|&i| target.columns[i].as_str()).collect();
         let rows = self
             .client
             .query(
-                "SELECT (SELECT a.atttypid FROM pg_attribute a
-                          WHERE a.attrelid = to_regclass($1) AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped)
-                   FROM unnest($2::text[]) WITH ORDINALITY AS c(name, n) ORDER BY c.n",
+                "SELECT a.atttypid, a.attidentity = 'a'
+                   FROM unnest($2::text[]) WITH ORDINALITY AS c(name, n)
+                   LEFT JOIN pg_attribute a ON a.attrelid = to_regclass($1) AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY c.n",
                 &[&target.qualified, &names],
             )
             .await
             .map_err(statement_error("reading column types", &target.display))?;
         let destination: Vec<Option<u32>> = rows.iter().map(|r| r.get(0)).collect();
-        Ok(Cells::for_columns(&target.type_oids, &destination))
+        target.cells = Cells::for_columns(&target.type_oids, &destination);
+        target.identity_always =
+            rows.iter().enumerate().filter(|(_, r)| r.get::<_, Option<bool>>(1) == Some(true)).map(|(i, _)| i).collect();
+        // Unique indexes and exclusion constraints checked row by row
+        // (not DEFERRABLE: those are checked at the statement's end, when a
+        // merge has written every row), except unique indexes over every key
+        // column, which the key already keeps unique.
+        let source_order: bool = self
+            .client
+            .query_one(
+                "SELECT EXISTS (
+                    SELECT FROM pg_index i
+                     WHERE i.indrelid = to_regclass($1) AND (i.indisunique OR i.indisexclusion) AND i.indimmediate
+                       AND (i.indisexclusion OR cardinality($2::text[]) = 0 OR NOT $2::text[] <@ ARRAY(
+                             SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) AND a.attnum > 0)))",
+                &[&target.qualified, &key],
+            )
+            .await
+            .map_err(statement_error("reading unique indexes", &target.display))?
+            .get(0);
+        target.source_order = source_order;
+        Ok(())
     }
 
     /// A value did not fit its column's binary form (the source sent
@@ -733,15 +793,12 @@ impl Applier {
         self.targets.get(&oid).cloned().ok_or(ApplyError::UnknownRelation(oid))
     }
 
+    /// An UPDATE or DELETE that does not say which row: never skipped (the
+    /// destination would keep a row the source changed), whatever the
+    /// conflict policy. A task refuses such tables at start; this is one
+    /// whose identity changed later, or one accepted as insert-only.
     fn no_identity(&mut self, op: &'static str, target: &Target) -> Result<(), ApplyError> {
-        match self.settings.on_conflict {
-            ConflictPolicy::Stop => Err(ApplyError::NoIdentity { op, table: target.display.clone() }),
-            ConflictPolicy::Overwrite => {
-                self.metrics.skipped_changes.inc();
-                tracing::warn!(table = %target.display, op, "change skipped: the table has no replica identity (give it a primary key or REPLICA IDENTITY FULL on the source)");
-                Ok(())
-            }
-        }
+        Err(ApplyError::NoIdentity { op, table: target.display.clone() })
     }
 
     async fn statement(&mut self, oid: u32, sql: String, table: &str) -> Result<Statement, ApplyError> {
@@ -780,6 +837,32 @@ impl Applier {
         self.drain_pipeline(self.settings.pipeline_depth).await
     }
 
+    /// [`Applier::execute`] for a statement that, when `writes_identity`,
+    /// sets identity columns GENERATED ALWAYS: they are made BY DEFAULT
+    /// around it, in the group's transaction (see
+    /// [`Target::identity_always_sql`]). The statement is prepared while
+    /// they are, since preparing checks the columns too.
+    async fn execute_writing(
+        &mut self,
+        target: &Target,
+        writes_identity: bool,
+        sql: String,
+        params: Vec<Option<Param>>,
+        op: &'static str,
+        expects_row: bool,
+    ) -> Result<(), ApplyError> {
+        let Some((relax, restore)) = target.identity_always_sql().filter(|_| writes_identity) else {
+            return self.execute(target.oid, sql, params, op, expects_row).await;
+        };
+        self.open_transaction().await?;
+        self.drain_pipeline(0).await?;
+        let ddl_err = |source| ApplyError::Statement { op: "ALTER COLUMN … SET GENERATED", table: target.display.clone(), source };
+        self.client.batch_execute(&relax).await.map_err(ddl_err)?;
+        self.execute(target.oid, sql, params, op, expects_row).await?;
+        self.drain_pipeline(0).await?;
+        self.client.batch_execute(&restore).await.map_err(ddl_err)
+    }
+
     async fn drain_pipeline(&mut self, keep: usize) -> Result<(), ApplyError> {
         drain(&mut self.pipeline, keep, self.settings.on_conflict, &self.metrics).await
     }
@@ -793,9 +876,10 @@ impl Applier {
 
     /// Whether changes of `target` are folded for set-based apply: tables
     /// with a key, under the overwrite policy (the stop policy applies row by
-    /// row so that the first offending row is the one reported).
+    /// row so that the first offending row is the one reported), unless the
+    /// destination table needs its changes in source order.
     fn folds(&self, target: &Target) -> bool {
-        !target.key.is_empty() && self.settings.on_conflict == ConflictPolicy::Overwrite
+        !target.key.is_empty() && self.settings.on_conflict == ConflictPolicy::Overwrite && !target.source_order
     }
 
     /// After folding a change: merge when the folded changes grew large.
@@ -888,7 +972,10 @@ impl Applier {
                 )
                 .await
                 .map_err(stmt_err("reading rules, unique indexes and triggers"))?;
-            let stage = Arc::new(StageSql::new(&target, self.generation, row.get(0), row.get(1)));
+            // A merge that makes identity columns BY DEFAULT locks the table
+            // until its group commits: the second connection would wait on it.
+            let splittable = row.get::<_, bool>(1) && merge_identity_sql(&target).is_none();
+            let stage = Arc::new(StageSql::new(&target, self.generation, row.get(0), splittable));
             self.stages.insert(oid, stage.clone());
             self.stages_created.remove(&oid);
             stage
@@ -1051,8 +1138,12 @@ impl Merge {
     async fn run(self, client: &Client, conn: Conn, metrics: &Metrics) -> Result<u64, ApplyError> {
         match self {
             Merge::Append { target, rows } => {
-                let cols: Vec<String> = target.columns.iter().map(|c| super::statements::quote_ident(c)).collect();
-                let copy = format!("COPY {} ({}) FROM STDIN{}", target.qualified, cols.join(", "), target.cells.copy_options());
+                let copy = format!(
+                    "COPY {}{} FROM STDIN{}",
+                    target.qualified,
+                    super::statements::column_list(&target.columns),
+                    target.cells.copy_options()
+                );
                 let sent = rows.rows;
                 let loaded = copy_in(client, &copy, rows.finish(&target.cells)).await.map_err(statement_error("COPY", &target.display))?;
                 check_copied(&target, sent, loaded)
@@ -1063,6 +1154,10 @@ impl Merge {
                 let staged = data.len();
                 let loaded = copy_in(client, stage.copy(&target.cells), data.freeze()).await.map_err(stmt_err("COPY"))?;
                 check_copied(&target, counts.rows(), loaded)?;
+                let identity = merge_identity_sql(&target);
+                if let Some((relax, _)) = &identity {
+                    client.batch_execute(relax).await.map_err(stmt_err("ALTER COLUMN … SET GENERATED BY DEFAULT"))?;
+                }
                 // Each statement scans the staging table: only those with
                 // rows to act on run.
                 let mut deleted = 0;
@@ -1076,6 +1171,9 @@ impl Merge {
                 };
                 if counts.inserts > 0 {
                     client.batch_execute(&stage.insert).await.map_err(stmt_err("INSERT"))?;
+                }
+                if let Some((_, restore)) = &identity {
+                    client.batch_execute(restore).await.map_err(stmt_err("ALTER COLUMN … SET GENERATED ALWAYS"))?;
                 }
                 client.batch_execute(stage.empty(conn, staged)).await.map_err(stmt_err("emptying the staging table"))?;
                 let missing = counts.updates.saturating_sub(updated) + counts.deletes_counted.saturating_sub(deleted);
@@ -1091,6 +1189,13 @@ impl Merge {
             }
         }
     }
+}
+
+/// The statements around a merge of `target` when its UPDATE and upsert
+/// set identity columns GENERATED ALWAYS (every column but the key).
+fn merge_identity_sql(target: &Target) -> Option<(String, String)> {
+    let non_key = (0..target.columns.len()).filter(|i| !target.key.contains(i));
+    target.identity_always_sql().filter(|_| target.writes_identity_always(non_key))
 }
 
 /// A COPY must load every row sent: anything else means the data written

@@ -549,6 +549,8 @@ mod tests {
             identity: decant_proto::ReplicaIdentity::Default,
             type_oids: vec![23, 25, 25],
             cells: Cells::Text,
+            identity_always: Vec::new(),
+            source_order: false,
         }
     }
 

@@ -15,8 +15,8 @@ use tokio::sync::Mutex;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use super::statements::quote_ident;
-use crate::connect::sql::{connect, ConnectError};
+use super::statements::{column_list, quote_ident};
+use crate::connect::sql::{connect, ConnectError, BINARY_IO};
 use crate::connect::ConnInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -368,7 +368,8 @@ struct TableCheck {
 }
 
 /// Checks the destination tables of the copy: they exist with the copied
-/// columns; binary COPY needs the same built-in type on both sides.
+/// columns; binary COPY needs the same built-in type, with binary I/O, on
+/// both sides.
 async fn check_tables<'a>(
     client: &Client,
     tables: impl Iterator<Item = (&'a str, &'a str, &'a Vec<String>, &'a Vec<String>)>,
@@ -377,17 +378,21 @@ async fn check_tables<'a>(
     let mut out = Vec::new();
     for (schema, name, columns, types) in tables {
         let q = qualified(schema, name);
-        let cols = client
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid < 16384
-                   FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&q],
-            )
-            .await?;
-        if cols.is_empty() {
+        let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&q]).await?.get(0);
+        if !exists {
             missing.push(format!("{schema}.{name}"));
             continue;
         }
+        let cols = client
+            .query(
+                &format!(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), {BINARY_IO}
+                       FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped"
+                ),
+                &[&q],
+            )
+            .await?;
         let found: HashMap<String, (String, bool)> = cols.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
         let mut same = true;
         for (c, t) in columns.iter().zip(types) {
@@ -407,7 +412,9 @@ async fn check_tables<'a>(
 
 /// Runs the steps of `section` that are not done, then moves the task to
 /// its next phase. Pre-data runs in dump order in one session; post-data
-/// in stages, indexes and constraints by `workers` sessions at once.
+/// in batches that keep dump order where it matters (see
+/// [`crate::migrate::schema::post_data_batches`]), indexes and key
+/// constraints by `workers` sessions at once.
 pub async fn run_schema(
     destination: &ConnInfo,
     task_id: &str,
@@ -459,11 +466,9 @@ pub async fn run_schema(
         }
     } else {
         set_sequences(&client, sequences).await?;
-        for stage in 0..=2u8 {
-            let work: VecDeque<(i32, SchemaStep)> =
-                steps.iter().filter(|(_, s)| crate::migrate::schema::post_data_stage(&s.kind) == stage).cloned().collect();
-            let parallel = if crate::migrate::schema::stage_is_parallel(stage) { workers.max(1) } else { 1 };
-            run_parallel(destination, task_id, section, &prologue, work, parallel, ignore).await?;
+        for batch in crate::migrate::schema::post_data_batches(steps, |(_, s)| s.kind.clone()) {
+            let parallel = if batch.parallel { workers.max(1) } else { 1 };
+            run_parallel(destination, task_id, section, &prologue, batch.units.into(), parallel, ignore).await?;
         }
     }
     let next = match section {
@@ -491,7 +496,7 @@ async fn run_parallel(
     task_id: &str,
     section: &str,
     prologue: &str,
-    work: VecDeque<(i32, SchemaStep)>,
+    work: VecDeque<Vec<(i32, SchemaStep)>>,
     workers: usize,
     ignore: bool,
 ) -> Result<(), MigrationError> {
@@ -509,8 +514,10 @@ async fn run_parallel(
             client.batch_execute(&prologue).await?;
             client.batch_execute("SET maintenance_work_mem = '256MB'").await?;
             loop {
-                let Some((n, step)) = queue.lock().await.pop_front() else { return Ok::<(), MigrationError>(()) };
-                run_step(&client, &task_id, &section, n, &step, ignore).await?;
+                let Some(unit) = queue.lock().await.pop_front() else { return Ok::<(), MigrationError>(()) };
+                for (n, step) in &unit {
+                    run_step(&client, &task_id, &section, *n, step, ignore).await?;
+                }
             }
         }));
     }
@@ -674,6 +681,7 @@ pub async fn copy_range(
         )
         .await?;
     let target = qualified(&schema, &name);
+    let list = column_list(&columns);
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let cols = cols.join(", ");
     let format = if binary { "binary" } else { "text" };
@@ -688,7 +696,7 @@ pub async fn copy_range(
     } else {
         target.clone()
     };
-    let sink = client.copy_in::<_, Bytes>(&format!("COPY {into} ({cols}) FROM STDIN (FORMAT {format})")).await.map_err(err)?;
+    let sink = client.copy_in::<_, Bytes>(&format!("COPY {into}{list} FROM STDIN (FORMAT {format})")).await.map_err(err)?;
     futures_util::pin_mut!(sink);
     let (first, mut last) = first;
     let mut bytes = first.len() as u64;
@@ -718,7 +726,7 @@ pub async fn copy_range(
         // conflicts = ignore: the destination's rows win.
         rows = client
             .execute(
-                &format!("INSERT INTO {target} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM decant_stage ON CONFLICT DO NOTHING"),
+                &format!("INSERT INTO {target}{list} OVERRIDING SYSTEM VALUE SELECT {cols} FROM decant_stage ON CONFLICT DO NOTHING"),
                 &[],
             )
             .await

@@ -64,7 +64,7 @@ impl ProgressStore {
     /// with the last source LSN the destination has committed.
     pub async fn open(client: &Client, task_id: &str) -> Result<(ProgressStore, Lsn), ProgressError> {
         client.batch_execute(CREATE_TABLE).await.map_err(err("creating decant.progress"))?;
-        let origin = Self::use_origin(client, task_id).await?;
+        let origin = Self::use_origin(client, &format!("decant_{task_id}")).await?;
         let position: Option<String> = client
             .query_opt("SELECT source_lsn::text FROM decant.progress WHERE task_id = $1", &[&task_id])
             .await
@@ -74,23 +74,20 @@ impl ProgressStore {
         Ok((ProgressStore { task_id: task_id.to_owned(), origin }, position))
     }
 
-    /// Marks this session's changes with the task's replication origin;
+    /// Marks the changes of the task's second destination session
+    /// (`applier.split_merges`) with a replication origin of its own: an
+    /// origin is held by one session at a time, and a reverse stream that
+    /// skips changes with any origin (`origin = none`) then skips these too.
+    /// Call only when the main session's origin is in use (`self.origin`).
+    pub async fn mark_second_session(&self, client: &Client) -> Result<(), ProgressError> {
+        let name = format!("decant_{}_second", self.task_id);
+        Self::setup_origin_waiting(client, &name).await.map_err(err("setting up the second session's replication origin"))
+    }
+
+    /// Marks this session's changes with the replication origin `name`;
     /// false when the destination does not offer or allow origins.
-    async fn use_origin(client: &Client, task_id: &str) -> Result<bool, ProgressError> {
-        let name = format!("decant_{task_id}");
-        // A session of this task that just ended (a restarted process, a
-        // dropped connection) may hold the origin for a moment longer.
-        let mut result = Self::setup_origin(client, &name).await;
-        for _ in 0..50 {
-            match &result {
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    result = Self::setup_origin(client, &name).await;
-                }
-                _ => break,
-            }
-        }
-        match result {
+    async fn use_origin(client: &Client, name: &str) -> Result<bool, ProgressError> {
+        match Self::setup_origin_waiting(client, name).await {
             Ok(()) => Ok(true),
             // Another session holds the origin: a second applier for this
             // task, or a stale one; never apply beside it.
@@ -106,6 +103,22 @@ impl ProgressStore {
             // Anything else (a timeout, a lost connection) is an error.
             Err(e) => Err(ProgressError { what: "setting up the replication origin", source: e }),
         }
+    }
+
+    /// A session of this task that just ended (a restarted process, a
+    /// dropped connection) may hold the origin for a moment longer.
+    async fn setup_origin_waiting(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+        let mut result = Self::setup_origin(client, name).await;
+        for _ in 0..50 {
+            match &result {
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    result = Self::setup_origin(client, name).await;
+                }
+                _ => break,
+            }
+        }
+        result
     }
 
     async fn setup_origin(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {

@@ -22,9 +22,29 @@ pub struct Target {
     /// How its values are written into COPY data (text until the
     /// destination's column types are known).
     pub cells: Cells,
+    /// Columns that are identity columns GENERATED ALWAYS on the
+    /// destination: an UPDATE may set them only to DEFAULT (see
+    /// [`Target::identity_always_sql`]).
+    pub identity_always: Vec<usize>,
+    /// Changes must be applied in source order, never folded into one
+    /// set-based merge: the destination has a unique index or exclusion
+    /// constraint, checked row by row, that the key does not make
+    /// redundant, and that a merge could violate in an order the source
+    /// never had (two rows swapping unique values in one transaction).
+    pub source_order: bool,
 }
 
 pub use crate::replication::client::quote_ident;
+
+/// ` ("a", "b")`: a column list for COPY and INSERT, or nothing for a table
+/// without columns (legal, and it holds rows: `()` is not).
+pub fn column_list(columns: &[String]) -> String {
+    if columns.is_empty() {
+        return String::new();
+    }
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    format!(" ({})", cols.join(", "))
+}
 
 impl Target {
     pub fn from_relation(r: &Relation<'_>) -> Target {
@@ -43,7 +63,32 @@ impl Target {
             identity: r.replica_identity,
             type_oids: r.columns.iter().map(|c| c.type_oid).collect(),
             cells: Cells::Text,
+            identity_always: Vec::new(),
+            source_order: false,
         }
+    }
+
+    /// Whether writing the columns `written` (indexes) sets an identity
+    /// column GENERATED ALWAYS.
+    pub fn writes_identity_always(&self, written: impl IntoIterator<Item = usize>) -> bool {
+        written.into_iter().any(|i| self.identity_always.contains(&i))
+    }
+
+    /// The statements that turn the table's GENERATED ALWAYS identity
+    /// columns into BY DEFAULT and back. UPDATE (and INSERT's ON CONFLICT DO
+    /// UPDATE) refuses any value but DEFAULT for an ALWAYS column, whatever
+    /// OVERRIDING clause; the source's value must still be written. Both
+    /// run inside the group's transaction, so no other session ever sees
+    /// the column changed, and a rolled-back group leaves it as it was.
+    pub fn identity_always_sql(&self) -> Option<(String, String)> {
+        if self.identity_always.is_empty() {
+            return None;
+        }
+        let alter = |to: &str| {
+            let cols: Vec<String> = self.identity_always.iter().map(|&i| format!("ALTER COLUMN {} SET GENERATED {to}", self.col(i))).collect();
+            format!("ALTER TABLE ONLY {} {}", self.qualified, cols.join(", "))
+        };
+        Some((alter("BY DEFAULT"), alter("ALWAYS")))
     }
 
     fn col(&self, i: usize) -> String {
@@ -53,6 +98,9 @@ impl Target {
     /// `INSERT … VALUES ($1 …)`, overwriting an existing row with the same
     /// key when `upsert` and the relation has a key.
     pub fn insert_sql(&self, upsert: bool) -> String {
+        if self.columns.is_empty() {
+            return format!("INSERT INTO {} DEFAULT VALUES", self.qualified);
+        }
         let cols: Vec<String> = (0..self.columns.len()).map(|i| self.col(i)).collect();
         let params: Vec<String> = (1..=self.columns.len()).map(|n| format!("${n}")).collect();
         // OVERRIDING SYSTEM VALUE: identity columns GENERATED ALWAYS take the
@@ -80,6 +128,9 @@ impl Target {
         if !self.key.is_empty() {
             let conds: Vec<String> = self.key.iter().enumerate().map(|(n, &i)| format!("{} = ${}", self.col(i), first + n)).collect();
             conds.join(" AND ")
+        } else if self.columns.is_empty() {
+            // Rows without columns are all alike: any one is the one.
+            format!("ctid = (SELECT ctid FROM {} LIMIT 1)", self.qualified)
         } else {
             let cols: Vec<String> = (0..self.columns.len()).map(|i| format!("{}::text", self.col(i))).collect();
             let params: Vec<String> = (0..self.columns.len()).map(|n| format!("${}::text", first + n)).collect();
@@ -126,6 +177,8 @@ mod tests {
             identity: ReplicaIdentity::Default,
             type_oids: vec![23, 25, 25],
             cells: Cells::Text,
+            identity_always: Vec::new(),
+            source_order: false,
         }
     }
 
@@ -148,5 +201,20 @@ mod tests {
         assert_eq!(keyless.locator_len(), 3);
         let all_key = target(vec![0, 1, 2]);
         assert!(all_key.insert_sql(true).ends_with("DO NOTHING"));
+        let mut identity = target(vec![0]);
+        assert_eq!(identity.identity_always_sql(), None);
+        identity.identity_always = vec![1];
+        assert!(identity.writes_identity_always([0, 1]));
+        assert!(!identity.writes_identity_always([0, 2]));
+        assert_eq!(
+            identity.identity_always_sql(),
+            Some((
+                "ALTER TABLE ONLY \"s\".\"t\" ALTER COLUMN \"a\" SET GENERATED BY DEFAULT".into(),
+                "ALTER TABLE ONLY \"s\".\"t\" ALTER COLUMN \"a\" SET GENERATED ALWAYS".into()
+            ))
+        );
+        let empty = Target { columns: vec![], type_oids: vec![], ..target(vec![]) };
+        assert_eq!(empty.insert_sql(true), "INSERT INTO \"s\".\"t\" DEFAULT VALUES");
+        assert_eq!(empty.delete_sql(), "DELETE FROM \"s\".\"t\" WHERE ctid = (SELECT ctid FROM \"s\".\"t\" LIMIT 1)");
     }
 }

@@ -26,6 +26,15 @@ impl ConnectError {
     }
 }
 
+/// SQL condition on a `pg_type` row `t`: the type can travel in binary COPY
+/// between two servers. It is built in (so both sides have the same type
+/// under the same OID) and has both a send and a receive function, and so
+/// has its element type if it has one (an array's `array_send` calls the
+/// element's send, which `aclitem` and types defined with text I/O only
+/// lack). Other types (user types, domains, enums, composites) go as text.
+pub const BINARY_IO: &str = "(t.oid < 16384 AND t.typsend::oid <> 0 AND t.typreceive::oid <> 0
+      AND (t.typelem = 0 OR EXISTS (SELECT FROM pg_type e WHERE e.oid = t.typelem AND e.typsend::oid <> 0 AND e.typreceive::oid <> 0)))";
+
 /// Whether `e` means the session is gone (closed, never answered, or ended
 /// by the server: admin shutdown, connection exceptions), as opposed to a
 /// statement the server refused.

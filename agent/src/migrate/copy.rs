@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::display::CopyProgress;
 use super::{snapshot_session, MigrateError, Snapshot};
-use crate::applier::statements::quote_ident;
+use crate::applier::statements::{column_list, quote_ident};
 use crate::config::Config;
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
@@ -41,13 +41,14 @@ pub fn pending_work(state: &TaskState) -> Vec<Work> {
     let mut work = Vec::new();
     for t in &state.tables {
         let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+        let list = column_list(&t.columns);
         let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
         let cols = cols.join(", ");
         let format = if t.binary { "binary" } else { "text" };
         let ranges = t.ranges.len().max(1) as u64;
         for r in t.ranges.iter().filter(|r| !r.done) {
             let sql = if r.condition.is_empty() {
-                format!("COPY {table} ({cols}) TO STDOUT (FORMAT {format})")
+                format!("COPY {table}{list} TO STDOUT (FORMAT {format})")
             } else {
                 format!("COPY (SELECT {cols} FROM ONLY {table} WHERE {}) TO STDOUT (FORMAT {format})", r.condition)
             };

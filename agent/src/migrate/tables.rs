@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 
 use crate::applier::statements::quote_ident;
 use crate::config::Config;
+use crate::connect::sql::BINARY_IO;
 
 /// Schemas that are never migrated: the catalogs, and the decant
 /// extension's own schema.
@@ -18,14 +19,16 @@ const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schem
 /// table holds no rows of its own), not extension members, not temporary.
 pub async fn list_tables(client: &Client, config: &Config, server_version: u32) -> Result<Vec<TablePlan>, tokio_postgres::Error> {
     let not_generated = if server_version >= 120000 { "a.attgenerated = ''" } else { "true" };
+    // LEFT JOIN: a table without columns still holds rows.
     let sql = format!(
         "SELECT n.nspname::text, c.relname::text, pg_table_size(c.oid)::int8, pg_relation_size(c.oid)::int8,
-                array_agg(a.attname::text ORDER BY a.attnum),
-                array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
-                bool_and(a.atttypid < 16384)
+                coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attnum IS NOT NULL), '{{}}'),
+                coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum IS NOT NULL), '{{}}'),
+                coalesce(bool_and({BINARY_IO}) FILTER (WHERE a.attnum IS NOT NULL), true)
            FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace
-           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND {not_generated}
+           LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND {not_generated}
+           LEFT JOIN pg_type t ON t.oid = a.atttypid
           WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {SYSTEM_SCHEMAS}
             AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
           GROUP BY n.nspname, c.relname, c.oid
@@ -63,6 +66,58 @@ pub async fn list_tables(client: &Client, config: &Config, server_version: u32) 
         });
     }
     Ok(tables)
+}
+
+/// Selected tables whose UPDATEs and DELETEs the stream cannot locate on the
+/// destination, as `schema.table`: replica identity DEFAULT without a
+/// primary key, NOTHING, or USING INDEX of an index that is gone (the WAL
+/// then carries no old key). Unlogged tables are not in the WAL at all and
+/// not listed. Tables matching `migrate.insert_only_tables` are accepted.
+pub async fn tables_without_identity(client: &Client, config: &Config) -> Result<Vec<String>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT n.nspname::text, c.relname::text
+           FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND {SYSTEM_SCHEMAS}
+            AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+            AND (c.relreplident = 'n'
+                 OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                 OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
+          ORDER BY 1, 2"
+    );
+    let selected = selector(config);
+    // Validated with the configuration.
+    let accepted = config.insert_only_patterns().unwrap_or_default();
+    Ok(client
+        .query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(s, t)| selected.table_selected(s.as_bytes(), t.as_bytes()))
+        .filter(|(s, t)| !accepted.iter().any(|p| p.matches(s.as_bytes(), t.as_bytes())))
+        .map(|(s, t)| format!("{s}.{t}"))
+        .collect())
+}
+
+/// The refusal of a task whose `tables` have no replica identity, with the
+/// fix for each.
+pub fn without_identity_message(tables: &[String]) -> String {
+    let fixes: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            let (s, n) = t.split_once('.').unwrap_or(("", t));
+            format!("  ALTER TABLE {}.{} REPLICA IDENTITY FULL;", quote_ident(s), quote_ident(n))
+        })
+        .collect();
+    format!(
+        "{} selected table(s) have no replica identity, so the stream could not apply their UPDATEs and DELETEs \
+         (the destination would silently keep rows the source changed or deleted): {}. Give each a primary key, or run \
+         on the source:\n{}\nor, for tables that only ever get INSERTs, list them in migrate.insert_only_tables \
+         (an UPDATE or DELETE of one then stops the task). Schema and full copy alone need no replica identity.",
+        tables.len(),
+        tables.join(", "),
+        fixes.join("\n")
+    )
 }
 
 /// The task's table filter (the plugin's patterns).
