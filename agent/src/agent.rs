@@ -55,8 +55,12 @@ impl AgentError {
             AgentError::Source(e) => match e.code() {
                 // bad password / no such role / not allowed by pg_hba,
                 // wal_level not logical, plugin missing or not allowed,
-                // insufficient privilege, no such database, bad option.
-                Some("28P01" | "28000" | "55000" | "58P01" | "42501" | "3D000" | "22023" | "42704") => ErrorClass::Fatal,
+                // insufficient privilege, no such database, bad option, a
+                // value without an equivalent in UTF-8 (decoding would stop
+                // at it again).
+                Some("28P01" | "28000" | "55000" | "58P01" | "42501" | "3D000" | "22023" | "42704" | "22P05" | "22021") => {
+                    ErrorClass::Fatal
+                }
                 _ => match e {
                     ReplicationError::Tls(_)
                     | ReplicationError::TlsRefused(_)

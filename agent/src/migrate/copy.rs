@@ -175,7 +175,12 @@ async fn copy_range(
     let bar = progress.start(&work.display, work.estimated_bytes);
     let source_err = |e: tokio_postgres::Error| MigrateError::Copy {
         table: work.display.clone(),
-        class: if e.as_db_error().is_some() { ErrorClass::Other } else { ErrorClass::Connection },
+        class: match e.code().map(|c| c.code()) {
+            // A value with no equivalent in UTF-8: the same row fails again.
+            Some("22P05" | "22021") => ErrorClass::Fatal,
+            Some(_) => ErrorClass::Other,
+            None => ErrorClass::Connection,
+        },
         message: crate::error::report(&e),
     };
     let (tx, rx) = mpsc::channel::<CopyChunk>(4);

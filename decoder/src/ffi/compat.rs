@@ -63,3 +63,57 @@ pub(super) unsafe fn wal_flushed_beyond(lsn: pg_sys::XLogRecPtr) -> u64 {
         flushed.saturating_sub(lsn)
     }
 }
+
+/// `bytes` converted from the database's `encoding` to UTF-8 by its
+/// default conversion `function`; the first byte that has no UTF-8
+/// equivalent otherwise. The result is allocated in the current memory
+/// context. PostgreSQL 14 added conversions that report instead of raising.
+#[cfg(not(feature = "pg13"))]
+pub(super) unsafe fn convert_to_utf8<'a>(
+    function: pg_sys::Oid,
+    encoding: i32,
+    bytes: &'a [u8],
+) -> Result<&'a [u8], super::encoding::Unconvertible> {
+    let Ok(len) = i32::try_from(bytes.len()) else { return Err(super::encoding::Unconvertible(0)) };
+    let capacity = bytes.len().saturating_mul(pg_sys::MAX_CONVERSION_GROWTH as usize).saturating_add(1);
+    let Ok(capacity_i32) = i32::try_from(capacity) else { return Err(super::encoding::Unconvertible(0)) };
+    // SAFETY: dst has room for the longest possible conversion and its NUL;
+    // the conversion reads len bytes of src and does not write it.
+    unsafe {
+        let dst = pg_sys::MemoryContextAllocHuge(pg_sys::CurrentMemoryContext, capacity).cast::<u8>();
+        let converted = pg_sys::pg_do_encoding_conversion_buf(
+            function,
+            encoding,
+            pg_sys::pg_enc::PG_UTF8 as i32,
+            bytes.as_ptr().cast_mut(),
+            len,
+            dst,
+            capacity_i32,
+            true,
+        );
+        if converted < len {
+            return Err(super::encoding::Unconvertible(usize::try_from(converted).unwrap_or(0)));
+        }
+        Ok(std::ffi::CStr::from_ptr(dst.cast()).to_bytes())
+    }
+}
+
+/// PostgreSQL 13's conversions raise their own ERROR on a byte without an
+/// equivalent (it names the bytes, not the table).
+#[cfg(feature = "pg13")]
+pub(super) unsafe fn convert_to_utf8<'a>(
+    _function: pg_sys::Oid,
+    _encoding: i32,
+    bytes: &'a [u8],
+) -> Result<&'a [u8], super::encoding::Unconvertible> {
+    let Ok(len) = i32::try_from(bytes.len()) else { return Err(super::encoding::Unconvertible(0)) };
+    // SAFETY: pg_server_to_any reads len bytes and returns them or a
+    // NUL-terminated conversion palloc'd in the current context.
+    unsafe {
+        let out = pg_sys::pg_server_to_any(bytes.as_ptr().cast(), len, pg_sys::pg_enc::PG_UTF8 as i32);
+        if out.cast::<u8>().cast_const() == bytes.as_ptr() {
+            return Ok(bytes);
+        }
+        Ok(std::ffi::CStr::from_ptr(out).to_bytes())
+    }
+}

@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 mod compat;
+mod encoding;
 mod output;
 mod relation;
 mod session;
@@ -249,7 +250,8 @@ unsafe extern "C-unwind" fn message(
             flush_begin(ctx, &scope);
         }
         let content: &[u8] = if message_size == 0 { &[] } else { std::slice::from_raw_parts(message.cast::<u8>(), message_size) };
-        let record = Record::Message(Message { transactional, lsn: Lsn(message_lsn), prefix: CStr::from_ptr(prefix).to_bytes(), content });
+        let prefix = encoding::name_to_utf8(CStr::from_ptr(prefix).to_bytes());
+        let record = Record::Message(Message { transactional, lsn: Lsn(message_lsn), prefix, content });
         write_record(ctx, &scope, &record, if transactional { Flush::Later } else { Flush::Now });
     }
 }

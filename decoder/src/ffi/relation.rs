@@ -6,6 +6,7 @@ use decant_proto::{Column, ColumnFlags, Record, Relation, ReplicaIdentity};
 use pgrx::pg_sys;
 use pgrx::PgTupleDesc;
 
+use super::encoding::name_to_utf8;
 use super::output::{write_record, Flush};
 use super::session::{with_session, ChangeScope};
 
@@ -32,9 +33,9 @@ pub(super) unsafe fn selected(rel: pg_sys::Relation) -> bool {
     selected
 }
 
-/// Schema and table name of `rel`; the schema name lives in the current
-/// memory context, the table name in the relcache entry.
-unsafe fn names<'a>(rel: pg_sys::Relation) -> (&'a [u8], &'a [u8]) {
+/// Schema and table name of `rel` in UTF-8 (see encoding.rs), living in
+/// the current memory context or the relcache entry.
+pub(super) unsafe fn names<'a>(rel: pg_sys::Relation) -> (&'a [u8], &'a [u8]) {
     // SAFETY: rel and its rd_rel are valid; get_namespace_name returns a
     // palloc'd NUL-terminated string (or NULL if the schema vanished, which
     // a historic snapshot makes impossible, but we do not rely on that).
@@ -43,7 +44,7 @@ unsafe fn names<'a>(rel: pg_sys::Relation) -> (&'a [u8], &'a [u8]) {
         let nsp = pg_sys::get_namespace_name((*form).relnamespace);
         let schema = if nsp.is_null() { &b""[..] } else { CStr::from_ptr(nsp).to_bytes() };
         let name = CStr::from_ptr((*form).relname.data.as_ptr()).to_bytes();
-        (schema, name)
+        (name_to_utf8(schema), name_to_utf8(name))
     }
 }
 
@@ -79,10 +80,10 @@ pub(super) unsafe fn send_if_needed(ctx: *mut pg_sys::LogicalDecodingContext, sc
             }
             let type_name = pg_sys::format_type_with_typemod(att.atttypid, att.atttypmod);
             columns.push(Column {
-                name: CStr::from_ptr(att.attname.data.as_ptr()).to_bytes(),
+                name: name_to_utf8(CStr::from_ptr(att.attname.data.as_ptr()).to_bytes()),
                 type_oid: att.atttypid.to_u32(),
                 typmod: att.atttypmod,
-                type_name: CStr::from_ptr(type_name).to_bytes(),
+                type_name: name_to_utf8(CStr::from_ptr(type_name).to_bytes()),
                 flags: ColumnFlags(flags),
             });
         }

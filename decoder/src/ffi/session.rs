@@ -34,6 +34,8 @@ pub(super) struct Session {
     /// Records not yet sent (option max_message_bytes).
     pub pending: Vec<u8>,
     filtered_in_a_row: u32,
+    /// How names and text reach UTF-8 (see encoding.rs); set on first use.
+    pub conversion: Option<super::encoding::Conversion>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -87,6 +89,7 @@ impl Session {
                     pending_begin: None,
                     pending: Vec::new(),
                     filtered_in_a_row: 0,
+                    conversion: None,
                 })
             });
         }

@@ -12,6 +12,7 @@ use decant_proto::{OldTuple, Tuple, Value};
 use pgrx::pg_sys;
 use pgrx::PgTupleDesc;
 
+use super::encoding::{ascii_literal, to_utf8, Unconvertible};
 use super::relation::is_replicated;
 use super::session::ChangeScope;
 
@@ -57,13 +58,74 @@ unsafe fn values<'s>(scope: &'s ChangeScope, rel: pg_sys::Relation, tuple: pg_sy
             if key_only && !pg_sys::bms_is_member(i32::from(att.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber, key) {
                 continue;
             }
-            out.push(if *nulls.add(i) { Value::Null } else { value(scope, att, *datums.add(i)) });
+            out.push(if *nulls.add(i) {
+                Value::Null
+            } else {
+                match value(scope, att, *datums.add(i)) {
+                    Ok(v) => v,
+                    Err(e) => unconvertible(rel, att, datums, nulls, e),
+                }
+            });
         }
         Tuple(out)
     }
 }
 
-unsafe fn value<'s>(scope: &'s ChangeScope, att: &pg_sys::FormData_pg_attribute, datum: pg_sys::Datum) -> Value<'s> {
+/// Stops decoding at a value that has no UTF-8 form, naming the table, the
+/// column and the row's key (replica identity key, else primary key) as
+/// ASCII-only SQL (see [`ascii_literal`]).
+unsafe fn unconvertible(
+    rel: pg_sys::Relation,
+    att: &pg_sys::FormData_pg_attribute,
+    datums: *const pg_sys::Datum,
+    nulls: *const bool,
+    at: Unconvertible,
+) -> ! {
+    // SAFETY: rel, its descriptor and the deformed arrays are valid for the
+    // callback that called values().
+    let (table, key) = unsafe {
+        let form = (*rel).rd_rel;
+        let nsp = pg_sys::get_namespace_name((*form).relnamespace);
+        let schema = if nsp.is_null() { &b""[..] } else { CStr::from_ptr(nsp).to_bytes() };
+        let name = CStr::from_ptr((*form).relname.data.as_ptr()).to_bytes();
+        let table = format!("{}.{}", ascii_literal(schema, '"'), ascii_literal(name, '"'));
+        let mut key_set = pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY);
+        if key_set.is_null() {
+            key_set = pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY);
+        }
+        let desc = PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        let mut key = Vec::new();
+        for (i, a) in desc.iter().enumerate() {
+            if !pg_sys::bms_is_member(i32::from(a.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber, key_set) {
+                continue;
+            }
+            let column = ascii_literal(CStr::from_ptr(a.attname.data.as_ptr()).to_bytes(), '"');
+            let shown = if *nulls.add(i) { "NULL".to_owned() } else { ascii_literal(text_output(a.atttypid, *datums.add(i)), '\'') };
+            key.push(format!("{column} = {shown}"));
+        }
+        (table, if key.is_empty() { "the table has no key".to_owned() } else { key.join(", ") })
+    };
+    // SAFETY: as above.
+    let column = ascii_literal(unsafe { CStr::from_ptr(att.attname.data.as_ptr()).to_bytes() }, '"');
+    // SAFETY: a static C string of the server.
+    let encoding = unsafe { CStr::from_ptr(pg_sys::GetDatabaseEncodingName()).to_string_lossy() };
+    pgrx::ereport!(
+        ERROR,
+        pgrx::PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
+        format!(
+            "decant: the value of column {column} of table {table} in the row with {key} has a character with no equivalent \
+             in UTF8 (database encoding {encoding}, at byte {}): the change cannot be replicated; correct the value on the \
+             source and migrate the table again",
+            at.0
+        )
+    );
+}
+
+unsafe fn value<'s>(
+    scope: &'s ChangeScope,
+    att: &pg_sys::FormData_pg_attribute,
+    datum: pg_sys::Datum,
+) -> Result<Value<'s>, Unconvertible> {
     use pg_sys::BuiltinOid as T;
     // SAFETY: datum is a non-null value of type att.atttypid from a tuple
     // that, like everything palloc'd here, outlives the scope's borrow.
@@ -73,11 +135,11 @@ unsafe fn value<'s>(scope: &'s ChangeScope, att: &pg_sys::FormData_pg_attribute,
             if is_external_on_disk(ptr) {
                 // The WAL does not carry values stored out of line that an
                 // UPDATE left unchanged.
-                return Value::UnchangedToast;
+                return Ok(Value::UnchangedToast);
             }
         }
-        let Ok(builtin) = T::try_from(att.atttypid) else { return Value::Text(text_output(att.atttypid, datum)) };
-        match builtin {
+        let Ok(builtin) = T::try_from(att.atttypid) else { return Ok(Value::Text(to_utf8(text_output(att.atttypid, datum))?)) };
+        Ok(match builtin {
             T::BOOLOID => Value::Bool(datum.value() != 0),
             T::INT2OID => Value::Int(i64::from(datum.value() as i16)),
             T::INT4OID => Value::Int(i64::from(datum.value() as i32)),
@@ -94,9 +156,9 @@ unsafe fn value<'s>(scope: &'s ChangeScope, att: &pg_sys::FormData_pg_attribute,
                 Value::Uuid(uuid)
             }
             // For these the stored bytes are the text output.
-            T::TEXTOID | T::VARCHAROID | T::JSONOID => Value::Text(varlena_bytes(datum)),
+            T::TEXTOID | T::VARCHAROID | T::JSONOID => Value::Text(to_utf8(varlena_bytes(datum))?),
             T::BPCHAROID => {
-                let bytes = varlena_bytes(datum);
+                let bytes = to_utf8(varlena_bytes(datum))?;
                 let kept = bytes.iter().rposition(|&b| b != b' ').map_or(0, |p| p + 1);
                 match u32::try_from(bytes.len() - kept) {
                     Ok(pad) => Value::PaddedText(&bytes[..kept], pad),
@@ -112,8 +174,8 @@ unsafe fn value<'s>(scope: &'s ChangeScope, att: &pg_sys::FormData_pg_attribute,
                     None => Value::Text(text), // NaN, Infinity, -Infinity
                 }
             }
-            _ => Value::Text(text_output(att.atttypid, datum)),
-        }
+            _ => Value::Text(to_utf8(text_output(att.atttypid, datum))?),
+        })
     }
 }
 
