@@ -320,6 +320,12 @@ fn unique_constraints_besides_the_key_see_changes_in_source_order() {
              CREATE TABLE uniq_partial (id int PRIMARY KEY, slot int, active bool);
              CREATE UNIQUE INDEX uniq_partial_active ON uniq_partial (slot) WHERE active;
              CREATE TABLE booking (id int PRIMARY KEY, room int, during int4range, EXCLUDE USING gist (room WITH =, during WITH &&));
+             -- PostgreSQL logs no key for a DEFERRABLE primary key: it needs FULL.
+             CREATE TABLE deferred_key (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, v text);
+             ALTER TABLE deferred_key REPLICA IDENTITY FULL;
+             CREATE TABLE deferred_unique (id int PRIMARY KEY, u int UNIQUE DEFERRABLE INITIALLY IMMEDIATE);
+             INSERT INTO deferred_key SELECT g, 'v' || g FROM generate_series(1, 10) g;
+             INSERT INTO deferred_unique SELECT g, g FROM generate_series(1, 10) g;
              INSERT INTO uniq SELECT g, g, 'v' FROM generate_series(1, 10) g;
              INSERT INTO uniq_expr SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 10) g;
              INSERT INTO uniq_partial SELECT g, g, true FROM generate_series(1, 10) g;
@@ -340,11 +346,15 @@ fn unique_constraints_besides_the_key_see_changes_in_source_order() {
              BEGIN; UPDATE booking SET during = int4range(500, 505) WHERE id = 1;
                     UPDATE booking SET during = int4range(10, 15) WHERE id = 2;
                     UPDATE booking SET during = int4range(20, 25) WHERE id = 1; COMMIT;
-             BEGIN; DELETE FROM uniq WHERE id = 3; INSERT INTO uniq VALUES (30, 3, 'reused'); COMMIT;",
+             BEGIN; DELETE FROM uniq WHERE id = 3; INSERT INTO uniq VALUES (30, 3, 'reused'); COMMIT;
+             -- Every key moves at once; legal only because the key is deferred.
+             UPDATE deferred_key SET id = 11 - id;
+             INSERT INTO deferred_key VALUES (20, 'new');
+             UPDATE deferred_unique SET u = 11 - u;",
         )
         .unwrap();
     t.assert_equal();
-    for table in ["uniq", "uniq_expr", "uniq_partial", "booking"] {
+    for table in ["uniq", "uniq_expr", "uniq_partial", "booking", "deferred_key", "deferred_unique"] {
         t.assert_same_rows(&format!("SELECT * FROM {table}"));
     }
     assert!(m.is_running(), "{}", m.log());
@@ -396,6 +406,7 @@ fn tables_without_replica_identity_are_refused_with_incremental_only() {
              CREATE TABLE \"Log Lines\" (at timestamptz, line text);
              CREATE TABLE nothing (id int PRIMARY KEY);
              ALTER TABLE nothing REPLICA IDENTITY NOTHING;
+             CREATE TABLE deferred_pk (id int PRIMARY KEY DEFERRABLE);
              CREATE TABLE full_identity (a int, b text);
              ALTER TABLE full_identity REPLICA IDENTITY FULL;
              INSERT INTO \"Log Lines\" VALUES (now(), 'one');",
@@ -405,7 +416,7 @@ fn tables_without_replica_identity_are_refused_with_incremental_only() {
     let mut m = t.migrate();
     assert!(m.wait_exit(Duration::from_secs(60)).is_some_and(|c| c != 0), "{}", m.log());
     let log = m.log();
-    for expected in ["public.Log Lines", "public.nothing", "ALTER TABLE \"public\".\"Log Lines\" REPLICA IDENTITY FULL;", "insert_only_tables"] {
+    for expected in ["public.Log Lines", "public.nothing", "public.deferred_pk", "ALTER TABLE \"public\".\"Log Lines\" REPLICA IDENTITY FULL;", "insert_only_tables"] {
         assert!(log.contains(expected), "the refusal does not say {expected}:\n{log}");
     }
     assert!(!log.contains("public.full_identity") && !log.contains("public.keyed,"), "{log}");

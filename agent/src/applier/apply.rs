@@ -573,7 +573,8 @@ impl Applier {
                     }
                 }
                 self.flush_bulk(target.oid).await?;
-                let upsert = self.settings.on_conflict == ConflictPolicy::Overwrite;
+                // ON CONFLICT cannot take a DEFERRABLE key as its arbiter.
+                let upsert = self.settings.on_conflict == ConflictPolicy::Overwrite && !target.key_deferrable;
                 let sql = target.insert_sql(upsert);
                 let params = params(&i.new.0, batch);
                 // An upsert's DO UPDATE sets every column but the key.
@@ -755,7 +756,10 @@ impl Applier {
         // (not DEFERRABLE: those are checked at the statement's end, when a
         // merge has written every row), except unique indexes over every key
         // column, which the key already keeps unique.
-        let source_order: bool = self
+        // A DEFERRABLE key cannot be the arbiter of the merges' and
+        // upserts' ON CONFLICT: such a table goes row by row, inserting
+        // plainly (exactly-once apply never inserts a row twice).
+        let row = self
             .client
             .query_one(
                 "SELECT EXISTS (
@@ -763,13 +767,19 @@ impl Applier {
                      WHERE i.indrelid = to_regclass($1) AND (i.indisunique OR i.indisexclusion) AND i.indimmediate
                        AND (i.indisexclusion OR cardinality($2::text[]) = 0 OR NOT $2::text[] <@ ARRAY(
                              SELECT a.attname::text FROM pg_attribute a
-                              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) AND a.attnum > 0)))",
+                              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) AND a.attnum > 0))),
+                        EXISTS (
+                    SELECT FROM pg_index i
+                     WHERE i.indrelid = to_regclass($1) AND i.indisunique AND NOT i.indimmediate AND cardinality($2::text[]) > 0
+                       AND $2::text[] @> ARRAY(
+                             SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) AND a.attnum > 0))",
                 &[&target.qualified, &key],
             )
             .await
-            .map_err(statement_error("reading unique indexes", &target.display))?
-            .get(0);
-        target.source_order = source_order;
+            .map_err(statement_error("reading unique indexes", &target.display))?;
+        target.key_deferrable = row.get(1);
+        target.source_order = row.get::<_, bool>(0) || target.key_deferrable;
         Ok(())
     }
 

@@ -551,6 +551,7 @@ mod tests {
             cells: Cells::Text,
             identity_always: Vec::new(),
             source_order: false,
+            key_deferrable: false,
         }
     }
 

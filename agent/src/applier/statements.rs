@@ -32,6 +32,8 @@ pub struct Target {
     /// redundant, and that a merge could violate in an order the source
     /// never had (two rows swapping unique values in one transaction).
     pub source_order: bool,
+    /// The key's unique index is DEFERRABLE: no ON CONFLICT on it.
+    pub key_deferrable: bool,
 }
 
 pub use crate::replication::client::quote_ident;
@@ -65,6 +67,7 @@ impl Target {
             cells: Cells::Text,
             identity_always: Vec::new(),
             source_order: false,
+            key_deferrable: false,
         }
     }
 
@@ -179,6 +182,7 @@ mod tests {
             cells: Cells::Text,
             identity_always: Vec::new(),
             source_order: false,
+            key_deferrable: false,
         }
     }
 

@@ -70,7 +70,8 @@ pub async fn list_tables(client: &Client, config: &Config, server_version: u32) 
 
 /// Selected tables whose UPDATEs and DELETEs the stream cannot locate on the
 /// destination, as `schema.table`: replica identity DEFAULT without a
-/// primary key, NOTHING, or USING INDEX of an index that is gone (the WAL
+/// primary key (or with a DEFERRABLE one, which PostgreSQL does not log as
+/// the identity), NOTHING, or USING INDEX of an index that is gone (the WAL
 /// then carries no old key). Unlogged tables are not in the WAL at all and
 /// not listed. Tables matching `migrate.insert_only_tables` are accepted.
 pub async fn tables_without_identity(client: &Client, config: &Config) -> Result<Vec<String>, tokio_postgres::Error> {
@@ -81,7 +82,7 @@ pub async fn tables_without_identity(client: &Client, config: &Config) -> Result
           WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND {SYSTEM_SCHEMAS}
             AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
             AND (c.relreplident = 'n'
-                 OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                 OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND i.indimmediate))
                  OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
           ORDER BY 1, 2"
     );
