@@ -13,8 +13,14 @@ use super::SESSION_OPTIONS;
 pub enum ConnectError {
     #[error("{0}")]
     Tls(#[from] TlsError),
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {source}{}", sqlstate(.source))]
     Postgres { target: String, source: tokio_postgres::Error },
+}
+
+/// ` (SQLSTATE 28P01)`: the code names the cause exactly (the message may
+/// be translated), as the replication client's errors do.
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| format!(" (SQLSTATE {})", c.code())).unwrap_or_default()
 }
 
 impl ConnectError {
