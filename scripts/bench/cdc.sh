@@ -145,7 +145,9 @@ try:
         f.write(f'task_id = "bench"\n[source]\ndsn = "{src["dsn"]}"\nslot = "decant_bench"\n'
                 f'[destination]\ndsn = "{d_decant["dsn"]}"\n'
                 f'[agent]\napplier_url = "http://127.0.0.1:{applier_port}"\nmetrics_listen = ""\n'
-                f'[applier]\nlisten = "127.0.0.1:{applier_port}"\nmetrics_listen = "127.0.0.1:{applier_metrics}"\n')
+                f'[applier]\nlisten = "127.0.0.1:{applier_port}"\nmetrics_listen = "127.0.0.1:{applier_metrics}"\n'
+                # pgbench_history has no key and only ever gets INSERTs.
+                f'[migrate]\ninsert_only_tables = ["public.pgbench_history"]\n')
 
     def start_role(role):
         log = open(f"{work}/{role}.log", "a")
