@@ -11,6 +11,7 @@
 
 pub mod copy;
 pub mod display;
+pub mod encoding;
 pub mod schema;
 pub mod tables;
 
@@ -315,8 +316,8 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> 
     if config.migrate.has(MigrationType::Schema) {
         let pg_dump = PgDump::locate(&config.migrate.pg_dump, version / 10000)?;
         let selection = schema::selection_args(config);
-        let pre = schema::split_dump(&pg_dump.dump(&config.source.dsn, "pre-data", Some(&snapshot.id), &selection).await?)?;
-        let post = schema::split_dump(&pg_dump.dump(&config.source.dsn, "post-data", Some(&snapshot.id), &selection).await?)?;
+        let pre = schema::split_dump(&pg_dump.dump(&config.source.dsn, source, "pre-data", Some(&snapshot.id), &selection).await?)?;
+        let post = schema::split_dump(&pg_dump.dump(&config.source.dsn, source, "post-data", Some(&snapshot.id), &selection).await?)?;
         tracing::info!(pg_dump = %pg_dump.path().display(), pre_data = pre.steps.len(), post_data = post.steps.len(), "schema dumped");
         plan.schema_prologue = pre.prologue;
         plan.pre_data = pre.steps;
