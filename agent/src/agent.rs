@@ -98,6 +98,7 @@ const PACKED_MESSAGE_BYTES: u32 = 64 * 1024;
 pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv)?;
     let transport = TransportSettings::from_config(&config)?;
+    transport.check_client(&config.agent.applier_url)?;
     let mut retry = Retry::new(config.connection_retry(), config.other_retry());
     tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
     // Until the first session streams, a connection that cannot be made ends

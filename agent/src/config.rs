@@ -181,6 +181,9 @@ pub struct Transport {
     pub tls_ca: String,
     pub tls_domain: String,
     pub compression: Option<Compression>,
+    /// Lets the applier serve without a token or mutual TLS, and the agent
+    /// send its token unencrypted to an address other than loopback.
+    pub insecure: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -375,6 +378,14 @@ tls_ca = ""
 tls_domain = ""
 # "zstd" to compress batches; off when not set.
 # compression = "zstd"
+# Any client that reaches the applier's port could make it run SQL as the
+# destination user, so `decant applier` refuses to start without a token
+# or mutual TLS (tls_cert, tls_key and tls_ca), and `decant agent` refuses
+# to send its token unencrypted (an http:// applier_url) to an address
+# other than loopback. true allows both, e.g. on a network only the two
+# hosts can reach. (`decant migrate` always uses loopback and a one-time
+# token.)
+insecure = false
 
 [retry]
 # Keep retrying lost connections (source, destination, agent <-> applier)
@@ -440,14 +451,17 @@ impl Config {
     }
 
     pub fn parse(text: &str, name: &str, overrides: &[String]) -> Result<Config, ConfigError> {
-        let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_owned(), message: e.to_string() })?;
+        // A TOML error quotes the line it stopped at, which may be a dsn
+        // with a password.
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
+            path: name.to_owned(),
+            message: crate::connect::conninfo::redact_secrets(&e.to_string()),
+        };
+        let mut table: toml::Table = text.parse().map_err(parse_error)?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path: name.to_owned(), message: e.to_string() })?;
+        let config: Config = toml::Value::Table(table).try_into().map_err(parse_error)?;
         config.validate()?;
         Ok(config)
     }
@@ -539,8 +553,11 @@ impl Config {
         if list.is_empty() {
             return Ok(Vec::new());
         }
-        decant_proto::options::TablePattern::parse_list("migrate.insert_only_tables", &list.join(","))
-            .map_err(|e| ConfigError::Invalid { key: "migrate.insert_only_tables", value: list.join(","), reason: e.message })
+        decant_proto::options::TablePattern::parse_list("migrate.insert_only_tables", &list.join(",")).map_err(|e| ConfigError::Invalid {
+            key: "migrate.insert_only_tables",
+            value: list.join(","),
+            reason: e.message,
+        })
     }
 
     /// The shared token, from `token` or `token_file`.
@@ -553,7 +570,16 @@ impl Config {
         }
         let text = std::fs::read_to_string(&self.transport.token_file)
             .map_err(|source| ConfigError::Read { path: self.transport.token_file.clone(), source })?;
-        Ok(Some(text.trim().to_owned()))
+        let token = text.trim();
+        // An empty token would be matched by a request that carries none.
+        if token.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "transport.token_file",
+                value: self.transport.token_file.clone(),
+                reason: "the file is empty: write the shared token into it (the same on agent and applier)".into(),
+            });
+        }
+        Ok(Some(token.to_owned()))
     }
 
     pub fn connection_retry(&self) -> Duration {
@@ -570,21 +596,19 @@ impl Config {
 }
 
 fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
-    let (key, value) = o.split_once('=').ok_or_else(|| ConfigError::BadOverride(o.to_owned()))?;
+    let bad = || ConfigError::BadOverride(crate::connect::conninfo::redact_secrets(o));
+    let (key, value) = o.split_once('=').ok_or_else(bad)?;
     let value: toml::Value = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_owned()));
     let mut parts: Vec<&str> = key.trim().split('.').collect();
-    let last = parts.pop().filter(|l| !l.is_empty()).ok_or_else(|| ConfigError::BadOverride(o.to_owned()))?;
+    let last = parts.pop().filter(|l| !l.is_empty()).ok_or_else(bad)?;
     let mut current = table;
     for part in parts {
-        current = current
-            .entry(part.to_owned())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::BadOverride(o.to_owned()))?;
+        current =
+            current.entry(part.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut().ok_or_else(bad)?;
     }
     current.insert(last.to_owned(), value);
     Ok(())
@@ -618,5 +642,26 @@ mod tests {
         assert!(err("[applier]\non_conflict = \"maybe\"", &[]).contains("on_conflict"));
         assert!(err("[source]\ninclude_tables = [\"nodot\"]", &[]).contains("schema.table"));
         assert!(err("", &["noequals"]).contains("section.key=value"));
+        // A line quoted by the TOML error keeps its password hidden.
+        let e = err("[source]\ndsn = \"host=a password=hunter2\n", &[]);
+        assert!(e.contains("password=********") && !e.contains("hunter2"), "{e}");
+        let e = err("[source]\ndsn = postgresql://me:hunter2@db/x\n", &[]);
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("", &["postgresql://me:hunter2@db/x"]);
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_token_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("decant-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "\n").unwrap();
+        let c = Config::parse(&format!("[transport]\ntoken_file = \"{}\"\n", path.display()), "x", &[]).unwrap();
+        let e = c.token().unwrap_err().to_string();
+        assert!(e.contains("transport.token_file") && e.contains("empty"), "{e}");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        assert_eq!(c.token().unwrap().as_deref(), Some("s3cret"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -31,6 +31,7 @@ impl Setup {
             format!(
                 "task_id = \"e\"\n[source]\ndsn = \"{source}\"\nheartbeat_seconds = 0\n[destination]\ndsn = \"{destination}\"\n\
                  [agent]\napplier_url = \"http://127.0.0.1:{port}\"\nmetrics_listen = \"\"\n\
+                 [transport]\ntoken = \"errors test\"\n\
                  [applier]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n{extra}\n"
             ),
         )

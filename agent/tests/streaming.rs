@@ -40,6 +40,9 @@ fn pg_tool(cluster: &Cluster, tool: &str) -> Command {
     c
 }
 
+/// The shared token of a pair's agent and applier.
+const PAIR_TOKEN: &str = "streaming test";
+
 /// Two clusters with the same schema and data (pgbench scale 1 plus a
 /// mixed-type table with TOASTed values), and a task configuration.
 fn pair(extra_config: &str) -> Pair {
@@ -89,6 +92,7 @@ fn pair(extra_config: &str) -> Pair {
              [destination]\ndsn = \"{}\"\n\
              [agent]\napplier_url = \"http://127.0.0.1:{port}\"\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
              [applier]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n\
+             [transport]\ntoken = \"{PAIR_TOKEN}\"\n\
              [retry]\nconnection_minutes = 10\nother_minutes = 2\n{extra_config}\n",
             source.conninfo("postgres"),
             dest.conninfo("postgres")
@@ -228,18 +232,17 @@ impl Pair {
             c.query_one(sql, &[]).map(|r| r.get::<_, Option<String>>(0).unwrap_or_default()).unwrap_or_else(|e| e.to_string())
         };
         let wal = one(&mut src, "SELECT pg_current_wal_lsn()::text");
-        let slot = one(&mut src, "SELECT confirmed_flush_lsn::text || ' active ' || active FROM pg_replication_slots WHERE slot_name = 'decant_t'");
+        let slot = one(
+            &mut src,
+            "SELECT confirmed_flush_lsn::text || ' active ' || active FROM pg_replication_slots WHERE slot_name = 'decant_t'",
+        );
         let sent = one(&mut src, "SELECT string_agg(sent_lsn::text || '/' || flush_lsn::text, ', ') FROM pg_stat_replication");
         let applied = one(&mut dst, "SELECT string_agg(task_id || ' ' || source_lsn::text, ', ') FROM decant.progress");
         // (mtime, whole row as text), sorted: a merge walk finds the rows
         // only on one side.
         let rows = |c: &mut postgres::Client| -> Vec<(String, String)> {
-            let mut v: Vec<(String, String)> = c
-                .query("SELECT mtime::text, h::text FROM pgbench_history h", &[])
-                .unwrap()
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
+            let mut v: Vec<(String, String)> =
+                c.query("SELECT mtime::text, h::text FROM pgbench_history h", &[]).unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
             v.sort();
             v
         };
@@ -687,9 +690,12 @@ fn mutual_tls_token_and_compression_between_agent_and_applier() {
     let p = pair("");
     let config = std::fs::read_to_string(&p.config).unwrap().replace("applier_url = \"http://", "applier_url = \"https://");
     let path = |p: &Path| p.display().to_string();
-    let config = format!(
-        "{config}\n[transport]\ntoken = \"correct horse\"\ntls_ca = \"{}\"\ntls_domain = \"localhost\"\ncompression = \"zstd\"\n",
-        path(&certs.ca)
+    let config = config.replace(
+        &format!("[transport]\ntoken = \"{PAIR_TOKEN}\"\n"),
+        &format!(
+            "[transport]\ntoken = \"correct horse\"\ntls_ca = \"{}\"\ntls_domain = \"localhost\"\ncompression = \"zstd\"\n",
+            path(&certs.ca)
+        ),
     );
     std::fs::write(&p.config, config).unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_decant"));

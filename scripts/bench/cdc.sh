@@ -146,6 +146,8 @@ try:
                 f'[destination]\ndsn = "{d_decant["dsn"]}"\n'
                 f'[agent]\napplier_url = "http://127.0.0.1:{applier_port}"\nmetrics_listen = ""\n'
                 f'[applier]\nlisten = "127.0.0.1:{applier_port}"\nmetrics_listen = "127.0.0.1:{applier_metrics}"\n'
+                # A standalone applier refuses to serve without a token.
+                f'[transport]\ntoken = "{os.urandom(24).hex()}"\n'
                 # pgbench_history has no key and only ever gets INSERTs.
                 f'[migrate]\ninsert_only_tables = ["public.pgbench_history"]\n')
 

@@ -107,6 +107,41 @@ impl Cluster {
         })
     }
 
+    /// Creates `user` (superuser, replication) with `password` and makes
+    /// the server ask for it (scram-sha-256) on TCP, in lines put before
+    /// the trust lines, which the harness's own `postgres` connections go
+    /// on using. With `tls_and_certificate`, `user` may only connect over
+    /// TLS and with a client certificate for `user` as well (the server's
+    /// TLS must be on, see `certs::Certs::install_in_server`).
+    pub fn add_password_user(&self, user: &str, password: &str, tls_and_certificate: bool) {
+        let mut c = self.connect();
+        c.batch_execute(&format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE \"{}\" SUPERUSER LOGIN REPLICATION PASSWORD '{}'",
+            user.replace('"', "\"\""),
+            password.replace('\'', "''")
+        ))
+        .unwrap_or_else(|e| panic!("decant-tests: cannot create role {user}: {e}"));
+        let line = if tls_and_certificate {
+            // Without TLS the hostssl line does not match: the trust lines
+            // below it would.
+            format!(
+                "hostssl all,replication {user} {HOST}/32 scram-sha-256 clientcert=verify-full\n\
+                 hostnossl all,replication {user} {HOST}/32 reject\n"
+            )
+        } else {
+            format!("host all,replication {user} {HOST}/32 scram-sha-256\n")
+        };
+        let hba_path = self.data_dir.join("pg_hba.conf");
+        let hba = fs::read_to_string(&hba_path).unwrap_or_else(|e| panic!("decant-tests: cannot read {}: {e}", hba_path.display()));
+        // pg_hba.conf belongs to the server's user; root may write it, and a
+        // non-root runner is that user.
+        fs::write(&hba_path, format!("{line}{hba}")).unwrap_or_else(|e| panic!("decant-tests: cannot write {}: {e}", hba_path.display()));
+        c.batch_execute("SELECT pg_reload_conf()").unwrap_or_else(|e| panic!("decant-tests: reload: {e}"));
+        // The postmaster reloads on the signal, a moment later.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
     /// Contents of the server log so far.
     pub fn log(&self) -> String {
         match fs::read(&self.log_path) {

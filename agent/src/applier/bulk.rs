@@ -574,8 +574,8 @@ mod tests {
         assert_eq!(
             lines(b),
             [
-                "1\tb\tx\ti\t\\N",    // insert then update: the new image, TOAST value carried over
-                "2\tc\t\\N\tu\t{3}",  // update of a row only on the destination: keep column 3
+                "1\tb\tx\ti\t\\N",     // insert then update: the new image, TOAST value carried over
+                "2\tc\t\\N\tu\t{3}",   // update of a row only on the destination: keep column 3
                 "3\t\\N\t\\N\tD\t\\N", // a delete that expects the row
                 "4\t\\N\t\\N\td\t\\N", // inserted then deleted: nothing to count
             ]

@@ -85,7 +85,11 @@ impl Cells {
 
     /// `FROM STDIN` options of a COPY of these cells.
     pub fn copy_options(&self) -> &'static str {
-        if self.is_binary() { BINARY_COPY_OPTIONS } else { "" }
+        if self.is_binary() {
+            BINARY_COPY_OPTIONS
+        } else {
+            ""
+        }
     }
 
     /// Appends column `column`'s cell for `v` to `out`; false (nothing

@@ -113,8 +113,19 @@ CREATE TABLE IF NOT EXISTS decant.copy_range (
     done_at timestamptz,
     rows int8 NOT NULL DEFAULT 0,
     bytes int8 NOT NULL DEFAULT 0,
+    first_page int8,
+    end_page int8,
     PRIMARY KEY (task_id, table_id, range_id)
 );
+-- A range is its heap pages [first_page, end_page) (NULL: open), from
+-- which the source builds its SQL; condition is '' (destinations planned
+-- by older versions hold the range as text there, read only as numbers).
+-- Checked first, so that a destination already upgraded takes no lock.
+DO $$BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.copy_range'::regclass AND attname = 'end_page') THEN
+        ALTER TABLE decant.copy_range ADD COLUMN IF NOT EXISTS first_page int8, ADD COLUMN IF NOT EXISTS end_page int8;
+    END IF;
+END$$;
 COMMENT ON TABLE decant.task IS 'decant: migration tasks, their plan and phase';";
 
 /// Creates decant's tables in the destination when missing.
@@ -216,19 +227,41 @@ async fn read_state(client: &Client, task_id: &str) -> Result<TaskState, Migrati
     let index: HashMap<u32, usize> = tables.iter().enumerate().map(|(i, t)| (t.table_id, i)).collect();
     for r in client
         .query(
-            "SELECT table_id, range_id, condition, done_at IS NOT NULL, rows, bytes FROM decant.copy_range
+            "SELECT table_id, range_id, condition, done_at IS NOT NULL, rows, bytes, first_page, end_page FROM decant.copy_range
               WHERE task_id = $1 ORDER BY table_id, range_id",
             &[&task_id],
         )
         .await?
     {
         if let Some(&i) = index.get(&(r.get::<_, i32>(0) as u32)) {
+            let range_id = r.get::<_, i32>(1) as u32;
+            let (condition, first, end): (String, Option<i64>, Option<i64>) = (r.get(2), r.get(6), r.get(7));
+            let refused = |what: &str| {
+                MigrationError::State(
+                    task_id.into(),
+                    format!(
+                        "decant.copy_range holds {what} for range {range_id} of table {}.{}; it was changed by hand: start the \
+                         task over (DROP SCHEMA decant CASCADE, and the tables it migrated)",
+                        tables[i].schema, tables[i].name
+                    ),
+                )
+            };
+            let pages = match (first, end) {
+                (None, None) if !condition.is_empty() => {
+                    crate::migrate::tables::legacy_page_range(&condition).ok_or_else(|| refused("a condition that is no page range"))?
+                }
+                _ => decant_proto::grpc::PageRange {
+                    first_page: first.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
+                    end_page: end.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
+                },
+            };
             tables[i].ranges.push(RangeState {
-                range_id: r.get::<_, i32>(1) as u32,
-                condition: r.get(2),
+                range_id,
                 done: r.get(3),
                 rows: r.get::<_, i64>(4) as u64,
                 bytes: r.get::<_, i64>(5) as u64,
+                first_page: pages.first_page,
+                end_page: pages.end_page,
             });
         }
     }
@@ -304,11 +337,13 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan) ->
             &[&task_id, &(i as i32), &t.schema, &t.name, &t.columns, &t.types, &binary, &(t.bytes as i64), &merge],
         )
         .await?;
-        let conditions = if t.ranges.is_empty() { vec![String::new()] } else { t.ranges.clone() };
-        for (r, cond) in conditions.iter().enumerate() {
+        let ranges = if t.ranges.is_empty() { vec![Default::default()] } else { t.ranges.clone() };
+        for (r, pages) in ranges.iter().enumerate() {
+            let page = |p: Option<u64>| p.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
             tx.execute(
-                "INSERT INTO decant.copy_range (task_id, table_id, range_id, condition) VALUES ($1, $2, $3, $4)",
-                &[&task_id, &(i as i32), &(r as i32), cond],
+                "INSERT INTO decant.copy_range (task_id, table_id, range_id, condition, first_page, end_page)
+                 VALUES ($1, $2, $3, '', $4, $5)",
+                &[&task_id, &(i as i32), &(r as i32), &page(pages.first_page), &page(pages.end_page)],
             )
             .await?;
         }

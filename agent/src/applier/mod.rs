@@ -70,6 +70,7 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
         .parse()
         .map_err(|e: std::net::AddrParseError| ApplierRoleError::Listen(config.applier.listen.clone(), e.to_string()))?;
     let transport = TransportSettings::from_config(&config)?;
+    transport.check_server(&config.applier.listen)?;
     tracing::info!(task = %config.task_id, destination = %destination, "applier starting");
     let service = service(&config, destination, metrics).await?;
     let listener =

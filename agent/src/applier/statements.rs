@@ -88,7 +88,8 @@ impl Target {
             return None;
         }
         let alter = |to: &str| {
-            let cols: Vec<String> = self.identity_always.iter().map(|&i| format!("ALTER COLUMN {} SET GENERATED {to}", self.col(i))).collect();
+            let cols: Vec<String> =
+                self.identity_always.iter().map(|&i| format!("ALTER COLUMN {} SET GENERATED {to}", self.col(i))).collect();
             format!("ALTER TABLE ONLY {} {}", self.qualified, cols.join(", "))
         };
         Some((alter("BY DEFAULT"), alter("ALWAYS")))

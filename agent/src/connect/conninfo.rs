@@ -191,9 +191,98 @@ pub fn parse_pairs(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
     Ok(pairs)
 }
 
+/// `s` (a connection string, either form) without its secrets, in
+/// `key='value'` form, for a program that takes the secrets another way
+/// (pg_dump: PGPASSWORD). Everything else is passed on as given, so the
+/// program resolves defaults, `PG*` variables and the password file as
+/// libpq does.
+pub fn without_secrets(s: &str) -> Result<String, ConnInfoError> {
+    let pairs = parse_pairs(s)?;
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| !SECRET_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect();
+    Ok(parts.join(" "))
+}
+
+/// `text` with whatever looks like a connection string's secret masked: the
+/// value after `password=` or `sslpassword=`, and the password of a URI's
+/// `user:password@`. For messages that may quote a configuration line
+/// (a TOML error shows the line it stopped at).
+pub fn redact_secrets(text: &str) -> String {
+    const MASK: &str = "********";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let uri = rest.find("://");
+        let key = rest.find("password");
+        let at = match (uri, key) {
+            (None, None) => break,
+            (Some(u), Some(k)) => u.min(k),
+            (Some(a), None) | (None, Some(a)) => a,
+        };
+        if Some(at) == uri {
+            // scheme://user:password@host: mask from the first ':' of the
+            // user info to its '@' (the last one before a space or quote).
+            let start = at + 3;
+            let tail = &rest[start..];
+            let end = tail.find(|c: char| c.is_whitespace() || c == '"' || c == '\'').unwrap_or(tail.len());
+            let authority = &tail[..end];
+            match (authority.rfind('@'), authority.find(':')) {
+                (Some(a), Some(c)) if c < a => {
+                    out.push_str(&rest[..start + c + 1]);
+                    out.push_str(MASK);
+                    rest = &rest[start + a..];
+                }
+                _ => {
+                    out.push_str(&rest[..start]);
+                    rest = &rest[start..];
+                }
+            }
+            continue;
+        }
+        // password = value, password='quoted value'
+        let after_key = at + "password".len();
+        out.push_str(&rest[..after_key]);
+        let tail = &rest[after_key..];
+        let trimmed = tail.trim_start();
+        let Some(value) = trimmed.strip_prefix('=') else {
+            rest = tail;
+            continue;
+        };
+        let value = value.trim_start();
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let close = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    close
+                })
+                .map_or(value.len(), |(i, _)| i + 2)
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        out.push_str(&tail[..tail.len() - value.len()]);
+        out.push_str(MASK);
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Options whose values are secrets: never echoed in an error.
+const SECRET_KEYS: &[&str] = &["password", "sslpassword"];
+
 fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
     let mut pairs = BTreeMap::new();
     let mut chars = s.chars().peekable();
+    // The previous option, when it was a secret given without quotes: a
+    // word that follows it is most likely the rest of a value with a space,
+    // and is not echoed.
+    let mut after_secret: Option<String> = None;
     loop {
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -212,6 +301,11 @@ fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>, ConnInfoErro
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
         }
+        if let Some(secret) = after_secret.take().filter(|_| chars.peek() != Some(&'=') || !KEYS.contains(&key.as_str())) {
+            return Err(ConnInfoError::Syntax(format!(
+                "unexpected text after the value of \"{secret}\" (not shown); a value with spaces must be quoted: {secret}='...'"
+            )));
+        }
         if chars.next() != Some('=') {
             return Err(ConnInfoError::Syntax(format!("missing \"=\" after \"{key}\"")));
         }
@@ -219,7 +313,8 @@ fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>, ConnInfoErro
             chars.next();
         }
         let mut value = String::new();
-        if chars.peek() == Some(&'\'') {
+        let quoted = chars.peek() == Some(&'\'');
+        if quoted {
             chars.next();
             loop {
                 match chars.next() {
@@ -247,26 +342,32 @@ fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>, ConnInfoErro
                 }
             }
         }
+        if !quoted && SECRET_KEYS.contains(&key.as_str()) {
+            after_secret = Some(key.clone());
+        }
         pairs.insert(key, value);
     }
 }
 
-fn percent_decode(s: &str) -> Result<String, ConnInfoError> {
+/// Decodes one part of a URI; `part` names it in errors, which show the
+/// text itself only when it is not a secret.
+fn percent_decode(s: &str, part: &str) -> Result<String, ConnInfoError> {
+    let shown = || if SECRET_KEYS.contains(&part) { format!("the {part} (not shown)") } else { format!("the {part} \"{s}\"") };
+    let bad = || ConnInfoError::Syntax(format!("bad percent-encoding in {} of the URI; write a literal % as %25", shown()));
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| ConnInfoError::Syntax(format!("bad percent-encoding in \"{s}\"")))?;
-            let b = u8::from_str_radix(hex, 16).map_err(|_| ConnInfoError::Syntax(format!("bad percent-encoding in \"{s}\"")))?;
-            out.push(b);
+            let hex = s.get(i + 1..i + 3).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit())).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
             i += 3;
         } else {
             out.push(bytes[i]);
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| ConnInfoError::Syntax(format!("percent-encoding in \"{s}\" is not UTF-8")))
+    String::from_utf8(out).map_err(|_| ConnInfoError::Syntax(format!("the percent-encoding of {} in the URI is not UTF-8", shown())))
 }
 
 fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
@@ -287,10 +388,10 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
                 None => (userinfo, None),
             };
             if !user.is_empty() {
-                pairs.insert("user".to_owned(), percent_decode(user)?);
+                pairs.insert("user".to_owned(), percent_decode(user, "user")?);
             }
             if let Some(p) = password {
-                pairs.insert("password".to_owned(), percent_decode(p)?);
+                pairs.insert("password".to_owned(), percent_decode(p, "password")?);
             }
             hostport
         }
@@ -311,18 +412,20 @@ fn parse_uri(s: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
             }
         };
         if !host.is_empty() {
-            pairs.insert("host".to_owned(), percent_decode(host)?);
+            pairs.insert("host".to_owned(), percent_decode(host, "host")?);
         }
         if let Some(p) = port.filter(|p| !p.is_empty()) {
             pairs.insert("port".to_owned(), p.to_owned());
         }
     }
     if let Some(db) = path.filter(|p| !p.is_empty()) {
-        pairs.insert("dbname".to_owned(), percent_decode(db)?);
+        pairs.insert("dbname".to_owned(), percent_decode(db, "database name")?);
     }
     for param in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
         let (k, v) = param.split_once('=').ok_or_else(|| ConnInfoError::Syntax(format!("URI parameter \"{param}\" has no value")))?;
-        pairs.insert(percent_decode(k)?, percent_decode(v)?);
+        let k = percent_decode(k, "parameter name")?;
+        let v = percent_decode(v, &k)?;
+        pairs.insert(k, v);
     }
     Ok(pairs)
 }
@@ -523,6 +626,55 @@ mod tests {
         assert!(matches!(ConnInfo::parse("port=http", &env).unwrap_err(), ConnInfoError::BadValue { option: "port", .. }));
         assert!(matches!(ConnInfo::parse("host='unterminated", &env).unwrap_err(), ConnInfoError::Syntax(_)));
         assert!(matches!(ConnInfo::parse("host", &env).unwrap_err(), ConnInfoError::Syntax(_)));
+    }
+
+    #[test]
+    fn errors_never_echo_a_password() {
+        let env = FakeEnv::default();
+        for bad in [
+            "postgresql://me:hunter%zz2@db/app",
+            "postgresql://me:hunter%2@db/app",
+            "postgresql://me:hunter%ff2@db/app",
+            "postgresql://me@db/app?password=hunter%zz2",
+            "host=db password=hunter 2",
+            "host=db password=hunter 2=x",
+        ] {
+            let e = ConnInfo::parse(bad, &env).unwrap_err().to_string();
+            assert!(!e.contains("hunter") && !e.contains(" 2"), "{bad}: {e}");
+        }
+        let e = ConnInfo::parse("postgresql://me:hunter%zz2@db/app", &env).unwrap_err().to_string();
+        assert!(e.contains("password") && e.contains("%25"), "{e}");
+        let e = ConnInfo::parse("host=db password=hunter 2", &env).unwrap_err().to_string();
+        assert!(e.contains("password='...'"), "{e}");
+        // Other parts are still shown, and ordinary options still parse.
+        assert!(ConnInfo::parse("postgresql://me@db/a%zz", &env).unwrap_err().to_string().contains("a%zz"));
+        assert_eq!(ConnInfo::parse("password=x host=db", &env).unwrap().host, Host::Tcp("db".into()));
+    }
+
+    #[test]
+    fn without_secrets_keeps_everything_else() {
+        let s = without_secrets("postgresql://me:p%40ss@db:6543/my%20db?sslmode=require&sslpassword=kp").unwrap();
+        assert_eq!(s, "dbname='my db' host='db' port='6543' sslmode='require' user='me'");
+        let s = without_secrets("host=/tmp password='a b' application_name='it\\'s' options='-c x=\\\\'").unwrap();
+        assert_eq!(s, "application_name='it\\'s' host='/tmp' options='-c x=\\\\'");
+        // What it gives back parses to the same settings, password aside.
+        let env = FakeEnv::default();
+        let mut a = ConnInfo::parse("host=/tmp password='a b' application_name='it\\'s' options='-c x=\\\\'", &env).unwrap();
+        a.password = None;
+        assert_eq!(ConnInfo::parse(&s, &env).unwrap(), a);
+    }
+
+    #[test]
+    fn redaction() {
+        for (text, shown) in [
+            ("dsn = \"host=a password=hunter2 user=b\"", "dsn = \"host=a password=******** user=b\""),
+            ("password = 'hun ter\\' 2' x", "password = ******** x"),
+            ("sslpassword=hunter2", "sslpassword=********"),
+            ("dsn = \"postgresql://me:hunter2@db/x?password=hunter2\"", "dsn = \"postgresql://me:********@db/x?password=********"),
+            ("url postgres://db:5432/x and password", "url postgres://db:5432/x and password"),
+        ] {
+            assert_eq!(redact_secrets(text), shown, "{text}");
+        }
     }
 
     #[test]

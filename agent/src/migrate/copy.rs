@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use decant_proto::grpc::{CopyChunk, TaskState};
+use decant_proto::grpc::{CopyChunk, RangeState, TaskState};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_postgres::Client;
@@ -34,12 +34,28 @@ pub struct Work {
     pub sql: String,
     pub binary: bool,
     pub estimated_bytes: u64,
+    /// The table and its copied columns, to say which value stopped a copy.
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<String>,
 }
 
 /// The ranges not done yet, largest first, with the COPY that reads each.
-pub fn pending_work(state: &TaskState) -> Vec<Work> {
+/// A range's SQL is built from its page numbers alone: the plan comes back
+/// from the destination, whose text must never run on the source.
+pub fn pending_work(state: &TaskState) -> Result<Vec<Work>, MigrateError> {
     let mut work = Vec::new();
     for t in &state.tables {
+        if !ranges_cover_table(&t.ranges) {
+            return Err(MigrateError::Invalid(format!(
+                "the task's plan in the destination (decant.copy_range) splits table {}.{} into page ranges that do not \
+                 cover it once ({}): the plan was changed, or stored by an applier older than this agent (upgrade it); \
+                 else start the task over (DROP SCHEMA decant CASCADE in the destination, and the tables it migrated)",
+                t.schema,
+                t.name,
+                t.ranges.iter().map(|r| format!("{:?}..{:?}", r.first_page, r.end_page)).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
         let list = column_list(&t.columns);
         let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
@@ -47,10 +63,9 @@ pub fn pending_work(state: &TaskState) -> Vec<Work> {
         let format = if t.binary { "binary" } else { "text" };
         let ranges = t.ranges.len().max(1) as u64;
         for r in t.ranges.iter().filter(|r| !r.done) {
-            let sql = if r.condition.is_empty() {
-                format!("COPY {table}{list} TO STDOUT (FORMAT {format})")
-            } else {
-                format!("COPY (SELECT {cols} FROM ONLY {table} WHERE {}) TO STDOUT (FORMAT {format})", r.condition)
+            let sql = match page_condition(r.first_page, r.end_page) {
+                None => format!("COPY {table}{list} TO STDOUT (FORMAT {format})"),
+                Some(condition) => format!("COPY (SELECT {cols} FROM ONLY {table} WHERE {condition}) TO STDOUT (FORMAT {format})"),
             };
             let display = if t.ranges.len() > 1 {
                 format!("{}.{} [{}/{}]", t.schema, t.name, r.range_id + 1, t.ranges.len())
@@ -64,11 +79,44 @@ pub fn pending_work(state: &TaskState) -> Vec<Work> {
                 sql,
                 binary: t.binary,
                 estimated_bytes: t.bytes / ranges,
+                schema: t.schema.clone(),
+                name: t.name.clone(),
+                columns: t.columns.clone(),
             });
         }
     }
     work.sort_by(|a, b| b.estimated_bytes.cmp(&a.estimated_bytes).then(a.table_id.cmp(&b.table_id)).then(a.range_id.cmp(&b.range_id)));
-    work
+    Ok(work)
+}
+
+/// Whether a table's ranges, in range_id order, cover its pages once, as
+/// planned (`tables::ctid_ranges`): the first open at the start, each
+/// beginning where the one before ends, the last open at the end, every
+/// bound a page number PostgreSQL has.
+fn ranges_cover_table(ranges: &[RangeState]) -> bool {
+    let mut sorted: Vec<&RangeState> = ranges.iter().collect();
+    sorted.sort_by_key(|r| r.range_id);
+    let mut first = None;
+    for (i, r) in sorted.iter().enumerate() {
+        let last = i + 1 == sorted.len();
+        let end_ok = match r.end_page {
+            None => last,
+            Some(end) => !last && end <= u64::from(u32::MAX) && first.is_none_or(|f| f < end),
+        };
+        if r.first_page != first || !end_ok {
+            return false;
+        }
+        first = r.end_page;
+    }
+    true
+}
+
+/// The WHERE condition that selects the heap pages [first, end), from
+/// the numbers alone; `None` for the whole table.
+fn page_condition(first: Option<u64>, end: Option<u64>) -> Option<String> {
+    let bounds: Vec<String> =
+        first.map(|f| format!("ctid >= '({f},0)'")).into_iter().chain(end.map(|e| format!("ctid < '({e},0)'"))).collect();
+    (!bounds.is_empty()).then(|| bounds.join(" AND "))
 }
 
 /// Paces the copy to the configured rows/s and MB/s (0 = unlimited).
@@ -115,7 +163,7 @@ pub async fn run(
     metrics: &Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<bool, MigrateError> {
-    let work = pending_work(state);
+    let work = pending_work(state)?;
     let progress = Arc::new(CopyProgress::new(state, config.migrate.progress));
     if work.is_empty() {
         progress.finish();
@@ -200,7 +248,11 @@ async fn copy_range(
         // more message).
         let mut messages = 0u64;
         while let Some(message) = stream.next().await {
-            let message = message.map_err(source_err)?;
+            let message = match message {
+                Ok(m) => m,
+                Err(e) if super::encoding::is_unconvertible(&e) => return Err(unconvertible(source, work, &e).await),
+                Err(e) => return Err(source_err(e)),
+            };
             buf.extend_from_slice(&message);
             rows_in_buf += 1;
             messages += 1;
@@ -245,6 +297,23 @@ async fn copy_range(
     Ok(())
 }
 
+/// The error for a value the source cannot render in UTF-8, naming its
+/// column and row where they can be found. The worker's snapshot
+/// transaction has failed; the search reads the table as it is now.
+async fn unconvertible(source: &Client, work: &Work, e: &tokio_postgres::Error) -> MigrateError {
+    let _ = source.batch_execute("ROLLBACK").await;
+    let place = super::encoding::locate(source, &work.schema, &work.name, &work.columns).await;
+    let place = place.map(|p| format!(" (in {p})")).unwrap_or_default();
+    MigrateError::Copy {
+        table: work.display.clone(),
+        message: format!(
+            "{}{place}: the value has a character with no equivalent in UTF-8; correct it on the source, then start the task again",
+            crate::error::report(e)
+        ),
+        class: ErrorClass::Fatal,
+    }
+}
+
 async fn send(tx: &mpsc::Sender<CopyChunk>, work: &Work, buf: &mut BytesMut, last: bool) -> Result<(), MigrateError> {
     let data = buf.split().freeze();
     tx.send(CopyChunk { table_id: 0, range_id: 0, task_id: String::new(), data, last }).await.map_err(|_| closed(work))
@@ -280,7 +349,7 @@ mod tests {
 
     #[test]
     fn work_is_the_unfinished_ranges_largest_first() {
-        let range = |id, cond: &str, done| RangeState { range_id: id, condition: cond.into(), done, rows: 0, bytes: 0 };
+        let range = |range_id, first_page, end_page, done| RangeState { range_id, first_page, end_page, done, rows: 0, bytes: 0 };
         let state = TaskState {
             tables: vec![
                 TableState {
@@ -290,7 +359,7 @@ mod tests {
                     columns: vec!["a".into()],
                     binary: false,
                     bytes: 10,
-                    ranges: vec![range(0, "", false)],
+                    ranges: vec![range(0, None, None, false)],
                 },
                 TableState {
                     table_id: 1,
@@ -299,15 +368,42 @@ mod tests {
                     columns: vec!["a".into(), "b".into()],
                     binary: true,
                     bytes: 1000,
-                    ranges: vec![range(0, "ctid < '(5,0)'", true), range(1, "ctid >= '(5,0)'", false)],
+                    ranges: vec![range(0, None, Some(5), true), range(1, Some(5), None, false)],
                 },
             ],
             ..Default::default()
         };
-        let w = pending_work(&state);
+        let w = pending_work(&state).unwrap();
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].sql, "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"Big\" WHERE ctid >= '(5,0)') TO STDOUT (FORMAT binary)");
         assert_eq!(w[0].display, "s.Big [2/2]");
         assert_eq!(w[1].sql, "COPY \"s\".\"small\" (\"a\") TO STDOUT (FORMAT text)");
+    }
+
+    #[test]
+    fn ranges_must_cover_their_table_once() {
+        let r = |range_id, first_page, end_page| RangeState { range_id, first_page, end_page, ..Default::default() };
+        assert!(ranges_cover_table(&[]));
+        assert!(ranges_cover_table(&[r(0, None, None)]));
+        assert!(ranges_cover_table(&[r(2, Some(68), None), r(0, None, Some(34)), r(1, Some(34), Some(68))]));
+        for bad in [
+            // Ranges stored by an applier that kept them as text only.
+            vec![r(0, None, None), r(1, None, None)],
+            vec![r(0, None, Some(34)), r(1, Some(35), None)],
+            vec![r(0, None, Some(34)), r(1, Some(34), Some(34)), r(2, Some(34), None)],
+            vec![r(0, Some(0), None)],
+            vec![r(0, None, Some(5))],
+            vec![r(0, None, Some(1 << 32)), r(1, Some(1 << 32), None)],
+        ] {
+            assert!(!ranges_cover_table(&bad), "{bad:?}");
+            let state = TaskState {
+                tables: vec![TableState { schema: "s".into(), name: "t".into(), ranges: bad, ..Default::default() }],
+                ..Default::default()
+            };
+            let e = pending_work(&state).unwrap_err().to_string();
+            assert!(e.contains("s.t") && e.contains("decant.copy_range"), "{e}");
+        }
+        assert_eq!(page_condition(Some(34), Some(68)).as_deref(), Some("ctid >= '(34,0)' AND ctid < '(68,0)'"));
+        assert_eq!(page_condition(None, None), None);
     }
 }

@@ -11,6 +11,7 @@ use std::process::Stdio;
 use decant_proto::grpc::SchemaStep;
 
 use crate::config::Config;
+use crate::connect::{conninfo, ConnInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -75,32 +76,96 @@ impl PgDump {
         }
     }
 
-    /// Dumps one section (`pre-data` or `post-data`) inside `snapshot`.
-    pub async fn dump(&self, dsn: &str, section: &str, snapshot: Option<&str>, selection: &[String]) -> Result<String, SchemaError> {
+    /// Dumps one section (`pre-data` or `post-data`) inside `snapshot`,
+    /// from `dsn` (whose completed settings are `source`). Secrets stay off
+    /// pg_dump's command line, which any local user can read: it gets the
+    /// connection string without them, the password in its own environment
+    /// (PGPASSWORD), and a client key's sslpassword, which has no
+    /// environment variable, in a service file only this user can read.
+    pub async fn dump(
+        &self,
+        dsn: &str,
+        source: &ConnInfo,
+        section: &str,
+        snapshot: Option<&str>,
+        selection: &[String],
+    ) -> Result<String, SchemaError> {
+        let path = self.path.display().to_string();
+        let failed = |message: String| SchemaError::Failed { path: path.clone(), message };
+        let mut conninfo = conninfo::without_secrets(dsn).map_err(|e| failed(format!("source.dsn: {e}")))?;
         let mut cmd = tokio::process::Command::new(&self.path);
+        if let Some(password) = &source.password {
+            cmd.env("PGPASSWORD", password);
+        }
+        let _service_file = match &source.sslpassword {
+            Some(key_password) => {
+                let file = ServiceFile::write(key_password).map_err(failed)?;
+                cmd.env("PGSERVICEFILE", &file.0);
+                conninfo.push_str(" service=decant");
+                Some(file)
+            }
+            None => None,
+        };
         cmd.arg(format!("--section={section}"))
             .args(["--no-owner", "--no-privileges", "--no-publications", "--no-subscriptions", "--no-security-labels"])
             .arg("--encoding=UTF8")
             .arg("--exclude-schema=decant")
             .args(selection)
             .arg("--dbname")
-            .arg(dsn)
+            .arg(conninfo)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(s) = snapshot {
             cmd.arg(format!("--snapshot={s}"));
         }
-        let path = self.path.display().to_string();
-        let out = cmd.output().await.map_err(|e| SchemaError::Failed { path: path.clone(), message: e.to_string() })?;
+        let out = cmd.output().await.map_err(|e| failed(e.to_string()))?;
         if !out.status.success() {
-            return Err(SchemaError::Failed { path, message: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+            return Err(failed(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
         }
-        String::from_utf8(out.stdout).map_err(|_| SchemaError::Failed { path, message: "output is not UTF-8".into() })
+        String::from_utf8(out.stdout).map_err(|_| failed("output is not UTF-8".into()))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// A libpq service file (mode 0600, removed on drop) holding the source's
+/// `sslpassword` as service `decant`, for pg_dump.
+struct ServiceFile(PathBuf);
+
+impl ServiceFile {
+    fn write(key_password: &str) -> Result<ServiceFile, String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        // libpq reads a value up to the end of its line, less trailing spaces.
+        if key_password.contains(['\n', '\r']) || key_password.ends_with(char::is_whitespace) {
+            return Err("the source's sslpassword ends with a space or holds a line break, which pg_dump cannot be given \
+                        without its command line: decrypt the client key or change its password"
+                .into());
+        }
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path =
+            std::env::temp_dir().join(format!("decant-pg_dump-{}-{}.conf", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("cannot create the service file {}: {e}", path.display()))?;
+        // Removed on drop, also when the write fails.
+        let service = ServiceFile(path);
+        writeln!(file, "[decant]\nsslpassword={key_password}")
+            .map_err(|e| format!("cannot write the service file {}: {e}", service.0.display()))?;
+        Ok(service)
+    }
+}
+
+impl Drop for ServiceFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

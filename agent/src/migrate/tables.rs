@@ -2,7 +2,7 @@
 //! snapshot: the selected tables with their copied columns, sizes and
 //! ranges, and the selected sequences.
 
-use decant_proto::grpc::{SequenceValue, TablePlan};
+use decant_proto::grpc::{PageRange, SequenceValue, TablePlan};
 use decant_proto::options::PluginOptions;
 use tokio_postgres::Client;
 
@@ -127,10 +127,10 @@ pub fn selector(config: &Config) -> PluginOptions {
     PluginOptions::parse(pairs.iter().map(|(k, v)| (*k, Some(v.as_str())))).unwrap_or_default()
 }
 
-/// `pieces` conditions that together cover every page of a table of
+/// `pieces` page ranges that together cover every page of a table of
 /// `pages` pages; the last one is open-ended, so pages added since the
 /// size was read are copied too.
-pub fn ctid_ranges(pages: u64, pieces: u64) -> Vec<String> {
+pub fn ctid_ranges(pages: u64, pieces: u64) -> Vec<PageRange> {
     let pieces = pieces.clamp(1, pages.max(1));
     if pieces <= 1 {
         return Vec::new();
@@ -139,18 +139,30 @@ pub fn ctid_ranges(pages: u64, pieces: u64) -> Vec<String> {
     let bounds: Vec<u64> = (1..pieces).map(|i| i * per).filter(|&b| b < pages).collect();
     let mut out = Vec::new();
     let mut lower: Option<u64> = None;
-    for b in bounds.iter().copied().chain(std::iter::once(u64::MAX)) {
-        let mut cond = Vec::new();
-        if let Some(l) = lower {
-            cond.push(format!("ctid >= '({l},0)'"));
-        }
-        if b != u64::MAX {
-            cond.push(format!("ctid < '({b},0)'"));
-        }
-        out.push(cond.join(" AND "));
-        lower = Some(b);
+    for end in bounds.iter().copied().map(Some).chain(std::iter::once(None)) {
+        out.push(PageRange { first_page: lower, end_page: end });
+        lower = end;
     }
     out
+}
+
+/// The pages of a range planned by a version of decant that stored ranges
+/// as WHERE conditions (`ctid >= '(34,0)' AND ctid < '(68,0)'`), so that
+/// a copy under way goes on after an upgrade. Only the exact forms it
+/// wrote are read, and only their numbers; any other text is refused.
+pub fn legacy_page_range(condition: &str) -> Option<PageRange> {
+    let page = |s: &str| -> Option<u64> {
+        (1..=10).contains(&s.len()).then_some(s).filter(|s| s.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
+    };
+    let bound = |s: &str, op: &str| s.strip_prefix(op)?.strip_prefix("'(")?.strip_suffix(",0)'").and_then(page);
+    let (first_page, end_page) = match condition.split_once(" AND ") {
+        Some((lower, upper)) => (Some(bound(lower, "ctid >= ")?), Some(bound(upper, "ctid < ")?)),
+        None => match (bound(condition, "ctid >= "), bound(condition, "ctid < ")) {
+            (None, None) => return None,
+            bounds => bounds,
+        },
+    };
+    Some(PageRange { first_page, end_page })
 }
 
 /// The sequences that go with the selection: those in selected schemas or
@@ -193,10 +205,34 @@ mod tests {
 
     #[test]
     fn ranges_cover_every_page_once() {
+        let r = |first_page, end_page| PageRange { first_page, end_page };
         assert!(ctid_ranges(100, 1).is_empty());
-        assert_eq!(ctid_ranges(100, 3), vec!["ctid < '(34,0)'", "ctid >= '(34,0)' AND ctid < '(68,0)'", "ctid >= '(68,0)'"]);
+        assert_eq!(ctid_ranges(100, 3), vec![r(None, Some(34)), r(Some(34), Some(68)), r(Some(68), None)]);
         // More pieces than pages: one page each at most.
-        assert_eq!(ctid_ranges(2, 5), vec!["ctid < '(1,0)'", "ctid >= '(1,0)'"]);
+        assert_eq!(ctid_ranges(2, 5), vec![r(None, Some(1)), r(Some(1), None)]);
         assert!(ctid_ranges(0, 4).is_empty());
+    }
+
+    #[test]
+    fn legacy_conditions_are_read_as_numbers_or_refused() {
+        let r = |first_page, end_page| Some(PageRange { first_page, end_page });
+        assert_eq!(legacy_page_range("ctid < '(34,0)'"), r(None, Some(34)));
+        assert_eq!(legacy_page_range("ctid >= '(34,0)' AND ctid < '(68,0)'"), r(Some(34), Some(68)));
+        assert_eq!(legacy_page_range("ctid >= '(68,0)'"), r(Some(68), None));
+        for bad in [
+            "",
+            "true",
+            "ctid >= '(1,0)' OR true",
+            "ctid < '(1,0)' AND pg_sleep(10) IS NOT NULL",
+            "ctid >= '(1,0)' AND ctid < '(2,0)' AND true",
+            "ctid >= '(-1,0)'",
+            "ctid >= '(+1,0)'",
+            "ctid >= '(1,1)'",
+            "ctid >= '(99999999999,0)'",
+            "ctid >= '(1,0)'; DROP TABLE t; --",
+            "ctid < '(1,0)' AND ctid >= '(0,0)'",
+        ] {
+            assert_eq!(legacy_page_range(bad), None, "{bad}");
+        }
     }
 }

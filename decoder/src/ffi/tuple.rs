@@ -121,11 +121,7 @@ unsafe fn unconvertible(
     );
 }
 
-unsafe fn value<'s>(
-    scope: &'s ChangeScope,
-    att: &pg_sys::FormData_pg_attribute,
-    datum: pg_sys::Datum,
-) -> Result<Value<'s>, Unconvertible> {
+unsafe fn value<'s>(scope: &'s ChangeScope, att: &pg_sys::FormData_pg_attribute, datum: pg_sys::Datum) -> Result<Value<'s>, Unconvertible> {
     use pg_sys::BuiltinOid as T;
     // SAFETY: datum is a non-null value of type att.atttypid from a tuple
     // that, like everything palloc'd here, outlives the scope's borrow.

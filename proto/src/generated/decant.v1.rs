@@ -47,7 +47,7 @@ pub struct SchemaStep {
     pub sql: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct TablePlan {
     #[prost(string, tag = "1")]
     pub schema: ::prost::alloc::string::String,
@@ -65,9 +65,19 @@ pub struct TablePlan {
     /// Estimated size in bytes (for progress).
     #[prost(uint64, tag = "6")]
     pub bytes: u64,
-    /// WHERE conditions that split the table; empty = one range.
-    #[prost(string, repeated, tag = "7")]
-    pub ranges: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Page ranges that split the table; empty = one range.
+    #[prost(message, repeated, tag = "8")]
+    pub ranges: ::prost::alloc::vec::Vec<PageRange>,
+}
+/// The heap pages \[first_page, end_page) of a table (ctid range); an absent
+/// bound is open, so pages added after the plan are copied too.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PageRange {
+    #[prost(uint64, optional, tag = "1")]
+    pub first_page: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "2")]
+    pub end_page: ::core::option::Option<u64>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -104,18 +114,22 @@ pub struct TableState {
     pub ranges: ::prost::alloc::vec::Vec<RangeState>,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RangeState {
     #[prost(uint32, tag = "1")]
     pub range_id: u32,
-    #[prost(string, tag = "2")]
-    pub condition: ::prost::alloc::string::String,
     #[prost(bool, tag = "3")]
     pub done: bool,
     #[prost(uint64, tag = "4")]
     pub rows: u64,
     #[prost(uint64, tag = "5")]
     pub bytes: u64,
+    /// The range's heap pages \[first_page, end_page); an absent bound is open
+    /// (both absent: the whole table). The source builds its SQL from them.
+    #[prost(uint64, optional, tag = "6")]
+    pub first_page: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "7")]
+    pub end_page: ::core::option::Option<u64>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
