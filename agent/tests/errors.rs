@@ -4,12 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use decant_tests::process::Role;
+use decant_tests::process::{free_port, Role};
 use decant_tests::Cluster;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Setup {
     dir: tempfile::TempDir,

@@ -6,25 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use decant_tests::process::{wait_for, Role};
+use decant_tests::process::{run_ok, wait_for, Role};
 use decant_tests::Cluster;
 
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo/sample.sql");
 
 fn decant() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pg_tool(cluster: &Cluster, tool: &str) -> Command {
-    let mut c = Command::new(cluster.bindir().join(tool));
-    c.args(["-h", cluster.host(), "-p", &cluster.port().to_string(), "-U", "postgres"]);
-    c
 }
 
 struct Task {
@@ -76,13 +64,14 @@ impl Task {
     }
 
     fn pgbench_init(&self, scale: &str) {
-        run(pg_tool(&self.source, "pgbench").args(["-i", "-s", scale, "-q", "postgres"]));
+        run_ok(self.source.tool("pgbench").args(["-i", "-s", scale, "-q", "postgres"]));
         self.source.connect().batch_execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL").unwrap();
     }
 
     /// A pgbench run in the background for `seconds`.
     fn pgbench_load(&self, seconds: u32) -> std::process::Child {
-        pg_tool(&self.source, "pgbench")
+        self.source
+            .tool("pgbench")
             .args(["-n", "-c", "2", "-T", &seconds.to_string(), "postgres"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -98,24 +87,13 @@ impl Task {
     }
 }
 
-/// `pg_dump --schema-only` with what legitimately differs taken out: the
-/// restrict keys, comments and blank lines, and decant's own schema.
-fn normalized_schema(cluster: &Cluster) -> String {
-    let dump = run(pg_tool(cluster, "pg_dump").args(["--schema-only", "--no-owner", "--exclude-schema=decant", "-d", "postgres"]));
-    dump.lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict") && !l.starts_with("--") && !l.trim().is_empty())
-        .filter(|l| !l.contains("EXTENSION IF NOT EXISTS decant") && !l.contains("EXTENSION decant"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn schema_with_every_object_kind_and_its_data_migrate() {
     let t = task("types = [\"schema\", \"full\"]", "");
-    run(pg_tool(&t.source, "psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-f", SAMPLE]));
+    run_ok(t.source.tool("psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-f", SAMPLE]));
     let mut m = t.migrate("migrate.log");
     assert_eq!(m.wait_exit(Duration::from_secs(180)), Some(0), "{}", m.log());
-    let source_schema = normalized_schema(&t.source);
+    let source_schema = t.source.normalized_schema("postgres");
     for kind in [
         "CREATE TABLE",
         "CREATE VIEW",
@@ -142,7 +120,7 @@ fn schema_with_every_object_kind_and_its_data_migrate() {
     ] {
         assert!(source_schema.contains(kind), "the sample schema has no {kind}");
     }
-    assert_eq!(normalized_schema(&t.dest), source_schema, "schemas differ after migration");
+    assert_eq!(t.dest.normalized_schema("postgres"), source_schema, "schemas differ after migration");
     t.assert_equal();
     // Sequences were set from the source.
     let seq = |c: &Cluster| -> i64 { c.connect().query_one("SELECT last_value FROM shop.order_no_seq", &[]).unwrap().get(0) };
@@ -301,7 +279,7 @@ fn the_same_phases_run_with_agent_and_applier_as_separate_services() {
     decant_tests::process::wait_port(port);
     let mut agent = Role::start_with(decant(), "agent", &t.config, &overrides, &t.dir.path().join("agent.log"));
     wait_for("the stream phase", Duration::from_secs(120), || t.phase() == "incremental");
-    run(pg_tool(&t.source, "pgbench").args(["-n", "-t", "200", "postgres"]));
+    run_ok(t.source.tool("pgbench").args(["-n", "-t", "200", "postgres"]));
     t.assert_equal();
     assert_eq!(agent.stop(), Some(0), "{}", agent.log());
     assert_eq!(applier.stop(), Some(0), "{}", applier.log());

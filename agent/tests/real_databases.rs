@@ -10,23 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use decant_tests::process::{wait_for, Role};
+use decant_tests::process::{http_get, run_ok, wait_for, Role};
 use decant_tests::Cluster;
 
 fn decant() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pg_tool(cluster: &Cluster, tool: &str) -> Command {
-    let mut c = Command::new(cluster.bindir().join(tool));
-    c.args(["-h", cluster.host(), "-p", &cluster.port().to_string(), "-U", "postgres"]);
-    c
 }
 
 const ALL: &str = "types = [\"schema\", \"full\", \"incremental\"]";
@@ -133,16 +121,6 @@ impl Task {
     }
 }
 
-/// `pg_dump --schema-only` with what legitimately differs taken out.
-fn normalized_schema(cluster: &Cluster, db: &str) -> String {
-    let dump = run(pg_tool(cluster, "pg_dump").args(["--schema-only", "--no-owner", "--exclude-schema=decant", "-d", db]));
-    dump.lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict") && !l.starts_with("--") && !l.trim().is_empty())
-        .filter(|l| !l.contains("EXTENSION IF NOT EXISTS decant") && !l.contains("EXTENSION decant"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn types_without_binary_io_are_copied_and_streamed_as_text() {
     let t = Task::new("postgres", "", ALL);
@@ -226,7 +204,7 @@ fn post_data_keeps_every_dependency_pg_dump_knows() {
         )
         .unwrap();
     t.migrate_to_end();
-    assert_eq!(normalized_schema(&t.dest, "postgres"), normalized_schema(&t.source, "postgres"), "schemas differ after migration");
+    assert_eq!(t.dest.normalized_schema("postgres"), t.source.normalized_schema("postgres"), "schemas differ after migration");
     t.assert_equal();
     t.assert_same_rows("SELECT n FROM parent_codes_count");
     t.assert_same_rows(
@@ -528,7 +506,7 @@ fn truncate_empties_exactly_the_tables_the_source_truncated() {
 #[test]
 fn both_applier_sessions_mark_their_changes_with_an_origin() {
     let t = Task::new("postgres", "", ALL);
-    run(pg_tool(&t.source, "pgbench").args(["-i", "-s", "1", "-q", "postgres"]));
+    run_ok(t.source.tool("pgbench").args(["-i", "-s", "1", "-q", "postgres"]));
     t.src().batch_execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL").unwrap();
     let mut m = t.migrate_until_streaming();
     // A reverse stream would read the destination with origin = none: it
@@ -537,7 +515,7 @@ fn both_applier_sessions_mark_their_changes_with_an_origin() {
     // Enough updates of pgbench_accounts in a backlog for merges split over
     // both sessions (thousands of keys per group).
     assert_eq!(m.stop(), Some(0));
-    run(pg_tool(&t.source, "pgbench").args(["-n", "-c", "4", "-j", "2", "-t", "2000", "postgres"]));
+    run_ok(t.source.tool("pgbench").args(["-n", "-c", "4", "-j", "2", "-t", "2000", "postgres"]));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut m = Role::start_with(
         decant(),
@@ -571,13 +549,4 @@ fn both_applier_sessions_mark_their_changes_with_an_origin() {
     // ...and every one of them carries an origin.
     assert_eq!(changes(&mut dst, "none"), 0, "applied changes without an origin:\n{}", m.log());
     assert_eq!(m.stop(), Some(0));
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
 }

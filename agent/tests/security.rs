@@ -11,15 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use decant_tests::certs::Certs;
-use decant_tests::process::{wait_for, wait_port, Role};
+use decant_tests::process::{free_port, wait_for, wait_port, Role};
 use decant_tests::Cluster;
 
 fn decant() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Runs a role that must fail, and returns its output.

@@ -2,10 +2,9 @@
 //! destination, with real clusters, real load, and crashes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use decant_tests::process::{table_digest, wait_for, Role};
+use decant_tests::process::{free_port, http_get, run_ok, table_digest, wait_for, Role};
 use decant_tests::Cluster;
 
 const TABLES: &[(&str, &str)] = &[
@@ -25,21 +24,6 @@ struct Pair {
     port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-}
-
-fn pg_tool(cluster: &Cluster, tool: &str) -> Command {
-    let mut c = Command::new(cluster.bindir().join(tool));
-    c.args(["-h", cluster.host(), "-p", &cluster.port().to_string(), "-U", "postgres"]);
-    c
-}
-
 /// The shared token of a pair's agent and applier.
 const PAIR_TOKEN: &str = "streaming test";
 
@@ -48,7 +32,7 @@ const PAIR_TOKEN: &str = "streaming test";
 fn pair(extra_config: &str) -> Pair {
     let source = Cluster::start();
     let dest = Cluster::start();
-    run(pg_tool(&source, "pgbench").args(["-i", "-s", "1", "-q", "postgres"]));
+    run_ok(source.tool("pgbench").args(["-i", "-s", "1", "-q", "postgres"]));
     source
         .connect()
         .batch_execute(
@@ -70,9 +54,10 @@ fn pair(extra_config: &str) -> Pair {
              FROM generate_series(1, 200) g;",
         )
         .unwrap();
-    let dump = pg_tool(&source, "pg_dump").args(["-d", "postgres"]).output().unwrap();
+    let dump = source.tool("pg_dump").args(["-d", "postgres"]).output().unwrap();
     assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
-    let mut psql = pg_tool(&dest, "psql")
+    let mut psql = dest
+        .tool("psql")
         .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
@@ -150,7 +135,7 @@ impl Pair {
     }
 
     fn pgbench(&self, args: &[&str]) {
-        run(pg_tool(&self.source, "pgbench").args(["-n", "-c", "4", "-j", "2"]).args(args).arg("postgres"));
+        run_ok(self.source.tool("pgbench").args(["-n", "-c", "4", "-j", "2"]).args(args).arg("postgres"));
     }
 
     fn mixed_changes(&self, round: i32) {
@@ -328,7 +313,7 @@ fn streams_pgbench_and_mixed_types_exactly() {
 /// pgbench for `seconds` in the background; failures (a restarted source)
 /// are expected and ignored.
 fn background_load(p: &Pair, seconds: u32) -> std::thread::JoinHandle<()> {
-    let mut cmd = pg_tool(&p.source, "pgbench");
+    let mut cmd = p.source.tool("pgbench");
     cmd.args(["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string(), "postgres"]);
     std::thread::spawn(move || {
         let _ = cmd.output();
@@ -672,15 +657,6 @@ fn metric(body: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} missing in\n{body}"))
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]

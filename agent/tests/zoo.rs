@@ -26,25 +26,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use decant_tests::process::Role;
+use decant_tests::process::{run_ok, Role};
 use decant_tests::Cluster;
 
 const ZOO_SQL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/zoo.sql");
 
 fn decant() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-fn pg_tool(cluster: &Cluster, tool: &str) -> Command {
-    let mut c = Command::new(cluster.bindir().join(tool));
-    c.args(["-h", cluster.host(), "-p", &cluster.port().to_string(), "-U", "postgres"]);
-    c
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -72,7 +60,7 @@ fn zoo(task_id: &str, db: &str, create_options: &str) {
     dest.connect().batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
     // With psql, as a user would: statement by statement (an enum value
     // added by ALTER TYPE must be committed before it is used).
-    run(pg_tool(&source, "psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", ZOO_SQL]));
+    run_ok(source.tool("psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", ZOO_SQL]));
 
     // The control: `pg_dump | psql` into a third database. Normalised, its
     // schema must equal the source's, or the normalisation hides too little
@@ -81,7 +69,7 @@ fn zoo(task_id: &str, db: &str, create_options: &str) {
     dest.connect().batch_execute(&format!("CREATE DATABASE {control_db}")).unwrap();
     let control_sql = out_dir.join("control-restore.sql");
     std::fs::write(&control_sql, raw_dump(&source, db)).unwrap();
-    run(pg_tool(&dest, "psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &control_db, "-f"]).arg(&control_sql));
+    run_ok(dest.tool("psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &control_db, "-f"]).arg(&control_sql));
     let source_before = normalized_schema(&source, db);
     let control = normalized_schema(&dest, &control_db);
     if control != source_before {
@@ -571,7 +559,7 @@ fn compare_rows(source: &Cluster, dest: &Cluster, db: &str) -> (usize, Vec<Strin
 ///   with INHERIT gets its columns in the parent's order (the column lines
 ///   are sorted).
 fn normalized_schema(cluster: &Cluster, db: &str) -> String {
-    let dump = run(pg_tool(cluster, "pg_dump").args([
+    let dump = run_ok(cluster.tool("pg_dump").args([
         "--schema-only",
         "--no-owner",
         "--no-privileges",
@@ -625,7 +613,7 @@ fn normalized_schema(cluster: &Cluster, db: &str) -> String {
 
 /// The dump a `pg_dump | psql` control restores (schema only).
 fn raw_dump(cluster: &Cluster, db: &str) -> String {
-    run(pg_tool(cluster, "pg_dump").args(["--schema-only", "--no-owner", "--no-privileges", "--encoding=UTF8", "-d", db]))
+    run_ok(cluster.tool("pg_dump").args(["--schema-only", "--no-owner", "--no-privileges", "--encoding=UTF8", "-d", db]))
 }
 
 /// Writes both texts to files in `dir` and returns `diff -u` of them

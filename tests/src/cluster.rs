@@ -158,6 +158,32 @@ impl Cluster {
         &self.bindir
     }
 
+    /// A PostgreSQL client program of this cluster's version (psql,
+    /// pg_dump, pgbench…) with host, port and user set.
+    pub fn tool(&self, program: &str) -> Command {
+        let mut c = Command::new(self.bindir.join(program));
+        c.args(["-h", HOST, "-p", &self.port.to_string(), "-U", "postgres"]);
+        c
+    }
+
+    /// `pg_dump --schema-only` of database `db` with what legitimately
+    /// differs after a migration taken out: the restrict keys, comments
+    /// and blank lines, and decant's own schema and extension.
+    pub fn normalized_schema(&self, db: &str) -> String {
+        let out = self
+            .tool("pg_dump")
+            .args(["--schema-only", "--no-owner", "--exclude-schema=decant", "-d", db])
+            .output()
+            .unwrap_or_else(|e| panic!("pg_dump: {e}"));
+        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict") && !l.starts_with("--") && !l.trim().is_empty())
+            .filter(|l| !l.contains("EXTENSION IF NOT EXISTS decant") && !l.contains("EXTENSION decant"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// pg_ctl restart (-m fast), keeping port and data.
     pub fn restart(&self) {
         let out = self.pg_ctl("restart", &["-m", "fast"]);
