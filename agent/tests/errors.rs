@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use decant_tests::process::{free_port, Role};
+use decant_tests::process::{expect, fails, free_port, Role};
 use decant_tests::Cluster;
 
 struct Setup {
@@ -43,21 +43,6 @@ impl Setup {
             decant_tests::process::wait_port(self.port.get());
         }
         role
-    }
-}
-
-/// Runs a role that must fail, and returns its output.
-fn fails(role: &mut Role) -> String {
-    let code = role.wait_exit(Duration::from_secs(60));
-    let log = role.log();
-    assert!(code.is_some() && code != Some(0), "expected a non-zero exit, got {code:?}:\n{log}");
-    assert!(!log.contains("panicked"), "{log}");
-    log
-}
-
-fn expect(log: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(log.contains(p), "missing {p:?} in:\n{log}");
     }
 }
 

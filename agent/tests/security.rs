@@ -11,26 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use decant_tests::certs::Certs;
-use decant_tests::process::{free_port, wait_for, wait_port, Role};
+use decant_tests::process::{expect, fails, free_port, wait_for, wait_port, Role};
 use decant_tests::Cluster;
 
 fn decant() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-/// Runs a role that must fail, and returns its output.
-fn fails(role: &mut Role) -> String {
-    let code = role.wait_exit(Duration::from_secs(60));
-    let log = role.log();
-    assert!(code.is_some() && code != Some(0), "expected a non-zero exit, got {code:?}:\n{log}");
-    assert!(!log.contains("panicked"), "{log}");
-    log
-}
-
-fn expect(log: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(log.contains(p), "missing {p:?} in:\n{log}");
-    }
 }
 
 /// The machine's first IPv4 address that is not loopback (`hostname -I`).

@@ -134,3 +134,20 @@ pub fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// Waits for a role that must fail (a non-zero exit, no panic, within
+/// 60 s) and returns its output.
+pub fn fails(role: &mut Role) -> String {
+    let code = role.wait_exit(Duration::from_secs(60));
+    let log = role.log();
+    assert!(code.is_some() && code != Some(0), "expected a non-zero exit, got {code:?}:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    log
+}
+
+/// Asserts that `log` contains each of `parts`.
+pub fn expect(log: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(log.contains(p), "missing {p:?} in:\n{log}");
+    }
+}
