@@ -13,9 +13,9 @@ use decant_proto::{decode, peek_kind, DecodeError, Lsn, Record, RecordKind, FORM
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
+use crate::connect::sql::quote_literal;
 use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
 use crate::metrics::Metrics;
-use crate::replication::client::quote_literal;
 use crate::replication::messages::{pg_now, StatusUpdate};
 use crate::replication::{ReplicationClient, ReplicationError, Streamed};
 use crate::retry::{ErrorClass, Retry};

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use decant_proto::Lsn;
 use tokio_postgres::Client;
 
-use crate::applier::statements::quote_ident;
 use crate::config::{Config, MigrationType};
 use crate::connect::sql::connect;
+use crate::connect::sql::quote_ident;
 use crate::connect::{ConnInfo, ProcessEnv};
 
 pub struct TableCheck {

@@ -1151,7 +1151,7 @@ impl Merge {
                 let copy = format!(
                     "COPY {}{} FROM STDIN{}",
                     target.qualified,
-                    super::statements::column_list(&target.columns),
+                    crate::connect::sql::column_list(&target.columns),
                     target.cells.copy_options()
                 );
                 let sent = rows.rows;

@@ -18,7 +18,8 @@ use bytes::{Bytes, BytesMut};
 use decant_proto::Value;
 
 use super::cells::{BinaryRow, Cell, Cells, Mismatch, BINARY_COPY_OPTIONS, BINARY_HEADER, BINARY_TRAILER};
-use super::statements::{quote_ident, Target};
+use super::statements::Target;
+use crate::connect::sql::quote_ident;
 
 /// A folded value; `None` is NULL.
 pub type Text = Option<Cell>;

@@ -8,14 +8,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use decant_proto::grpc::{CopyDone, MigrationPlan, RangeState, SchemaStep, SequenceValue, TableState, TaskState};
+use decant_proto::grpc::{CopyDone, MigrationPlan, PageRange, RangeState, SchemaStep, SequenceValue, TableState, TaskState};
 use decant_proto::Lsn;
 use futures_util::SinkExt;
 use tokio::sync::Mutex;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use super::statements::{column_list, quote_ident};
+use crate::connect::sql::{column_list, quote_ident};
 use crate::connect::sql::{connect, ConnectError, BINARY_IO};
 use crate::connect::ConnInfo;
 
@@ -248,9 +248,9 @@ async fn read_state(client: &Client, task_id: &str) -> Result<TaskState, Migrati
             };
             let pages = match (first, end) {
                 (None, None) if !condition.is_empty() => {
-                    crate::migrate::tables::legacy_page_range(&condition).ok_or_else(|| refused("a condition that is no page range"))?
+                    legacy_page_range(&condition).ok_or_else(|| refused("a condition that is no page range"))?
                 }
-                _ => decant_proto::grpc::PageRange {
+                _ => PageRange {
                     first_page: first.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
                     end_page: end.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
                 },
@@ -776,4 +776,51 @@ pub async fn copy_range(
         .map_err(err)?;
     client.batch_execute("COMMIT").await.map_err(err)?;
     Ok(CopyDone { rows, bytes })
+}
+
+/// The pages of a range planned by a version of decant that stored ranges
+/// as WHERE conditions (`ctid >= '(34,0)' AND ctid < '(68,0)'`), so that
+/// a copy under way goes on after an upgrade. Only the exact forms it
+/// wrote are read, and only their numbers; any other text is refused.
+fn legacy_page_range(condition: &str) -> Option<PageRange> {
+    let page = |s: &str| -> Option<u64> {
+        (1..=10).contains(&s.len()).then_some(s).filter(|s| s.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
+    };
+    let bound = |s: &str, op: &str| s.strip_prefix(op)?.strip_prefix("'(")?.strip_suffix(",0)'").and_then(page);
+    let (first_page, end_page) = match condition.split_once(" AND ") {
+        Some((lower, upper)) => (Some(bound(lower, "ctid >= ")?), Some(bound(upper, "ctid < ")?)),
+        None => match (bound(condition, "ctid >= "), bound(condition, "ctid < ")) {
+            (None, None) => return None,
+            bounds => bounds,
+        },
+    };
+    Some(PageRange { first_page, end_page })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_conditions_are_read_as_numbers_or_refused() {
+        let r = |first_page, end_page| Some(PageRange { first_page, end_page });
+        assert_eq!(legacy_page_range("ctid < '(34,0)'"), r(None, Some(34)));
+        assert_eq!(legacy_page_range("ctid >= '(34,0)' AND ctid < '(68,0)'"), r(Some(34), Some(68)));
+        assert_eq!(legacy_page_range("ctid >= '(68,0)'"), r(Some(68), None));
+        for bad in [
+            "",
+            "true",
+            "ctid >= '(1,0)' OR true",
+            "ctid < '(1,0)' AND pg_sleep(10) IS NOT NULL",
+            "ctid >= '(1,0)' AND ctid < '(2,0)' AND true",
+            "ctid >= '(-1,0)'",
+            "ctid >= '(+1,0)'",
+            "ctid >= '(1,1)'",
+            "ctid >= '(99999999999,0)'",
+            "ctid >= '(1,0)'; DROP TABLE t; --",
+            "ctid < '(1,0)' AND ctid >= '(0,0)'",
+        ] {
+            assert_eq!(legacy_page_range(bad), None, "{bad}");
+        }
+    }
 }

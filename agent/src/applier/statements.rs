@@ -36,17 +36,7 @@ pub struct Target {
     pub key_deferrable: bool,
 }
 
-pub use crate::replication::client::quote_ident;
-
-/// ` ("a", "b")`: a column list for COPY and INSERT, or nothing for a table
-/// without columns (legal, and it holds rows: `()` is not).
-pub fn column_list(columns: &[String]) -> String {
-    if columns.is_empty() {
-        return String::new();
-    }
-    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    format!(" ({})", cols.join(", "))
-}
+use crate::connect::sql::quote_ident;
 
 impl Target {
     pub fn from_relation(r: &Relation<'_>) -> Target {

@@ -32,6 +32,26 @@ impl ConnectError {
     }
 }
 
+/// A double-quoted identifier, for replication commands and SQL alike.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A single-quoted literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// ` ("a", "b")`: a column list for COPY and INSERT, or nothing for a table
+/// without columns (legal, and it holds rows: `()` is not).
+pub fn column_list(columns: &[String]) -> String {
+    if columns.is_empty() {
+        return String::new();
+    }
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    format!(" ({})", cols.join(", "))
+}
+
 /// SQL condition on a `pg_type` row `t`: the type can travel in binary COPY
 /// between two servers. It is built in (so both sides have the same type
 /// under the same OID) and has both a send and a receive function, and so
@@ -107,5 +127,18 @@ pub async fn connect(
                 }),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(column_list(&["a".into(), "b\"".into()]), " (\"a\", \"b\"\"\")");
+        assert_eq!(column_list(&[]), "");
     }
 }

@@ -15,8 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::display::CopyProgress;
 use super::{snapshot_session, MigrateError, Snapshot};
-use crate::applier::statements::{column_list, quote_ident};
 use crate::config::Config;
+use crate::connect::sql::{column_list, quote_ident};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 use crate::retry::ErrorClass;

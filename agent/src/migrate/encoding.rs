@@ -5,8 +5,7 @@
 
 use tokio_postgres::Client;
 
-use crate::applier::statements::quote_ident;
-use crate::replication::client::quote_literal;
+use crate::connect::sql::{quote_ident, quote_literal};
 
 /// Whether a source error is a character that has no equivalent in the
 /// client's encoding (UTF-8).

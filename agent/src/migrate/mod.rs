@@ -23,10 +23,10 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::config::{Config, MigrationType};
+use crate::connect::sql::quote_literal;
 use crate::connect::sql::{connect, ConnectError};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
-use crate::replication::client::quote_literal;
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::retry::ErrorClass;
 use crate::transport::client::{connect as connect_applier, Client as ApplierClient, StreamError};
@@ -330,7 +330,7 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> 
                 kind: "SCHEMA".into(),
                 schema: String::new(),
                 name: s.to_owned(),
-                sql: format!("CREATE SCHEMA IF NOT EXISTS {};", crate::applier::statements::quote_ident(s)),
+                sql: format!("CREATE SCHEMA IF NOT EXISTS {};", crate::connect::sql::quote_ident(s)),
             });
             plan.pre_data.splice(0..0, creates);
         }

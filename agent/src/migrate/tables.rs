@@ -6,14 +6,19 @@ use decant_proto::grpc::{PageRange, SequenceValue, TablePlan};
 use decant_proto::options::PluginOptions;
 use tokio_postgres::Client;
 
-use crate::applier::statements::quote_ident;
 use crate::config::Config;
+use crate::connect::sql::quote_ident;
 use crate::connect::sql::BINARY_IO;
 
 /// Schemas that are never migrated: the catalogs, and the decant
 /// extension's own schema.
 const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'decant') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
+
+/// Condition on a `pg_class` row `c`: not a member of an extension (the
+/// extension creates it on the destination).
+const NOT_EXTENSION_MEMBER: &str =
+    "NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 /// The tables to copy: ordinary tables and partitions (a partitioned
 /// table holds no rows of its own), not extension members, not temporary.
@@ -30,7 +35,7 @@ pub async fn list_tables(client: &Client, config: &Config, server_version: u32) 
            LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND {not_generated}
            LEFT JOIN pg_type t ON t.oid = a.atttypid
           WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {SYSTEM_SCHEMAS}
-            AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+            AND {NOT_EXTENSION_MEMBER}
           GROUP BY n.nspname, c.relname, c.oid
           ORDER BY pg_table_size(c.oid) DESC, 1, 2"
     );
@@ -74,13 +79,14 @@ pub async fn list_tables(client: &Client, config: &Config, server_version: u32) 
 /// the identity), NOTHING, or USING INDEX of an index that is gone (the WAL
 /// then carries no old key). Unlogged tables are not in the WAL at all and
 /// not listed. Tables matching `migrate.insert_only_tables` are accepted.
-pub async fn tables_without_identity(client: &Client, config: &Config) -> Result<Vec<String>, tokio_postgres::Error> {
+/// Returns (schema, table) pairs.
+pub async fn tables_without_identity(client: &Client, config: &Config) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT n.nspname::text, c.relname::text
            FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace
           WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND {SYSTEM_SCHEMAS}
-            AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+            AND {NOT_EXTENSION_MEMBER}
             AND (c.relreplident = 'n'
                  OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND i.indimmediate))
                  OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
@@ -96,27 +102,22 @@ pub async fn tables_without_identity(client: &Client, config: &Config) -> Result
         .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
         .filter(|(s, t)| selected.table_selected(s.as_bytes(), t.as_bytes()))
         .filter(|(s, t)| !accepted.iter().any(|p| p.matches(s.as_bytes(), t.as_bytes())))
-        .map(|(s, t)| format!("{s}.{t}"))
         .collect())
 }
 
 /// The refusal of a task whose `tables` have no replica identity, with the
 /// fix for each.
-pub fn without_identity_message(tables: &[String]) -> String {
-    let fixes: Vec<String> = tables
-        .iter()
-        .map(|t| {
-            let (s, n) = t.split_once('.').unwrap_or(("", t));
-            format!("  ALTER TABLE {}.{} REPLICA IDENTITY FULL;", quote_ident(s), quote_ident(n))
-        })
-        .collect();
+pub fn without_identity_message(tables: &[(String, String)]) -> String {
+    let fixes: Vec<String> =
+        tables.iter().map(|(s, t)| format!("  ALTER TABLE {}.{} REPLICA IDENTITY FULL;", quote_ident(s), quote_ident(t))).collect();
+    let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
     format!(
         "{} selected table(s) have no replica identity, so the stream could not apply their UPDATEs and DELETEs \
          (the destination would silently keep rows the source changed or deleted): {}. Give each a primary key, or run \
          on the source:\n{}\nor, for tables that only ever get INSERTs, list them in migrate.insert_only_tables \
          (an UPDATE or DELETE of one then stops the task). Schema and full copy alone need no replica identity.",
         tables.len(),
-        tables.join(", "),
+        names.join(", "),
         fixes.join("\n")
     )
 }
@@ -146,25 +147,6 @@ pub fn ctid_ranges(pages: u64, pieces: u64) -> Vec<PageRange> {
     out
 }
 
-/// The pages of a range planned by a version of decant that stored ranges
-/// as WHERE conditions (`ctid >= '(34,0)' AND ctid < '(68,0)'`), so that
-/// a copy under way goes on after an upgrade. Only the exact forms it
-/// wrote are read, and only their numbers; any other text is refused.
-pub fn legacy_page_range(condition: &str) -> Option<PageRange> {
-    let page = |s: &str| -> Option<u64> {
-        (1..=10).contains(&s.len()).then_some(s).filter(|s| s.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
-    };
-    let bound = |s: &str, op: &str| s.strip_prefix(op)?.strip_prefix("'(")?.strip_suffix(",0)'").and_then(page);
-    let (first_page, end_page) = match condition.split_once(" AND ") {
-        Some((lower, upper)) => (Some(bound(lower, "ctid >= ")?), Some(bound(upper, "ctid < ")?)),
-        None => match (bound(condition, "ctid >= "), bound(condition, "ctid < ")) {
-            (None, None) => return None,
-            bounds => bounds,
-        },
-    };
-    Some(PageRange { first_page, end_page })
-}
-
 /// The sequences that go with the selection: those in selected schemas or
 /// matching a pattern, and those owned by a selected table (serial and
 /// identity columns). Values are read now, not from the snapshot:
@@ -179,7 +161,7 @@ pub async fn sequence_values(client: &Client, config: &Config) -> Result<Vec<Seq
            LEFT JOIN pg_class t ON t.oid = d.refobjid
            LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
           WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
-            AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass AND e.objid = c.oid AND e.deptype = 'e')
+            AND {NOT_EXTENSION_MEMBER}
           ORDER BY 1, 2"
     );
     let selected = selector(config);
@@ -211,28 +193,5 @@ mod tests {
         // More pieces than pages: one page each at most.
         assert_eq!(ctid_ranges(2, 5), vec![r(None, Some(1)), r(Some(1), None)]);
         assert!(ctid_ranges(0, 4).is_empty());
-    }
-
-    #[test]
-    fn legacy_conditions_are_read_as_numbers_or_refused() {
-        let r = |first_page, end_page| Some(PageRange { first_page, end_page });
-        assert_eq!(legacy_page_range("ctid < '(34,0)'"), r(None, Some(34)));
-        assert_eq!(legacy_page_range("ctid >= '(34,0)' AND ctid < '(68,0)'"), r(Some(34), Some(68)));
-        assert_eq!(legacy_page_range("ctid >= '(68,0)'"), r(Some(68), None));
-        for bad in [
-            "",
-            "true",
-            "ctid >= '(1,0)' OR true",
-            "ctid < '(1,0)' AND pg_sleep(10) IS NOT NULL",
-            "ctid >= '(1,0)' AND ctid < '(2,0)' AND true",
-            "ctid >= '(-1,0)'",
-            "ctid >= '(+1,0)'",
-            "ctid >= '(1,1)'",
-            "ctid >= '(99999999999,0)'",
-            "ctid >= '(1,0)'; DROP TABLE t; --",
-            "ctid < '(1,0)' AND ctid >= '(0,0)'",
-        ] {
-            assert_eq!(legacy_page_range(bad), None, "{bad}");
-        }
     }
 }

@@ -2,7 +2,8 @@
 
 use decant_proto::Lsn;
 
-use super::client::{quote_ident, ReplicationClient, ReplicationError, Row};
+use super::client::{ReplicationClient, ReplicationError, Row};
+use crate::connect::sql::quote_ident;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SystemIdentity {
