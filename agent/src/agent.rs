@@ -13,10 +13,11 @@ use decant_proto::{decode, peek_kind, DecodeError, Lsn, Record, RecordKind, FORM
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
+use crate::connect::clock::pg_now;
 use crate::connect::sql::quote_literal;
 use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
 use crate::metrics::Metrics;
-use crate::replication::messages::{pg_now, StatusUpdate};
+use crate::replication::messages::StatusUpdate;
 use crate::replication::{ReplicationClient, ReplicationError, Streamed};
 use crate::retry::{ErrorClass, Retry};
 use crate::transport::client::{open, ApplierStream, StreamError};
@@ -110,7 +111,7 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Rec
         crate::migrate::check_replica_identity(&config, &source).await?;
     }
     // Schema and full copy first, when the task has them.
-    let mut migrated = !crate::migrate::needs_migration(&config);
+    let mut migrated = !config.migrate.has_phases_before_stream();
     loop {
         let result = if migrated {
             let mut session = Session::new(&config, &metrics);
@@ -280,7 +281,7 @@ impl<'c> Session<'c> {
         match rows.first() {
             // A migration's slot comes from its snapshot: one made now would
             // miss every change since the copy.
-            None if crate::migrate::needs_migration(self.config) => Err(problem(
+            None if self.config.migrate.has_phases_before_stream() => Err(problem(
                 format!(
                     "does not exist on the source: the changes since task {}'s copy are gone; start the task over \
                      (DROP SCHEMA decant CASCADE and the migrated objects in the destination)",

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::applier::apply::ConflictPolicy;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {path}: {source}")]
@@ -20,6 +18,17 @@ pub enum ConfigError {
     BadOverride(String),
     #[error("configuration: {key} = {value}: {reason}")]
     Invalid { key: &'static str, value: String, reason: String },
+}
+
+/// What to do when a change does not fit the destination's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictPolicy {
+    /// An INSERT over an existing key updates the row; an UPDATE or DELETE
+    /// of a missing row is counted and logged.
+    Overwrite,
+    /// Any of those stops the applier with an error.
+    Stop,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -117,6 +126,11 @@ impl Default for Migrate {
 impl Migrate {
     pub fn has(&self, t: MigrationType) -> bool {
         self.types.contains(&t)
+    }
+
+    /// Whether the task has phases before the stream (schema or full).
+    pub fn has_phases_before_stream(&self) -> bool {
+        self.has(MigrationType::Schema) || self.has(MigrationType::Full)
     }
 }
 
@@ -453,10 +467,8 @@ impl Config {
     pub fn parse(text: &str, name: &str, overrides: &[String]) -> Result<Config, ConfigError> {
         // A TOML error quotes the line it stopped at, which may be a dsn
         // with a password.
-        let parse_error = |e: toml::de::Error| ConfigError::Parse {
-            path: name.to_owned(),
-            message: crate::connect::conninfo::redact_secrets(&e.to_string()),
-        };
+        let parse_error =
+            |e: toml::de::Error| ConfigError::Parse { path: name.to_owned(), message: crate::secrets::redact(&e.to_string()) };
         let mut table: toml::Table = text.parse().map_err(parse_error)?;
         for o in overrides {
             apply_override(&mut table, o)?;
@@ -596,7 +608,7 @@ impl Config {
 }
 
 fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
-    let bad = || ConfigError::BadOverride(crate::connect::conninfo::redact_secrets(o));
+    let bad = || ConfigError::BadOverride(crate::secrets::redact(o));
     let (key, value) = o.split_once('=').ok_or_else(bad)?;
     let value: toml::Value = format!("v = {value}")
         .parse::<toml::Table>()

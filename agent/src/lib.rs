@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod replication;
 pub mod retry;
+pub mod secrets;
 pub mod status;
 pub mod transport;
 pub mod verify;

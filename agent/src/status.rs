@@ -161,7 +161,7 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
                 });
             }
         }
-        None if !crate::migrate::needs_migration(config) && applied_lsn(dest, task_id).await.is_some() => {
+        None if !config.migrate.has_phases_before_stream() && applied_lsn(dest, task_id).await.is_some() => {
             status.state = "Running".into();
             status.phase = "incremental".into();
         }

@@ -1,8 +1,9 @@
 //! The streaming replication client against real servers: authentication
 //! methods, slot commands, streaming and status updates.
 
+use decant_agent::connect::clock::pg_now;
 use decant_agent::connect::{ConnInfo, ProcessEnv};
-use decant_agent::replication::messages::{pg_now, StatusUpdate};
+use decant_agent::replication::messages::StatusUpdate;
 use decant_agent::replication::{ReplicationClient, ReplicationError, Streamed};
 use decant_proto::{decode, Lsn, Record};
 use decant_tests::Cluster;

@@ -23,20 +23,10 @@ use super::bulk::{self, Conn, StageSql, Text};
 use super::cells::{cell, slice, Cells, Mismatch};
 use super::progress::{Durability, ProgressError, ProgressStore};
 use super::statements::Target;
+use crate::config::ConflictPolicy;
 use crate::connect::sql::{connect, ConnectError};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
-
-/// What to do when a change does not fit the destination's rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConflictPolicy {
-    /// An INSERT over an existing key updates the row; an UPDATE or DELETE
-    /// of a missing row is counted and logged.
-    Overwrite,
-    /// Any of those stops the applier with an error.
-    Stop,
-}
 
 #[derive(Clone, Debug)]
 pub struct ApplySettings {
@@ -429,7 +419,7 @@ impl Applier {
         self.metrics.group_size.set(group.source_transactions as u64);
         self.metrics.applied_lsn.set(group.last_end.0);
         if group.last_commit_time != 0 {
-            let age_us = crate::replication::messages::pg_now() - group.last_commit_time;
+            let age_us = crate::connect::clock::pg_now() - group.last_commit_time;
             self.metrics.lag_seconds.set(age_us / 1_000_000);
         }
         Ok(())

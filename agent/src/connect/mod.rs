@@ -1,6 +1,7 @@
 //! Connection settings shared by every PostgreSQL connection decant makes:
 //! libpq-compatible connection strings, the password file, and TLS.
 
+pub mod clock;
 pub mod conninfo;
 pub mod sql;
 pub mod tls;

@@ -93,11 +93,6 @@ fn status(s: tonic::Status) -> MigrateError {
     MigrateError::Applier(StreamError::Status(s))
 }
 
-/// Whether the task has phases before the stream.
-pub fn needs_migration(config: &Config) -> bool {
-    config.migrate.has(MigrationType::Schema) || config.migrate.has(MigrationType::Full)
-}
-
 /// Refuses a task with incremental whose selected tables include one
 /// without a replica identity: the stream could not apply its UPDATEs and
 /// DELETEs, and the destination would silently diverge.

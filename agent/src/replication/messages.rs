@@ -87,13 +87,6 @@ impl StatusUpdate {
     }
 }
 
-/// Microseconds since 2000-01-01 UTC, PostgreSQL's clock.
-pub fn pg_now() -> i64 {
-    const UNIX_TO_PG_EPOCH_SECS: i64 = 946_684_800;
-    let since_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    since_unix.as_micros() as i64 - UNIX_TO_PG_EPOCH_SECS * 1_000_000
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
