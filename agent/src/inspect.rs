@@ -4,17 +4,51 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use clap::Args;
 use decant_proto::options::PluginOptions;
 use decant_proto::pgtext::timestamptz_text;
 use decant_proto::{decode, frame_len, Lsn, OldTuple, Record, Relation, Tuple, Value};
 use serde_json::{json, Map, Value as Json};
 
-use crate::cli::InspectArgs;
 use crate::connect::sql::connect;
 use crate::connect::{ConnInfo, ProcessEnv};
+
+/// `decant inspect`'s arguments.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["file", "slot"]))]
+pub struct InspectArgs {
+    /// A file written by `pg_recvlogical -P decant -f FILE` (one newline after each message).
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Peek at the pending changes of this logical slot (plugin decant)
+    /// without consuming them, over an ordinary connection (--dsn).
+    #[arg(long, value_name = "NAME", requires = "dsn")]
+    pub slot: Option<String>,
+
+    /// Connection string for --slot, libpq key=value or URI form.
+    #[arg(long, env = "DECANT_DSN", value_name = "CONNINFO")]
+    pub dsn: Option<String>,
+
+    /// A plugin option for --slot, NAME=VALUE (repeatable), e.g. include_messages=off.
+    #[arg(long = "option", short = 'o', value_name = "NAME=VALUE")]
+    pub options: Vec<String>,
+
+    /// Stop after this many changes (--slot: passed to the server as upto_nchanges).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+
+    /// Print one JSON object per record instead of readable lines.
+    #[arg(long, conflicts_with = "summary")]
+    pub json: bool,
+
+    /// Print only the number of records of each kind and the total bytes.
+    #[arg(long)]
+    pub summary: bool,
+}
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let stdout = io::stdout().lock();

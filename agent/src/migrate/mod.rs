@@ -326,10 +326,12 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> 
                 schema: String::new(),
                 name: s.to_owned(),
                 sql: format!("CREATE SCHEMA IF NOT EXISTS {};", crate::connect::sql::quote_ident(s)),
+                ..Default::default()
             });
             plan.pre_data.splice(0..0, creates);
         }
         plan.post_data = post.steps;
+        schema::order_post_data(&mut plan.post_data);
     }
     if config.migrate.has(MigrationType::Full) {
         plan.tables = tables;

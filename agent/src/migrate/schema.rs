@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use decant_proto::grpc::SchemaStep;
+use decant_proto::grpc::{SchemaStep, StepOrder};
 
 use crate::config::Config;
 use crate::connect::{conninfo, ConnInfo};
@@ -254,6 +254,7 @@ pub fn split_dump(text: &str) -> Result<SplitDump, SchemaError> {
                     schema: field("Schema: ").unwrap_or_default(),
                     name: rest.split("; ").next().unwrap_or_default().to_owned(),
                     sql: String::new(),
+                    ..Default::default()
                 });
             }
             i += 3;
@@ -295,50 +296,30 @@ fn push_step(steps: &mut Vec<SchemaStep>, mut step: SchemaStep) {
     }
 }
 
-/// Post-data work in an order that keeps every dependency: batches run one
-/// after the other; the units of a parallel batch may run at once, those of
-/// a serial batch one at a time, in order.
-#[derive(Debug, PartialEq)]
-pub struct PostDataBatch<T> {
-    pub parallel: bool,
-    /// Each unit is an object's step followed by the steps that annotate it
-    /// (its comments, security labels), run by one session in order.
-    pub units: Vec<Vec<T>>,
-}
-
-/// Schedules post-data steps (in pg_dump's order, which already respects
-/// every dependency pg_dump knows: comments after their constraint, index
-/// attachments after both indexes, a foreign key after the key it
-/// references, CLUSTER ON and REPLICA IDENTITY USING INDEX inside their
-/// index's step, materialized views refreshed after those they read).
+/// Decides how the applier schedules each post-data step, keeping pg_dump's
+/// order, which already respects every dependency pg_dump knows: comments
+/// after their constraint, index attachments after both indexes, a foreign
+/// key after the key it references, CLUSTER ON and REPLICA IDENTITY USING
+/// INDEX inside their index's step, materialized views refreshed after
+/// those they read.
 ///
-/// Only runs of indexes and index-backed or check constraints run in
-/// parallel: each needs nothing but its table (pg_dump sorts them first),
-/// and each locks one table. Everything else keeps dump order, one step at
-/// a time; foreign keys in particular lock two tables, and two tables that
-/// reference each other would deadlock. A comment or security label joins
-/// the unit of the step before it, the object it annotates (pg_dump writes
+/// Only runs of indexes and index-backed or check constraints may build at
+/// once: each needs nothing but its table (pg_dump sorts them first), and
+/// each locks one table. Everything else keeps dump order, one step at a
+/// time; foreign keys in particular lock two tables, and two tables that
+/// reference each other would deadlock. A comment, security label or grant
+/// goes with the step before it, the object it annotates (pg_dump writes
 /// them right after their object), so it never runs before its object and
 /// does not cut a parallel run short.
-///
-/// `kind` gives a step's pg_dump object type (`INDEX`, `FK CONSTRAINT`, …).
-pub fn post_data_batches<T>(steps: impl IntoIterator<Item = T>, kind: impl Fn(&T) -> String) -> Vec<PostDataBatch<T>> {
-    let mut batches: Vec<PostDataBatch<T>> = Vec::new();
+pub fn order_post_data(steps: &mut [SchemaStep]) {
     for step in steps {
-        let k = kind(&step);
-        let annotation = matches!(k.as_str(), "COMMENT" | "SECURITY LABEL" | "ACL");
-        let parallel = matches!(k.as_str(), "INDEX" | "CONSTRAINT" | "CHECK CONSTRAINT");
-        match batches.last_mut() {
-            Some(batch) if annotation && !batch.units.is_empty() => {
-                if let Some(unit) = batch.units.last_mut() {
-                    unit.push(step);
-                }
-            }
-            Some(batch) if batch.parallel == parallel => batch.units.push(vec![step]),
-            _ => batches.push(PostDataBatch { parallel, units: vec![vec![step]] }),
-        }
+        let order = match step.kind.as_str() {
+            "COMMENT" | "SECURITY LABEL" | "ACL" => StepOrder::WithPrevious,
+            "INDEX" | "CONSTRAINT" | "CHECK CONSTRAINT" => StepOrder::Parallel,
+            _ => StepOrder::Sequential,
+        };
+        step.set_order(order);
     }
-    batches
 }
 
 #[cfg(test)]
@@ -424,36 +405,28 @@ $$;
     }
 
     #[test]
-    fn post_data_keeps_dump_order_and_runs_only_indexes_and_key_constraints_at_once() {
-        let steps = [
-            "CONSTRAINT pk_a",
-            "COMMENT on pk_a",
-            "INDEX i_b",
-            "CONSTRAINT pk_c",
-            "INDEX ATTACH i_b",
-            "TRIGGER t",
-            "COMMENT on t",
-            "FK CONSTRAINT fk",
-            "COMMENT on fk",
-            "INDEX late",
-            "MATERIALIZED VIEW DATA mv",
-        ];
-        let kind = |s: &&str| s.rsplit_once(' ').map_or("", |(k, _)| k).trim_end_matches(" on").to_owned();
-        let batches = post_data_batches(steps, kind);
-        let shape: Vec<(bool, Vec<Vec<&str>>)> = batches.into_iter().map(|b| (b.parallel, b.units)).collect();
+    fn only_indexes_and_key_constraints_build_at_once_and_annotations_follow_their_object() {
+        let mut steps: Vec<SchemaStep> = [
+            "CONSTRAINT",
+            "COMMENT",
+            "INDEX",
+            "CHECK CONSTRAINT",
+            "INDEX ATTACH",
+            "TRIGGER",
+            "FK CONSTRAINT",
+            "SECURITY LABEL",
+            "ACL",
+            "MATERIALIZED VIEW DATA",
+        ]
+        .into_iter()
+        .map(|kind| SchemaStep { kind: kind.into(), ..Default::default() })
+        .collect();
+        order_post_data(&mut steps);
+        let orders: Vec<StepOrder> = steps.iter().map(|s| s.order()).collect();
+        use StepOrder::*;
         assert_eq!(
-            shape,
-            vec![
-                (true, vec![vec!["CONSTRAINT pk_a", "COMMENT on pk_a"], vec!["INDEX i_b"], vec!["CONSTRAINT pk_c"]]),
-                // The comment on the foreign key runs after it, in its unit.
-                (false, vec![vec!["INDEX ATTACH i_b"], vec!["TRIGGER t", "COMMENT on t"], vec!["FK CONSTRAINT fk", "COMMENT on fk"]]),
-                (true, vec![vec!["INDEX late"]]),
-                (false, vec![vec!["MATERIALIZED VIEW DATA mv"]]),
-            ]
+            orders,
+            [Parallel, WithPrevious, Parallel, Parallel, Sequential, Sequential, Sequential, WithPrevious, WithPrevious, Sequential]
         );
-        // A comment whose object was done before a restart runs alone.
-        let resumed = post_data_batches(["COMMENT on fk", "TRIGGER t"], kind);
-        assert_eq!(resumed.len(), 1);
-        assert_eq!(resumed[0].units, vec![vec!["COMMENT on fk"], vec!["TRIGGER t"]]);
     }
 }

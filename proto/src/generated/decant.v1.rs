@@ -45,6 +45,10 @@ pub struct SchemaStep {
     pub name: ::prost::alloc::string::String,
     #[prost(string, tag = "4")]
     pub sql: ::prost::alloc::string::String,
+    /// How the applier schedules the step; the plan decides it, the applier
+    /// only follows it (post-data; pre-data runs in order).
+    #[prost(enumeration = "StepOrder", tag = "5")]
+    pub order: i32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -285,6 +289,40 @@ pub struct Ack {
     /// destination transaction).
     #[prost(uint64, tag = "2")]
     pub applied_sequence: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum StepOrder {
+    /// Alone, after every step before it.
+    Sequential = 0,
+    /// Beside the PARALLEL steps next to it (index and key builds).
+    Parallel = 1,
+    /// Right after the step before it, in the same session: a comment or
+    /// security label on the object that step creates.
+    WithPrevious = 2,
+}
+impl StepOrder {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Sequential => "STEP_ORDER_SEQUENTIAL",
+            Self::Parallel => "STEP_ORDER_PARALLEL",
+            Self::WithPrevious => "STEP_ORDER_WITH_PREVIOUS",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "STEP_ORDER_SEQUENTIAL" => Some(Self::Sequential),
+            "STEP_ORDER_PARALLEL" => Some(Self::Parallel),
+            "STEP_ORDER_WITH_PREVIOUS" => Some(Self::WithPrevious),
+            _ => None,
+        }
+    }
 }
 /// Generated client implementations.
 pub mod applier_client {

@@ -1,0 +1,136 @@
+//! The destination side of schema migration and full copy. The task's plan
+//! and progress live in the destination (schema `decant`), and every step —
+//! one schema object, one copied range — is marked done in the same
+//! transaction that does it, so a task killed at any moment resumes
+//! without redoing finished work and without duplicates.
+//!
+//! `store` keeps the plan and the task's state, `schema` runs the dumped
+//! schema steps, `copy` loads copied ranges; this module holds what they
+//! share: the error type and the task's destination sessions.
+
+mod copy;
+mod schema;
+mod store;
+
+pub use copy::{copy_range, skip_before};
+pub use schema::run_schema;
+pub use store::{ensure_tables, plan, resnapshot, state};
+
+use decant_proto::grpc::SchemaStep;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+use crate::connect::sql::quote_ident;
+use crate::connect::sql::{connect, ConnectError};
+use crate::connect::ConnInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("destination: {0}")]
+    Session(#[from] tokio_postgres::Error),
+    #[error(
+        "these objects already exist in the destination (migrate.conflicts = report; nothing was written): {}; \
+         drop them, migrate into another database, or set migrate.conflicts = \"ignore\" to keep them",
+        .0.join(", ")
+    )]
+    Conflicts(Vec<String>),
+    #[error(
+        "these tables do not exist in the destination: {}; add \"schema\" to migrate.types, or create them",
+        .0.join(", ")
+    )]
+    MissingTables(Vec<String>),
+    #[error("{section} step {kind} {name} failed on the destination: {source}")]
+    Step { section: String, kind: String, name: String, source: tokio_postgres::Error },
+    #[error("sequence {0} does not exist in the destination: {1}")]
+    Sequence(String, tokio_postgres::Error),
+    #[error("task {0}: {1}")]
+    State(String, String),
+    #[error("copy of {table}: {source}")]
+    Copy { table: String, source: tokio_postgres::Error },
+    #[error("copy of {table}: the agent's stream failed: {message}")]
+    Stream { table: String, message: String },
+}
+
+impl MigrationError {
+    pub fn is_connection_loss(&self) -> bool {
+        let pg = match self {
+            MigrationError::Connect(e) => return e.postgres().is_none_or(|e| e.as_db_error().is_none()),
+            MigrationError::Session(e) | MigrationError::Copy { source: e, .. } | MigrationError::Step { source: e, .. } => e,
+            MigrationError::Stream { .. } => return true,
+            _ => return false,
+        };
+        crate::connect::sql::is_connection_loss(pg)
+    }
+
+    /// Errors that retrying cannot fix.
+    pub fn is_precondition(&self) -> bool {
+        matches!(
+            self,
+            MigrationError::Conflicts(_) | MigrationError::MissingTables(_) | MigrationError::Sequence(..) | MigrationError::State(..)
+        ) || matches!(self, MigrationError::Step { source, .. } if source.as_db_error().is_some() && !self.is_connection_loss())
+    }
+}
+
+/// A destination session of the task's migration; its application_name
+/// names the task, so sessions left by a killed run can be found.
+async fn session(destination: &ConnInfo, task_id: &str) -> Result<Client, MigrationError> {
+    let mut destination = destination.clone();
+    destination.application_name = None;
+    let destination = &destination;
+    let (client, _conn) =
+        connect(destination, &session_name(task_id), "-c session_replication_role=replica -c synchronous_commit=off").await?;
+    Ok(client)
+}
+
+fn session_name(task_id: &str) -> String {
+    format!("decant migrate {task_id}")
+}
+
+/// Ends the destination sessions of an earlier run of this task. A killed
+/// run's backend goes on with its statement (a CREATE INDEX, say) until it
+/// next talks to its client; redoing that step beside it would collide.
+async fn end_leftover_sessions(client: &Client, task_id: &str) -> Result<(), MigrationError> {
+    let name = session_name(task_id);
+    for _ in 0..300 {
+        let pids: Vec<i32> = client
+            .query("SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()", &[&name])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in &pids {
+            tracing::info!(pid, "ending a destination session left by an earlier run of this task");
+            client.execute("SELECT pg_terminate_backend($1)", &[pid]).await?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(MigrationError::State(task_id.into(), "sessions of an earlier run do not end (pg_terminate_backend)".into()))
+}
+
+/// Duplicate-object errors: the object a step creates is already there.
+fn is_duplicate(e: &tokio_postgres::Error) -> bool {
+    let Some(db) = e.as_db_error() else { return false };
+    let code = db.code();
+    *code == SqlState::DUPLICATE_SCHEMA
+        || *code == SqlState::DUPLICATE_TABLE
+        || *code == SqlState::DUPLICATE_OBJECT
+        || *code == SqlState::DUPLICATE_FUNCTION
+        || (*code == SqlState::INVALID_TABLE_DEFINITION && db.message().contains("multiple primary keys"))
+}
+
+fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+fn step_label(s: &SchemaStep) -> String {
+    if s.schema.is_empty() {
+        format!("{} {}", s.kind, s.name)
+    } else {
+        format!("{} {}.{}", s.kind, s.schema, s.name)
+    }
+}

@@ -1,0 +1,374 @@
+//! The task's plan and state in the destination (schema `decant`): what
+//! is planned, which phase the task is in, which steps and ranges are done.
+
+use std::collections::HashMap;
+
+use decant_proto::grpc::{MigrationPlan, PageRange, RangeState, TableState, TaskState};
+use decant_proto::Lsn;
+use tokio_postgres::Client;
+
+use super::copy::check_tables;
+use super::{end_leftover_sessions, is_duplicate, qualified, session, step_label, MigrationError};
+use crate::connect::ConnInfo;
+
+const CREATE_TABLES: &str = "CREATE SCHEMA IF NOT EXISTS decant;
+CREATE TABLE IF NOT EXISTS decant.task (
+    task_id text PRIMARY KEY,
+    phase text NOT NULL,
+    types text[] NOT NULL,
+    conflicts text NOT NULL,
+    snapshot_lsn pg_lsn NOT NULL,
+    prologue text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS decant.schema_step (
+    task_id text NOT NULL,
+    section text NOT NULL,
+    step int NOT NULL,
+    kind text NOT NULL,
+    schema_name text NOT NULL,
+    name text NOT NULL,
+    sql text NOT NULL,
+    done_at timestamptz,
+    existed boolean NOT NULL DEFAULT false,
+    step_order int NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_id, section, step)
+);
+CREATE TABLE IF NOT EXISTS decant.copy_table (
+    task_id text NOT NULL,
+    table_id int NOT NULL,
+    schema_name text NOT NULL,
+    name text NOT NULL,
+    columns text[] NOT NULL,
+    types text[] NOT NULL,
+    binary_ok boolean NOT NULL,
+    bytes int8 NOT NULL,
+    merge boolean NOT NULL DEFAULT false,
+    skip_before pg_lsn,
+    PRIMARY KEY (task_id, table_id)
+);
+CREATE TABLE IF NOT EXISTS decant.copy_range (
+    task_id text NOT NULL,
+    table_id int NOT NULL,
+    range_id int NOT NULL,
+    condition text NOT NULL,
+    started_at timestamptz,
+    done_at timestamptz,
+    rows int8 NOT NULL DEFAULT 0,
+    bytes int8 NOT NULL DEFAULT 0,
+    first_page int8,
+    end_page int8,
+    PRIMARY KEY (task_id, table_id, range_id)
+);
+-- A range is its heap pages [first_page, end_page) (NULL: open), from
+-- which the source builds its SQL; condition is '' (destinations planned
+-- by older versions hold the range as text there, read only as numbers).
+-- Checked first, so that a destination already upgraded takes no lock.
+DO $$BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.copy_range'::regclass AND attname = 'end_page') THEN
+        ALTER TABLE decant.copy_range ADD COLUMN IF NOT EXISTS first_page int8, ADD COLUMN IF NOT EXISTS end_page int8;
+    END IF;
+    -- How the applier schedules a step (decant_proto StepOrder); steps
+    -- planned before it existed run one at a time, in order.
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.schema_step'::regclass AND attname = 'step_order') THEN
+        ALTER TABLE decant.schema_step ADD COLUMN IF NOT EXISTS step_order int NOT NULL DEFAULT 0;
+    END IF;
+END$$;
+COMMENT ON TABLE decant.task IS 'decant: migration tasks, their plan and phase';";
+
+/// Creates decant's tables in the destination when missing.
+pub async fn ensure_tables(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(CREATE_TABLES).await
+}
+
+/// The task's state; phase "new" when it has no plan.
+pub async fn state(destination: &ConnInfo, task_id: &str) -> Result<TaskState, MigrationError> {
+    let client = session(destination, task_id).await?;
+    ensure_tables(&client).await?;
+    read_state(&client, task_id).await
+}
+
+pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskState, MigrationError> {
+    let Some(task) = client.query_opt("SELECT phase, snapshot_lsn::text, types FROM decant.task WHERE task_id = $1", &[&task_id]).await?
+    else {
+        return Ok(TaskState { phase: "new".into(), ..Default::default() });
+    };
+    let mut tables: Vec<TableState> = client
+        .query(
+            "SELECT table_id, schema_name, name, columns, binary_ok, bytes FROM decant.copy_table WHERE task_id = $1 ORDER BY table_id",
+            &[&task_id],
+        )
+        .await?
+        .iter()
+        .map(|r| TableState {
+            table_id: r.get::<_, i32>(0) as u32,
+            schema: r.get(1),
+            name: r.get(2),
+            columns: r.get(3),
+            binary: r.get(4),
+            bytes: r.get::<_, i64>(5) as u64,
+            ranges: Vec::new(),
+        })
+        .collect();
+    let index: HashMap<u32, usize> = tables.iter().enumerate().map(|(i, t)| (t.table_id, i)).collect();
+    for r in client
+        .query(
+            "SELECT table_id, range_id, condition, done_at IS NOT NULL, rows, bytes, first_page, end_page FROM decant.copy_range
+              WHERE task_id = $1 ORDER BY table_id, range_id",
+            &[&task_id],
+        )
+        .await?
+    {
+        if let Some(&i) = index.get(&(r.get::<_, i32>(0) as u32)) {
+            let range_id = r.get::<_, i32>(1) as u32;
+            let (condition, first, end): (String, Option<i64>, Option<i64>) = (r.get(2), r.get(6), r.get(7));
+            let refused = |what: &str| {
+                MigrationError::State(
+                    task_id.into(),
+                    format!(
+                        "decant.copy_range holds {what} for range {range_id} of table {}.{}; it was changed by hand: start the \
+                         task over (DROP SCHEMA decant CASCADE, and the tables it migrated)",
+                        tables[i].schema, tables[i].name
+                    ),
+                )
+            };
+            let pages = match (first, end) {
+                (None, None) if !condition.is_empty() => {
+                    legacy_page_range(&condition).ok_or_else(|| refused("a condition that is no page range"))?
+                }
+                _ => PageRange {
+                    first_page: first.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
+                    end_page: end.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
+                },
+            };
+            tables[i].ranges.push(RangeState {
+                range_id,
+                done: r.get(3),
+                rows: r.get::<_, i64>(4) as u64,
+                bytes: r.get::<_, i64>(5) as u64,
+                first_page: pages.first_page,
+                end_page: pages.end_page,
+            });
+        }
+    }
+    let existing = client
+        .query(
+            "SELECT kind || ' ' || CASE WHEN schema_name = '' THEN name ELSE schema_name || '.' || name END
+               FROM decant.schema_step WHERE task_id = $1 AND existed AND kind <> 'SCHEMA' ORDER BY section DESC, step",
+            &[&task_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lsn: String = task.get(1);
+    Ok(TaskState { phase: task.get(0), snapshot_lsn: lsn.parse::<Lsn>().unwrap_or_default().0, types: task.get(2), tables, existing })
+}
+
+/// Stores a plan, once. With conflicts = report, objects that already
+/// exist are reported before anything is written.
+pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan) -> Result<TaskState, MigrationError> {
+    let mut client = session(destination, task_id).await?;
+    ensure_tables(&client).await?;
+    let current = read_state(&client, task_id).await?;
+    if current.phase != "new" {
+        return Ok(current);
+    }
+    let report = plan.conflicts == "report";
+    let has = |t: &str| plan.types.iter().any(|x| x == t);
+    if has("schema") {
+        trial_pre_data(&client, &plan, report).await?;
+    }
+    let mut flags = Vec::new();
+    if has("full") && !has("schema") {
+        let checks = check_tables(&client, plan.tables.iter().map(|t| (t.schema.as_str(), t.name.as_str(), &t.columns, &t.types))).await?;
+        if report {
+            let full: Vec<String> = checks
+                .iter()
+                .zip(&plan.tables)
+                .filter(|(c, _)| c.has_rows)
+                .map(|(_, t)| format!("rows in table {}.{}", t.schema, t.name))
+                .collect();
+            if !full.is_empty() {
+                return Err(MigrationError::Conflicts(full));
+            }
+        }
+        flags = checks;
+    }
+    let phase = if has("schema") { "schema" } else { "copy" };
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO decant.task (task_id, phase, types, conflicts, snapshot_lsn, prologue) VALUES ($1, $2, $3, $4, $5::text::pg_lsn, $6)",
+        &[&task_id, &phase, &plan.types, &plan.conflicts, &Lsn(plan.snapshot_lsn).to_string(), &plan.schema_prologue],
+    )
+    .await?;
+    let insert_step = tx
+        .prepare(
+            "INSERT INTO decant.schema_step (task_id, section, step, kind, schema_name, name, sql, step_order)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .await?;
+    for (section, steps) in [("pre-data", &plan.pre_data), ("post-data", &plan.post_data)] {
+        for (i, s) in steps.iter().enumerate() {
+            tx.execute(&insert_step, &[&task_id, &section, &(i as i32), &s.kind, &s.schema, &s.name, &s.sql, &s.order]).await?;
+        }
+    }
+    for (i, t) in plan.tables.iter().enumerate() {
+        let (binary, merge) = match flags.get(i) {
+            Some(c) => (t.binary && c.same_builtin_types, c.has_rows),
+            None => (t.binary, false),
+        };
+        tx.execute(
+            "INSERT INTO decant.copy_table (task_id, table_id, schema_name, name, columns, types, binary_ok, bytes, merge)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[&task_id, &(i as i32), &t.schema, &t.name, &t.columns, &t.types, &binary, &(t.bytes as i64), &merge],
+        )
+        .await?;
+        let ranges = if t.ranges.is_empty() { vec![Default::default()] } else { t.ranges.clone() };
+        for (r, pages) in ranges.iter().enumerate() {
+            let page = |p: Option<u64>| p.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
+            tx.execute(
+                "INSERT INTO decant.copy_range (task_id, table_id, range_id, condition, first_page, end_page)
+                 VALUES ($1, $2, $3, '', $4, $5)",
+                &[&task_id, &(i as i32), &(r as i32), &page(pages.first_page), &page(pages.end_page)],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    read_state(&client, task_id).await
+}
+
+/// Runs the pre-data steps in one transaction that is rolled back, to find
+/// what already exists (and any step the destination cannot run) before
+/// anything is written.
+async fn trial_pre_data(client: &Client, plan: &MigrationPlan, report: bool) -> Result<(), MigrationError> {
+    client.batch_execute("BEGIN").await?;
+    let result = async {
+        client.batch_execute(&plan.schema_prologue).await?;
+        let mut conflicts = Vec::new();
+        let mut first_failure = None;
+        for step in &plan.pre_data {
+            client.batch_execute("SAVEPOINT decant_step").await?;
+            match client.batch_execute(&step.sql).await {
+                Ok(()) => client.batch_execute("RELEASE decant_step").await?,
+                Err(e) => {
+                    client.batch_execute("ROLLBACK TO decant_step").await?;
+                    if is_duplicate(&e) {
+                        if step.kind != "SCHEMA" {
+                            conflicts.push(step_label(step));
+                        }
+                    } else if first_failure.is_none() {
+                        first_failure = Some(MigrationError::Step {
+                            section: "pre-data".into(),
+                            kind: step.kind.clone(),
+                            name: step.name.clone(),
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
+        if report && !conflicts.is_empty() {
+            return Err(MigrationError::Conflicts(conflicts));
+        }
+        // With conflicts = ignore, a step may fail only because an object
+        // it builds on was kept; those are reported when they run.
+        match first_failure {
+            Some(e) if conflicts.is_empty() => Err(e),
+            _ => Ok(()),
+        }
+    }
+    .await;
+    client.batch_execute("ROLLBACK").await?;
+    result
+}
+
+/// After a restart during the copy: every table with an unfinished range
+/// is emptied and copied again from a snapshot taken at `lsn`, and changes
+/// to it that committed before `lsn` are not applied (they are in the new
+/// copy). Tables the copy finished keep their rows.
+pub async fn resnapshot(destination: &ConnInfo, task_id: &str, lsn: Lsn) -> Result<TaskState, MigrationError> {
+    let mut client = session(destination, task_id).await?;
+    end_leftover_sessions(&client, task_id).await?;
+    let state = read_state(&client, task_id).await?;
+    let has_schema = state.types.iter().any(|t| t == "schema");
+    let tx = client.transaction().await?;
+    for t in state.tables.iter().filter(|t| t.ranges.iter().any(|r| !r.done)) {
+        let merge: bool = tx
+            .query_one("SELECT merge FROM decant.copy_table WHERE task_id = $1 AND table_id = $2", &[&task_id, &(t.table_id as i32)])
+            .await?
+            .get(0);
+        if !merge && t.ranges.iter().any(|r| r.done) {
+            // Without schema migration the user's own foreign keys may point
+            // at the table, which TRUNCATE refuses; DELETE in replica role
+            // fires none of their checks.
+            let empty = if has_schema { "TRUNCATE ONLY" } else { "DELETE FROM ONLY" };
+            tx.batch_execute(&format!("{empty} {}", qualified(&t.schema, &t.name))).await?;
+        }
+        tx.execute(
+            "UPDATE decant.copy_range SET done_at = NULL, started_at = NULL, rows = 0, bytes = 0 WHERE task_id = $1 AND table_id = $2",
+            &[&task_id, &(t.table_id as i32)],
+        )
+        .await?;
+        // A merged table (conflicts = ignore, rows of its own) keeps what
+        // was copied; replaying every change since the first snapshot over
+        // it, with overwrite, converges instead.
+        if lsn.0 != 0 && !merge {
+            tx.execute(
+                "UPDATE decant.copy_table SET skip_before = $3::text::pg_lsn WHERE task_id = $1 AND table_id = $2",
+                &[&task_id, &(t.table_id as i32), &lsn.to_string()],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    read_state(&client, task_id).await
+}
+/// The pages of a range planned by a version of decant that stored ranges
+/// as WHERE conditions (`ctid >= '(34,0)' AND ctid < '(68,0)'`), so that
+/// a copy under way goes on after an upgrade. Only the exact forms it
+/// wrote are read, and only their numbers; any other text is refused.
+fn legacy_page_range(condition: &str) -> Option<PageRange> {
+    let page = |s: &str| -> Option<u64> {
+        (1..=10).contains(&s.len()).then_some(s).filter(|s| s.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
+    };
+    let bound = |s: &str, op: &str| s.strip_prefix(op)?.strip_prefix("'(")?.strip_suffix(",0)'").and_then(page);
+    let (first_page, end_page) = match condition.split_once(" AND ") {
+        Some((lower, upper)) => (Some(bound(lower, "ctid >= ")?), Some(bound(upper, "ctid < ")?)),
+        None => match (bound(condition, "ctid >= "), bound(condition, "ctid < ")) {
+            (None, None) => return None,
+            bounds => bounds,
+        },
+    };
+    Some(PageRange { first_page, end_page })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_conditions_are_read_as_numbers_or_refused() {
+        let r = |first_page, end_page| Some(PageRange { first_page, end_page });
+        assert_eq!(legacy_page_range("ctid < '(34,0)'"), r(None, Some(34)));
+        assert_eq!(legacy_page_range("ctid >= '(34,0)' AND ctid < '(68,0)'"), r(Some(34), Some(68)));
+        assert_eq!(legacy_page_range("ctid >= '(68,0)'"), r(Some(68), None));
+        for bad in [
+            "",
+            "true",
+            "ctid >= '(1,0)' OR true",
+            "ctid < '(1,0)' AND pg_sleep(10) IS NOT NULL",
+            "ctid >= '(1,0)' AND ctid < '(2,0)' AND true",
+            "ctid >= '(-1,0)'",
+            "ctid >= '(+1,0)'",
+            "ctid >= '(1,1)'",
+            "ctid >= '(99999999999,0)'",
+            "ctid >= '(1,0)'; DROP TABLE t; --",
+            "ctid < '(1,0)' AND ctid >= '(0,0)'",
+        ] {
+            assert_eq!(legacy_page_range(bad), None, "{bad}");
+        }
+    }
+}
