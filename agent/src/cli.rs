@@ -77,7 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             serve_role(config, |config, metrics, shutdown| async move {
                 let listen = config.agent.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
-                crate::migrate::run(config, metrics, shutdown).await
+                crate::task::run_migrate(config, metrics, shutdown).await.map_err(anyhow::Error::from)
             })
         }
         Command::Status(args) => {
@@ -93,7 +93,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             serve_role(config, |config, metrics, shutdown| async move {
                 let listen = config.agent.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
-                crate::agent::run(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+                crate::task::run_agent(config, metrics, shutdown).await.map_err(anyhow::Error::from)
             })
         }
         Command::Applier(args) => {
@@ -101,7 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             serve_role(config, |config, metrics, shutdown| async move {
                 let listen = config.applier.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
-                crate::applier::run(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+                crate::task::run_applier(config, metrics, shutdown).await.map_err(anyhow::Error::from)
             })
         }
     }

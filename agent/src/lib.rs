@@ -1,6 +1,5 @@
 //! decant's agent-side library: the commands of the `decant` binary.
 
-pub mod agent;
 pub mod applier;
 pub mod cli;
 pub mod config;
@@ -13,5 +12,7 @@ pub mod replication;
 pub mod retry;
 pub mod secrets;
 pub mod status;
+pub mod stream;
+pub mod task;
 pub mod transport;
 pub mod verify;

@@ -356,35 +356,3 @@ fn check_selection(config: &Config, tables: &[decant_proto::grpc::TablePlan]) ->
     }
     Ok(())
 }
-
-/// `decant migrate`: the applier served in this process on a loopback
-/// port with a one-time token, and the agent driving the task through it.
-pub async fn run(mut config: Config, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let destination = ConnInfo::parse(&config.destination.dsn, &crate::connect::ProcessEnv)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    config.agent.applier_url = format!("http://127.0.0.1:{port}");
-    config.transport = crate::config::Transport { token: one_time_token()?, ..Default::default() };
-    let transport = TransportSettings::from_config(&config)?;
-    let service = crate::applier::service(&config, destination, metrics.clone()).await?;
-    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn({
-        let transport = transport.clone();
-        async move {
-            crate::transport::server::serve(listener, service, &transport, async {
-                let _ = server_stopped.await;
-            })
-            .await
-        }
-    });
-    let result = crate::agent::run(config, metrics, shutdown).await;
-    let _ = stop_server.send(());
-    let _ = server.await;
-    result.map_err(anyhow::Error::from)
-}
-
-fn one_time_token() -> std::io::Result<String> {
-    let mut bytes = [0u8; 24];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}

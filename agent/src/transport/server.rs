@@ -1,4 +1,8 @@
-//! The applier's gRPC server: one agent stream at a time per task.
+//! The applier's gRPC server: plumbing only. It checks the task and the
+//! record format, turns the agent's streams into channels and the
+//! destination's answers into messages, and lets one agent stream at a
+//! time per task. What happens to the data is the [`Destination`]'s
+//! business (the applier implements it).
 
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -10,9 +14,10 @@ use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
 use decant_proto::grpc::applier_server::{Applier as ApplierRpc, ApplierServer};
 use decant_proto::grpc::{
-    Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, PlanRequest, ResnapshotRequest, SchemaRequest, TaskState, Welcome,
+    Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, Hello, MigrationPlan, PlanRequest, ResnapshotRequest, SchemaRequest,
+    SequenceValue, TaskState, Welcome,
 };
-use decant_proto::FORMAT_VERSION;
+use decant_proto::{Lsn, FORMAT_VERSION};
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
@@ -20,57 +25,96 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{check_token, compression, MAX_MESSAGE_BYTES};
-use crate::applier::apply::{Applier, ApplyError, ApplySettings};
-use crate::applier::migration::{self, MigrationError};
-use crate::connect::ConnInfo;
-use crate::metrics::Metrics;
 
-pub struct ApplierService {
-    pub task_id: String,
-    pub destination: ConnInfo,
-    pub settings: ApplySettings,
-    pub metrics: Arc<Metrics>,
+/// The rest of a range's copy data after its first chunk: (data, last).
+pub type CopyChunks = Pin<Box<dyn Stream<Item = Result<(Bytes, bool), String>> + Send>>;
+
+/// Batches of records from the agent, with their sequence numbers, until
+/// the agent ends the stream (or it fails).
+pub type Batches = mpsc::Receiver<Result<(u64, Bytes), Status>>;
+
+/// What the destination does with each call. The server only carries the
+/// calls; errors come back as the `Status` the agent should see.
+#[tonic::async_trait]
+pub trait Destination: Send + Sync + 'static {
+    type Stream: ApplyStream;
+    /// The task this destination serves; calls for another are refused.
+    fn task_id(&self) -> &str;
+    /// Stores `plan` (once), or with `None` reads the task's state.
+    async fn plan(&self, plan: Option<MigrationPlan>) -> Result<TaskState, Status>;
+    /// Runs a schema section ("pre-data" or "post-data").
+    async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status>;
+    /// Loads one copied range.
+    async fn copy(&self, table_id: u32, range_id: u32, first: (Bytes, bool), rest: CopyChunks) -> Result<CopyDone, Status>;
+    /// Restarts the unfinished copy from a new snapshot at `lsn`.
+    async fn resnapshot(&self, lsn: Lsn) -> Result<TaskState, Status>;
+    /// Opens the apply stream for an agent that said `hello`.
+    async fn open_stream(&self, hello: &Hello) -> Result<Self::Stream, Status>;
+}
+
+/// One agent's apply stream on the destination.
+#[tonic::async_trait]
+pub trait ApplyStream: Send + 'static {
+    /// Where the agent is to resume: the last source commit the
+    /// destination holds.
+    fn resume_lsn(&self) -> Lsn;
+    /// Applies `batches` until they end or something fails, reporting
+    /// progress through `acks`.
+    async fn run(&mut self, batches: Batches, acks: &Acks) -> Result<(), Status>;
+    /// Called however the stream ended (`ended`: how), before another may
+    /// start: leaves the destination settled, with nothing in flight that
+    /// could commit later.
+    async fn settle(&mut self, ended: &Result<(), Status>);
+}
+
+/// The acknowledgements of one stream. Acks are cumulative: only the
+/// latest matters, so a watch channel carries them and a slow reader never
+/// blocks the applier.
+pub struct Acks(watch::Sender<Result<ApplierMessage, Status>>);
+
+impl Acks {
+    /// The destination durably committed every source transaction up to
+    /// `committed`, and has applied the batches up to `sequence`.
+    pub fn send(&self, committed: Lsn, sequence: u64) {
+        let _ = self
+            .0
+            .send(Ok(ApplierMessage { body: Some(ApplierBody::Ack(Ack { committed_lsn: committed.0, applied_sequence: sequence })) }));
+    }
+}
+
+/// The gRPC service around a [`Destination`].
+pub struct Service<D> {
+    destination: Arc<D>,
     /// Held while an agent streams, so a second agent is refused.
-    pub busy: Arc<Mutex<()>>,
+    busy: Arc<Mutex<()>>,
 }
 
-type Outbound = Pin<Box<dyn Stream<Item = Result<ApplierMessage, Status>> + Send>>;
-
-fn status_of(e: &ApplyError) -> Status {
-    let message = crate::error::report(e);
-    match e {
-        ApplyError::Corrupt { .. } => Status::data_loss(message),
-        _ if e.is_connection_loss() => Status::unavailable(message),
-        ApplyError::MissingTable { .. } | ApplyError::NoIdentity { .. } | ApplyError::MissingRow { .. } => {
-            Status::failed_precondition(message)
-        }
-        _ => Status::aborted(message),
+impl<D: Destination> Service<D> {
+    pub fn new(destination: D) -> Self {
+        Service { destination: Arc::new(destination), busy: Arc::new(Mutex::new(())) }
     }
-}
 
-fn migration_status(e: &MigrationError) -> Status {
-    let message = crate::error::report(e);
-    tracing::error!(error = %message, "migration step failed");
-    if e.is_connection_loss() {
-        Status::unavailable(message)
-    } else if e.is_precondition() {
-        Status::failed_precondition(message)
-    } else {
-        Status::aborted(message)
-    }
-}
-
-impl ApplierService {
     fn check_task(&self, task_id: &str) -> Result<(), Status> {
-        if task_id != self.task_id {
+        let served = self.destination.task_id();
+        if task_id != served {
             return Err(Status::permission_denied(format!(
-                "this applier serves task {:?}, the agent is configured for task {:?}",
-                self.task_id, task_id
+                "this applier serves task {served:?}, the agent is configured for task {task_id:?}"
             )));
         }
         Ok(())
     }
 }
+
+fn check_format(version: u32) -> Result<(), Status> {
+    if version != u32::from(FORMAT_VERSION) {
+        return Err(Status::failed_precondition(format!(
+            "record format version {version} is not supported by this applier (it reads version {FORMAT_VERSION}); upgrade the applier"
+        )));
+    }
+    Ok(())
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<ApplierMessage, Status>> + Send>>;
 
 /// Runs an RPC's work so that a panic (a defect) ends the call with an
 /// error the agent reports, instead of a dropped connection that the agent
@@ -82,31 +126,15 @@ async fn guarded<T>(work: impl std::future::Future<Output = Result<T, Status>>) 
     })
 }
 
-fn ack(committed: decant_proto::Lsn, sequence: u64) -> Result<ApplierMessage, Status> {
-    Ok(ApplierMessage { body: Some(ApplierBody::Ack(Ack { committed_lsn: committed.0, applied_sequence: sequence })) })
-}
-
 #[tonic::async_trait]
-impl ApplierRpc for ApplierService {
+impl<D: Destination> ApplierRpc for Service<D> {
     type ReplicateStream = Outbound;
 
     async fn plan(&self, request: Request<PlanRequest>) -> Result<Response<TaskState>, Status> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
-        if req.format_version != u32::from(FORMAT_VERSION) {
-            return Err(Status::failed_precondition(format!(
-                "record format version {} is not supported by this applier (it reads version {FORMAT_VERSION}); upgrade the applier",
-                req.format_version
-            )));
-        }
-        guarded(async {
-            let state = match req.plan {
-                Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
-                None => migration::state(&self.destination, &self.task_id).await,
-            };
-            state.map(Response::new).map_err(|e| migration_status(&e))
-        })
-        .await
+        check_format(req.format_version)?;
+        guarded(self.destination.plan(req.plan)).await.map(Response::new)
     }
 
     async fn schema(&self, request: Request<SchemaRequest>) -> Result<Response<TaskState>, Status> {
@@ -115,44 +143,26 @@ impl ApplierRpc for ApplierService {
         if req.section != "pre-data" && req.section != "post-data" {
             return Err(Status::invalid_argument(format!("unknown schema section {:?}", req.section)));
         }
-        guarded(async {
-            migration::run_schema(&self.destination, &self.task_id, &req.section, req.workers as usize, &req.sequences)
-                .await
-                .map(Response::new)
-                .map_err(|e| migration_status(&e))
-        })
-        .await
+        guarded(self.destination.schema(&req.section, req.workers as usize, &req.sequences)).await.map(Response::new)
     }
 
     async fn copy(&self, request: Request<Streaming<CopyChunk>>) -> Result<Response<CopyDone>, Status> {
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty copy stream"))?;
         self.check_task(&first.task_id)?;
-        let chunks = inbound.map(|c| c.map(|c| (c.data, c.last)).map_err(|s| s.message().to_owned()));
-        guarded(async {
-            migration::copy_range(&self.destination, &self.task_id, first.table_id, first.range_id, (first.data, first.last), chunks)
-                .await
-                .map(Response::new)
-                .map_err(|e| migration_status(&e))
-        })
-        .await
+        let rest: CopyChunks = Box::pin(inbound.map(|c| c.map(|c| (c.data, c.last)).map_err(|s| s.message().to_owned())));
+        guarded(self.destination.copy(first.table_id, first.range_id, (first.data, first.last), rest)).await.map(Response::new)
     }
 
     async fn resnapshot(&self, request: Request<ResnapshotRequest>) -> Result<Response<TaskState>, Status> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
-        guarded(async {
-            migration::resnapshot(&self.destination, &self.task_id, decant_proto::Lsn(req.lsn))
-                .await
-                .map(Response::new)
-                .map_err(|e| migration_status(&e))
-        })
-        .await
+        guarded(self.destination.resnapshot(Lsn(req.lsn))).await.map(Response::new)
     }
 
     async fn replicate(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {
         let guard = self.busy.clone().try_lock_owned().map_err(|_| {
-            Status::resource_exhausted(format!("task {}: another agent is already streaming to this applier", self.task_id))
+            Status::resource_exhausted(format!("task {}: another agent is already streaming to this applier", self.destination.task_id()))
         })?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
@@ -160,140 +170,70 @@ impl ApplierRpc for ApplierService {
             _ => return Err(Status::invalid_argument("the stream must start with Hello")),
         };
         self.check_task(&hello.task_id)?;
-        if hello.format_version != u32::from(FORMAT_VERSION) {
-            return Err(Status::failed_precondition(format!(
-                "record format version {} is not supported by this applier (it reads version {FORMAT_VERSION}); upgrade the applier",
-                hello.format_version
-            )));
-        }
-        let mut applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| status_of(&e))?;
-        tracing::info!(agent_version = %hello.agent_version, source_system = %hello.source_system_id, database = %hello.source_database, resume_lsn = %applier.resume_lsn(), "agent connected");
+        check_format(hello.format_version)?;
+        let mut stream = guarded(self.destination.open_stream(&hello)).await?;
+        tracing::info!(agent_version = %hello.agent_version, source_system = %hello.source_system_id, database = %hello.source_database, resume_lsn = %stream.resume_lsn(), "agent connected");
         let welcome = ApplierMessage {
             body: Some(ApplierBody::Welcome(Welcome {
-                resume_lsn: applier.resume_lsn().0,
+                resume_lsn: stream.resume_lsn().0,
                 format_version: u32::from(FORMAT_VERSION),
                 applier_version: env!("CARGO_PKG_VERSION").to_owned(),
             })),
         };
-        // Acks are cumulative: only the latest matters, so a watch channel
-        // carries them and a slow reader never blocks the applier.
         let (ack_tx, ack_rx) = watch::channel(Ok(welcome));
+        let acks = Acks(ack_tx);
         let (end_tx, end_rx) = mpsc::channel::<Result<ApplierMessage, Status>>(1);
-        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let _guard = guard;
+            let (batches, reader) = read_batches(inbound);
             // A panic is a defect; it still ends this stream with an error
             // the agent reports, instead of a stream that just stops.
-            let result = guarded(run(&mut applier, inbound, &ack_tx, &metrics)).await;
+            let result = guarded(stream.run(batches, &acks)).await;
+            reader.abort();
             match &result {
                 Ok(()) => tracing::info!("agent ended the stream"),
                 Err(e) if matches!(e.code(), tonic::Code::Cancelled | tonic::Code::Unknown) => {
                     tracing::info!(reason = %e.message(), "agent disconnected")
                 }
-                Err(e) => {
-                    metrics.errors.inc();
-                    tracing::error!(error = %e.message(), "apply stream ended with an error");
-                }
+                Err(e) => tracing::error!(error = %e.message(), "apply stream ended with an error"),
             }
             // However the stream ended, the destination is settled before
-            // the next stream may start (the guard is held until then): a
-            // commit in flight finishes, an open group is rolled back. The
-            // next stream then reads a position no commit will pass later.
-            applier.abort().await;
+            // the next stream may start (the guard is held until then).
+            stream.settle(&result).await;
             if let Err(e) = result {
                 let _ = end_tx.send(Err(e)).await;
             }
         });
-        let acks = WatchStream::new(ack_rx);
-        let out: Outbound = Box::pin(acks.merge(ReceiverStream::new(end_rx)));
+        let out: Outbound = Box::pin(WatchStream::new(ack_rx).merge(ReceiverStream::new(end_rx)));
         Ok(Response::new(out))
     }
 }
 
-/// Applies batches until the agent ends the stream or an error occurs.
-async fn run(
-    applier: &mut Applier,
-    mut inbound: Streaming<AgentMessage>,
-    acks: &watch::Sender<Result<ApplierMessage, Status>>,
-    metrics: &Metrics,
-) -> Result<(), Status> {
-    // Batches are read by their own task so the apply loop can tell
-    // whether more input is already waiting (then it keeps the group open).
-    let (batch_tx, mut batches) = mpsc::channel::<Result<(u64, Bytes), Status>>(4);
-    let reader = {
-        tokio::spawn(async move {
-            loop {
-                let item = match inbound.message().await {
-                    Ok(Some(AgentMessage { body: Some(AgentBody::Batch(b)) })) => Ok((b.sequence, b.records)),
-                    Ok(Some(_)) => Err(Status::invalid_argument("unexpected message after Hello")),
-                    Ok(None) => break,
-                    Err(e) => Err(e),
-                };
-                let stop = item.is_err();
-                if batch_tx.send(item).await.is_err() || stop {
-                    break;
-                }
-            }
-        })
-    };
-    let mut applied_sequence = 0;
-    let mut durable = applier.resume_lsn();
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let commit_ended = applier.commit_ended();
-    let result = loop {
-        tokio::select! {
-            next = batches.recv() => {
-                let Some(next) = next else { break Ok(()) };
-                let (sequence, records) = match next {
-                    Ok(b) => b,
-                    Err(e) => break Err(e),
-                };
-                if let Err(e) = applier.apply_batch(sequence, &records).await {
-                    break Err(status_of(&e));
-                }
-                applied_sequence = sequence;
-                if batches.is_empty() {
-                    if let Err(e) = applier.flush().await {
-                        break Err(status_of(&e));
-                    }
-                }
-                let _ = acks.send(ack(durable, applied_sequence));
-            }
-            // A group kept open while the previous one committed is
-            // committed now if no input is waiting.
-            _ = commit_ended.notified() => {
-                if batches.is_empty() {
-                    if let Err(e) = applier.flush().await {
-                        break Err(status_of(&e));
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                if let Err(e) = applier.flush().await {
-                    break Err(status_of(&e));
-                }
-                if applier.has_undurable_commits() {
-                    match applier.durable_lsn().await {
-                        Ok(lsn) if lsn != durable => {
-                            durable = lsn;
-                            metrics.applied_lsn.set(lsn.0);
-                            let _ = acks.send(ack(durable, applied_sequence));
-                        }
-                        Ok(_) => {}
-                        Err(e) => break Err(status_of(&e)),
-                    }
-                }
+/// Batches are read by their own task, so the apply loop can tell whether
+/// more input is already waiting (then it keeps its group open).
+fn read_batches(mut inbound: Streaming<AgentMessage>) -> (Batches, tokio::task::JoinHandle<()>) {
+    let (batch_tx, batches) = mpsc::channel::<Result<(u64, Bytes), Status>>(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let item = match inbound.message().await {
+                Ok(Some(AgentMessage { body: Some(AgentBody::Batch(b)) })) => Ok((b.sequence, b.records)),
+                Ok(Some(_)) => Err(Status::invalid_argument("unexpected message after Hello")),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            let stop = item.is_err();
+            if batch_tx.send(item).await.is_err() || stop {
+                break;
             }
         }
-    };
-    reader.abort();
-    result
+    });
+    (batches, reader)
 }
 
 /// Serves the applier on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    service: ApplierService,
+    destination: impl Destination,
     transport: &super::TransportSettings,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), super::TransportError> {
@@ -307,7 +247,7 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     let token = transport.token.clone();
-    let mut server = ApplierServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut server = ApplierServer::new(Service::new(destination)).max_decoding_message_size(MAX_MESSAGE_BYTES);
     if let Some(c) = compression(transport) {
         server = server.accept_compressed(c).send_compressed(c);
     }

@@ -9,8 +9,7 @@ use decant_proto::Lsn;
 use futures_util::SinkExt;
 use tokio_postgres::Client;
 
-use super::store::ensure_tables;
-use super::{qualified, session, MigrationError};
+use super::{ensure_tables, qualified, session, MigrationError};
 use crate::connect::sql::{column_list, quote_ident, BINARY_IO};
 use crate::connect::ConnInfo;
 

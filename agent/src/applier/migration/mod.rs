@@ -14,7 +14,7 @@ mod store;
 
 pub use copy::{copy_range, skip_before};
 pub use schema::run_schema;
-pub use store::{ensure_tables, plan, resnapshot, state};
+pub use store::{plan, resnapshot, state};
 
 use decant_proto::grpc::SchemaStep;
 use tokio_postgres::error::SqlState;
@@ -133,4 +133,75 @@ fn step_label(s: &SchemaStep) -> String {
     } else {
         format!("{} {}.{}", s.kind, s.schema, s.name)
     }
+}
+
+const CREATE_TABLES: &str = "CREATE SCHEMA IF NOT EXISTS decant;
+CREATE TABLE IF NOT EXISTS decant.task (
+    task_id text PRIMARY KEY,
+    phase text NOT NULL,
+    types text[] NOT NULL,
+    conflicts text NOT NULL,
+    snapshot_lsn pg_lsn NOT NULL,
+    prologue text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS decant.schema_step (
+    task_id text NOT NULL,
+    section text NOT NULL,
+    step int NOT NULL,
+    kind text NOT NULL,
+    schema_name text NOT NULL,
+    name text NOT NULL,
+    sql text NOT NULL,
+    done_at timestamptz,
+    existed boolean NOT NULL DEFAULT false,
+    step_order int NOT NULL DEFAULT 0,
+    PRIMARY KEY (task_id, section, step)
+);
+CREATE TABLE IF NOT EXISTS decant.copy_table (
+    task_id text NOT NULL,
+    table_id int NOT NULL,
+    schema_name text NOT NULL,
+    name text NOT NULL,
+    columns text[] NOT NULL,
+    types text[] NOT NULL,
+    binary_ok boolean NOT NULL,
+    bytes int8 NOT NULL,
+    merge boolean NOT NULL DEFAULT false,
+    skip_before pg_lsn,
+    PRIMARY KEY (task_id, table_id)
+);
+CREATE TABLE IF NOT EXISTS decant.copy_range (
+    task_id text NOT NULL,
+    table_id int NOT NULL,
+    range_id int NOT NULL,
+    condition text NOT NULL,
+    started_at timestamptz,
+    done_at timestamptz,
+    rows int8 NOT NULL DEFAULT 0,
+    bytes int8 NOT NULL DEFAULT 0,
+    first_page int8,
+    end_page int8,
+    PRIMARY KEY (task_id, table_id, range_id)
+);
+-- A range is its heap pages [first_page, end_page) (NULL: open), from
+-- which the source builds its SQL; condition is '' (destinations planned
+-- by older versions hold the range as text there, read only as numbers).
+-- Checked first, so that a destination already upgraded takes no lock.
+DO $$BEGIN
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.copy_range'::regclass AND attname = 'end_page') THEN
+        ALTER TABLE decant.copy_range ADD COLUMN IF NOT EXISTS first_page int8, ADD COLUMN IF NOT EXISTS end_page int8;
+    END IF;
+    -- How the applier schedules a step (decant_proto StepOrder); steps
+    -- planned before it existed run one at a time, in order.
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.schema_step'::regclass AND attname = 'step_order') THEN
+        ALTER TABLE decant.schema_step ADD COLUMN IF NOT EXISTS step_order int NOT NULL DEFAULT 0;
+    END IF;
+END$$;
+COMMENT ON TABLE decant.task IS 'decant: migration tasks, their plan and phase';";
+
+/// Creates decant's tables in the destination when missing.
+pub async fn ensure_tables(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(CREATE_TABLES).await
 }

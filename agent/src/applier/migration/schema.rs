@@ -10,8 +10,8 @@ use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use super::copy::prepare_copy;
-use super::store::{ensure_tables, read_state};
-use super::{end_leftover_sessions, is_duplicate, qualified, session, step_label, MigrationError};
+use super::store::read_state;
+use super::{end_leftover_sessions, ensure_tables, is_duplicate, qualified, session, step_label, MigrationError};
 use crate::connect::ConnInfo;
 
 /// Runs the steps of `section` that are not done, then moves the task to

@@ -1,5 +1,7 @@
-//! `decant agent`: streams the source slot to the applier, and confirms to
-//! the source only what the destination has durably committed.
+//! The incremental phase on the source side: one session that streams the
+//! source slot to the applier and confirms to the source only what the
+//! destination has durably committed. `task` runs sessions, again after a
+//! failure, within the retry policy.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,24 +17,20 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::connect::clock::pg_now;
 use crate::connect::sql::quote_literal;
-use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
+use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 use crate::replication::messages::StatusUpdate;
 use crate::replication::{ReplicationClient, ReplicationError, Streamed};
 use crate::retry::{ErrorClass, Retry};
 use crate::transport::client::{open, ApplierStream, StreamError};
-use crate::transport::{TransportError, TransportSettings};
+use crate::transport::TransportSettings;
 
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("source connection string: {0}")]
-    ConnInfo(#[from] ConnInfoError),
+pub enum SessionError {
     #[error("source: {0}")]
     Source(#[from] ReplicationError),
     #[error("{0}")]
     Applier(#[from] StreamError),
-    #[error("{0}")]
-    Transport(#[from] TransportError),
     #[error("source slot {slot:?}: {problem}")]
     Slot { slot: String, problem: String, class: ErrorClass },
     #[error("corrupt record from the source at {lsn}: {error}")]
@@ -44,16 +42,13 @@ pub enum AgentError {
          holds (pack_transactions); the stream ends so the source can stop, and resumes from the last confirmed position"
     )]
     SourceStopping { wal_end: Lsn },
-    #[error("{0}")]
-    Migrate(#[from] crate::migrate::MigrateError),
 }
 
-impl AgentError {
+impl SessionError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            AgentError::ConnInfo(_) | AgentError::Transport(_) => ErrorClass::Fatal,
-            AgentError::Source(e) if e.is_connection_loss() => ErrorClass::Connection,
-            AgentError::Source(e) => match e.code() {
+            SessionError::Source(e) if e.is_connection_loss() => ErrorClass::Connection,
+            SessionError::Source(e) => match e.code() {
                 // bad password / no such role / not allowed by pg_hba,
                 // wal_level not logical, plugin missing or not allowed,
                 // insufficient privilege, no such database, bad option, a
@@ -70,8 +65,8 @@ impl AgentError {
                     _ => ErrorClass::Other,
                 },
             },
-            AgentError::Applier(e) if e.is_connection_loss() => ErrorClass::Connection,
-            AgentError::Applier(StreamError::Status(s))
+            SessionError::Applier(e) if e.is_connection_loss() => ErrorClass::Connection,
+            SessionError::Applier(StreamError::Status(s))
                 if matches!(
                     s.code(),
                     tonic::Code::Unauthenticated
@@ -82,12 +77,11 @@ impl AgentError {
             {
                 ErrorClass::Fatal
             }
-            AgentError::Applier(_) => ErrorClass::Other,
-            AgentError::Slot { class, .. } => *class,
-            AgentError::Corrupt { .. } => ErrorClass::Other,
-            AgentError::SourceStopping { .. } => ErrorClass::Connection,
-            AgentError::ApplierClosed => ErrorClass::Connection,
-            AgentError::Migrate(e) => e.class(),
+            SessionError::Applier(_) => ErrorClass::Other,
+            SessionError::Slot { class, .. } => *class,
+            SessionError::Corrupt { .. } => ErrorClass::Other,
+            SessionError::SourceStopping { .. } => ErrorClass::Connection,
+            SessionError::ApplierClosed => ErrorClass::Connection,
         }
     }
 }
@@ -95,78 +89,8 @@ impl AgentError {
 /// Size of the messages the plugin packs records into for the agent.
 const PACKED_MESSAGE_BYTES: u32 = 64 * 1024;
 
-/// Runs the agent until `shutdown` turns true, retrying per the policy.
-pub async fn run(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
-    let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv)?;
-    let transport = TransportSettings::from_config(&config)?;
-    transport.check_client(&config.agent.applier_url)?;
-    let mut retry = Retry::new(config.connection_retry(), config.other_retry());
-    tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
-    // Until the first session streams, a connection that cannot be made ends
-    // the agent with its error: at start that is almost always
-    // configuration (and a service manager restarts the agent anyway).
-    // Once streaming, lost connections are retried for the connection time.
-    let mut streamed_once = false;
-    if config.migrate.has(crate::config::MigrationType::Incremental) {
-        crate::migrate::check_replica_identity(&config, &source).await?;
-    }
-    // Schema and full copy first, when the task has them.
-    let mut migrated = !config.migrate.has_phases_before_stream();
-    loop {
-        let result = if migrated {
-            let mut session = Session::new(&config, &metrics);
-            let result = session.run(&source, &transport, &mut retry, &mut shutdown).await;
-            streamed_once |= session.streaming;
-            result
-        } else {
-            // A stop request ends the phase at once: every step is its own
-            // destination transaction, so one cut short is simply redone.
-            let mut stop = shutdown.clone();
-            let driven = tokio::select! {
-                r = crate::migrate::drive(&config, &source, &transport, &metrics, &shutdown, &mut streamed_once) => r,
-                _ = stop.changed() => Ok(false),
-            };
-            match driven {
-                Ok(true) if !*shutdown.borrow() => {
-                    migrated = true;
-                    retry.succeeded();
-                    continue;
-                }
-                Ok(_) => return Ok(()),
-                Err(e) => Err(AgentError::Migrate(e)),
-            }
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                metrics.errors.inc();
-                let class = match e.class() {
-                    ErrorClass::Connection if !streamed_once => ErrorClass::Fatal,
-                    class => class,
-                };
-                match retry.failed(class) {
-                    Some(wait) => {
-                        metrics.retries.inc();
-                        tracing::warn!(error = %crate::error::report(&e), retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = shutdown.changed() => return Ok(()),
-                        }
-                    }
-                    None => {
-                        if class != ErrorClass::Fatal {
-                            tracing::error!(error = %crate::error::report(&e), failing_for_s = retry.failing_for().as_secs(), "agent gives up: retry time exhausted");
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// State of one connected session (source slot + applier stream).
-struct Session<'c> {
+pub struct Session<'c> {
     config: &'c Config,
     metrics: &'c Metrics,
     batch: BytesMut,
@@ -194,11 +118,11 @@ struct Session<'c> {
     /// `last_commit_end` when the heartbeat was last woken early.
     nudged_for: Lsn,
     /// Both ends connected and the stream started.
-    streaming: bool,
+    pub streaming: bool,
 }
 
 impl<'c> Session<'c> {
-    fn new(config: &'c Config, metrics: &'c Metrics) -> Self {
+    pub fn new(config: &'c Config, metrics: &'c Metrics) -> Self {
         Session {
             config,
             metrics,
@@ -222,13 +146,14 @@ impl<'c> Session<'c> {
         }
     }
 
-    async fn run(
+    /// Streams until `shutdown` turns true or something fails.
+    pub async fn run(
         &mut self,
         source: &ConnInfo,
         transport: &TransportSettings,
         retry: &mut Retry,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), SessionError> {
         let config = self.config;
         let slot = config.source.slot.as_str();
         let mut repl = ReplicationClient::connect(source, "decant agent").await?;
@@ -270,14 +195,14 @@ impl<'c> Session<'c> {
 
     /// Creates the slot if allowed and missing; refuses a slot of another
     /// plugin; reports who holds a busy slot.
-    async fn ensure_slot(&self, repl: &mut ReplicationClient, slot: &str) -> Result<(), AgentError> {
+    async fn ensure_slot(&self, repl: &mut ReplicationClient, slot: &str) -> Result<(), SessionError> {
         let rows = repl
             .simple_query(&format!(
                 "SELECT plugin, active_pid::text, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = {}",
                 quote_literal(slot)
             ))
             .await?;
-        let problem = |problem: String, class| AgentError::Slot { slot: slot.to_owned(), problem, class };
+        let problem = |problem: String, class| SessionError::Slot { slot: slot.to_owned(), problem, class };
         match rows.first() {
             // A migration's slot comes from its snapshot: one made now would
             // miss every change since the copy.
@@ -324,7 +249,7 @@ impl<'c> Session<'c> {
         applier: &mut ApplierStream,
         retry: &mut Retry,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), SessionError> {
         let config = self.config;
         let batch_delay = Duration::from_millis(config.agent.batch_max_delay_ms);
         let mut status_tick = tokio::time::interval(Duration::from_secs(config.agent.status_interval_seconds.max(1)));
@@ -345,12 +270,12 @@ impl<'c> Session<'c> {
                                 }
                             }
                         }
-                        Ok(None) => return Err(AgentError::ApplierClosed),
+                        Ok(None) => return Err(SessionError::ApplierClosed),
                         Err(status) => return Err(StreamError::Status(status).into()),
                     }
                 }
                 permit = applier.outbound.reserve(), if self.pending.is_some() => {
-                    let permit = permit.map_err(|_| AgentError::ApplierClosed)?;
+                    let permit = permit.map_err(|_| SessionError::ApplierClosed)?;
                     if let Some(msg) = self.pending.take() {
                         permit.send(msg);
                         self.metrics.batches_sent.inc();
@@ -374,7 +299,7 @@ impl<'c> Session<'c> {
                                 self.check_source_stopping(wal_end)?;
                             }
                         }
-                        Streamed::End => return Err(AgentError::Source(ReplicationError::Protocol("the source ended the replication stream".into()))),
+                        Streamed::End => return Err(SessionError::Source(ReplicationError::Protocol("the source ended the replication stream".into()))),
                     }
                     self.metrics.source_wal_end.set(self.wal_end.0);
                 }
@@ -385,14 +310,14 @@ impl<'c> Session<'c> {
 
     /// Takes the records of one message (several when the plugin packs
     /// them, see `max_message_bytes`) into the current batch.
-    fn take_records(&mut self, at: Lsn, payload: &[u8]) -> Result<(), AgentError> {
+    fn take_records(&mut self, at: Lsn, payload: &[u8]) -> Result<(), SessionError> {
         let mut offset = 0;
         // Only BEGIN and COMMIT matter here (and COMMIT is small): the
         // rest pass by their head byte; the applier decodes and checks all.
         while offset < payload.len() {
             let corrupt = |mut error: DecodeError| {
                 error.offset += offset;
-                AgentError::Corrupt { lsn: at, error }
+                SessionError::Corrupt { lsn: at, error }
             };
             let (kind, used) = peek_kind(&payload[offset..]).map_err(corrupt)?;
             match kind {
@@ -473,13 +398,13 @@ impl<'c> Session<'c> {
     /// only after wal_sender_timeout / 2 without status updates), the agent
     /// ends the stream: the source can stop, and the held transaction comes
     /// again after the restart.
-    fn check_source_stopping(&mut self, wal_end: Lsn) -> Result<(), AgentError> {
+    fn check_source_stopping(&mut self, wal_end: Lsn) -> Result<(), SessionError> {
         if !self.packing || self.confirmed >= wal_end {
             self.unconfirmed_ping = None;
             return Ok(());
         }
         if self.unconfirmed_ping == Some(wal_end) {
-            return Err(AgentError::SourceStopping { wal_end });
+            return Err(SessionError::SourceStopping { wal_end });
         }
         self.unconfirmed_ping = Some(wal_end);
         Ok(())
@@ -503,7 +428,7 @@ impl<'c> Session<'c> {
         }
     }
 
-    async fn send_status(&mut self, repl: &mut ReplicationClient, reply_requested_by_server: bool) -> Result<(), AgentError> {
+    async fn send_status(&mut self, repl: &mut ReplicationClient, reply_requested_by_server: bool) -> Result<(), SessionError> {
         // Sent on every request and interval even when unchanged: it is also
         // how the source knows this receiver is alive.
         let _ = reply_requested_by_server;
@@ -524,7 +449,7 @@ impl<'c> Session<'c> {
 
     /// On shutdown: send what was read, wait a little for the applier to
     /// commit it, confirm what it did.
-    async fn drain_on_shutdown(&mut self, repl: &mut ReplicationClient, applier: &mut ApplierStream) -> Result<(), AgentError> {
+    async fn drain_on_shutdown(&mut self, repl: &mut ReplicationClient, applier: &mut ApplierStream) -> Result<(), SessionError> {
         // The message waiting for room first, then what was read after it.
         for _ in 0..2 {
             if let Some(msg) = self.pending.take() {

@@ -1,0 +1,177 @@
+//! The applier as the gRPC server's [`Destination`]: each call of the
+//! service mapped to the destination work that answers it, and each error
+//! to the status that tells the agent whether to retry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use decant_proto::grpc::{CopyDone, Hello, MigrationPlan, SequenceValue, TaskState};
+use decant_proto::Lsn;
+use tonic::Status;
+
+use super::apply::{Applier, ApplyError, ApplySettings};
+use super::migration::{self, MigrationError};
+use crate::config::Config;
+use crate::connect::ConnInfo;
+use crate::metrics::Metrics;
+use crate::transport::server::{Acks, ApplyStream, Batches, CopyChunks, Destination};
+
+/// The destination of one task.
+pub struct Service {
+    task_id: String,
+    destination: ConnInfo,
+    settings: ApplySettings,
+    metrics: Arc<Metrics>,
+}
+
+impl Service {
+    /// The destination is checked once here, so a wrong password or
+    /// database is reported at start instead of on the first agent
+    /// connection.
+    pub async fn open(config: &Config, destination: ConnInfo, metrics: Arc<Metrics>) -> Result<Service, ApplyError> {
+        let settings = settings(config);
+        drop(Applier::open(&destination, settings.clone(), metrics.clone()).await?);
+        Ok(Service { task_id: config.task_id.clone(), destination, settings, metrics })
+    }
+}
+
+fn settings(config: &Config) -> ApplySettings {
+    let a = &config.applier;
+    ApplySettings {
+        task_id: config.task_id.clone(),
+        group_max_transactions: a.group_max_transactions,
+        group_max_bytes: a.group_max_bytes,
+        group_max_delay: Duration::from_millis(a.group_max_delay_ms),
+        pipeline_depth: a.pipeline_depth,
+        on_conflict: a.on_conflict,
+        apply_truncate: a.apply_truncate,
+        apply_messages: a.apply_messages,
+        split_merges: a.split_merges,
+    }
+}
+
+fn apply_status(e: &ApplyError) -> Status {
+    let message = crate::error::report(e);
+    match e {
+        ApplyError::Corrupt { .. } => Status::data_loss(message),
+        _ if e.is_connection_loss() => Status::unavailable(message),
+        ApplyError::MissingTable { .. } | ApplyError::NoIdentity { .. } | ApplyError::MissingRow { .. } => {
+            Status::failed_precondition(message)
+        }
+        _ => Status::aborted(message),
+    }
+}
+
+fn migration_status(e: MigrationError) -> Status {
+    let message = crate::error::report(&e);
+    tracing::error!(error = %message, "migration step failed");
+    if e.is_connection_loss() {
+        Status::unavailable(message)
+    } else if e.is_precondition() {
+        Status::failed_precondition(message)
+    } else {
+        Status::aborted(message)
+    }
+}
+
+#[tonic::async_trait]
+impl Destination for Service {
+    type Stream = Stream;
+
+    fn task_id(&self) -> &str {
+        &self.task_id
+    }
+
+    async fn plan(&self, plan: Option<MigrationPlan>) -> Result<TaskState, Status> {
+        match plan {
+            Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
+            None => migration::state(&self.destination, &self.task_id).await,
+        }
+        .map_err(migration_status)
+    }
+
+    async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status> {
+        migration::run_schema(&self.destination, &self.task_id, section, workers, sequences).await.map_err(migration_status)
+    }
+
+    async fn copy(&self, table_id: u32, range_id: u32, first: (Bytes, bool), rest: CopyChunks) -> Result<CopyDone, Status> {
+        migration::copy_range(&self.destination, &self.task_id, table_id, range_id, first, rest).await.map_err(migration_status)
+    }
+
+    async fn resnapshot(&self, lsn: Lsn) -> Result<TaskState, Status> {
+        migration::resnapshot(&self.destination, &self.task_id, lsn).await.map_err(migration_status)
+    }
+
+    async fn open_stream(&self, _hello: &Hello) -> Result<Stream, Status> {
+        let applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| apply_status(&e))?;
+        Ok(Stream { applier, metrics: self.metrics.clone() })
+    }
+}
+
+/// One agent's stream applied on the destination.
+pub struct Stream {
+    applier: Applier,
+    metrics: Arc<Metrics>,
+}
+
+#[tonic::async_trait]
+impl ApplyStream for Stream {
+    fn resume_lsn(&self) -> Lsn {
+        self.applier.resume_lsn()
+    }
+
+    /// Applies batches as they come; a group is committed when no input is
+    /// waiting (or by the applier's own bounds), and the durable position
+    /// is read back every 50 ms while commits are not yet known durable.
+    async fn run(&mut self, mut batches: Batches, acks: &Acks) -> Result<(), Status> {
+        let applier = &mut self.applier;
+        let mut applied_sequence = 0;
+        let mut durable = applier.resume_lsn();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let commit_ended = applier.commit_ended();
+        loop {
+            tokio::select! {
+                next = batches.recv() => {
+                    let Some(next) = next else { return Ok(()) };
+                    let (sequence, records) = next?;
+                    applier.apply_batch(sequence, &records).await.map_err(|e| apply_status(&e))?;
+                    applied_sequence = sequence;
+                    if batches.is_empty() {
+                        applier.flush().await.map_err(|e| apply_status(&e))?;
+                    }
+                    acks.send(durable, applied_sequence);
+                }
+                // A group kept open while the previous one committed is
+                // committed now if no input is waiting.
+                _ = commit_ended.notified() => {
+                    if batches.is_empty() {
+                        applier.flush().await.map_err(|e| apply_status(&e))?;
+                    }
+                }
+                _ = tick.tick() => {
+                    applier.flush().await.map_err(|e| apply_status(&e))?;
+                    if applier.has_undurable_commits() {
+                        let lsn = applier.durable_lsn().await.map_err(|e| apply_status(&e))?;
+                        if lsn != durable {
+                            durable = lsn;
+                            self.metrics.applied_lsn.set(lsn.0);
+                            acks.send(durable, applied_sequence);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A commit in flight finishes, an open group is rolled back: the next
+    /// stream then reads a position no commit will pass later.
+    async fn settle(&mut self, ended: &Result<(), Status>) {
+        if let Err(e) = ended {
+            if !matches!(e.code(), tonic::Code::Cancelled | tonic::Code::Unknown) {
+                self.metrics.errors.inc();
+            }
+        }
+        self.applier.abort().await;
+    }
+}

@@ -1,0 +1,187 @@
+//! A migration task's orchestration: which phases run, and in which
+//! process. This is the only module that knows the whole order:
+//!
+//! ```text
+//! checks → schema (pre-data) → full copy → schema (post-data) → incremental stream
+//! ```
+//!
+//! The phases themselves live below, and none of them imports this module:
+//! `migrate` drives the phases before the stream from the source side,
+//! `stream` is the incremental phase on the source side, `applier` does
+//! the destination's part of each, and `transport` carries the calls
+//! between the two sides. The roles:
+//!
+//! - `decant agent` ([`run_agent`]): the source side, talking to an applier
+//!   elsewhere;
+//! - `decant applier` ([`run_applier`]): the destination side, serving
+//!   agents;
+//! - `decant migrate` ([`run_migrate`]): both in one process, the applier on
+//!   a loopback port with a one-time token.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::applier::apply::ApplyError;
+use crate::config::{Config, MigrationType};
+use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
+use crate::metrics::Metrics;
+use crate::migrate::{self, MigrateError};
+use crate::retry::{ErrorClass, Retry};
+use crate::stream::{self, SessionError};
+use crate::transport::{server, TransportError, TransportSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("source connection string: {0}")]
+    SourceConnInfo(ConnInfoError),
+    #[error("destination connection string: {0}")]
+    DestinationConnInfo(ConnInfoError),
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("applier.listen {0:?}: {1}")]
+    Listen(String, String),
+    #[error("destination: {0}")]
+    Destination(#[from] ApplyError),
+    #[error("{0}")]
+    Migrate(#[from] MigrateError),
+    #[error("{0}")]
+    Stream(#[from] SessionError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl TaskError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            TaskError::Migrate(e) => e.class(),
+            TaskError::Stream(e) => e.class(),
+            _ => ErrorClass::Fatal,
+        }
+    }
+}
+
+/// `decant agent`: runs the task's phases on the source side until
+/// `shutdown` turns true, retrying per the policy.
+pub async fn run_agent(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+    let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
+    let transport = TransportSettings::from_config(&config)?;
+    transport.check_client(&config.agent.applier_url)?;
+    let mut retry = Retry::new(config.connection_retry(), config.other_retry());
+    tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
+    // Until the first session streams, a connection that cannot be made ends
+    // the agent with its error: at start that is almost always
+    // configuration (and a service manager restarts the agent anyway).
+    // Once streaming, lost connections are retried for the connection time.
+    let mut streamed_once = false;
+    if config.migrate.has(MigrationType::Incremental) {
+        migrate::check_replica_identity(&config, &source).await?;
+    }
+    // Schema and full copy first, when the task has them.
+    let mut migrated = !config.migrate.has_phases_before_stream();
+    loop {
+        let result = if migrated {
+            let mut session = stream::Session::new(&config, &metrics);
+            let result = session.run(&source, &transport, &mut retry, &mut shutdown).await.map_err(TaskError::Stream);
+            streamed_once |= session.streaming;
+            result
+        } else {
+            // A stop request ends the phase at once: every step is its own
+            // destination transaction, so one cut short is simply redone.
+            let mut stop = shutdown.clone();
+            let driven = tokio::select! {
+                r = migrate::drive(&config, &source, &transport, &metrics, &shutdown, &mut streamed_once) => r,
+                _ = stop.changed() => Ok(false),
+            };
+            match driven {
+                Ok(true) if !*shutdown.borrow() => {
+                    migrated = true;
+                    retry.succeeded();
+                    continue;
+                }
+                Ok(_) => return Ok(()),
+                Err(e) => Err(TaskError::Migrate(e)),
+            }
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                metrics.errors.inc();
+                let class = match e.class() {
+                    ErrorClass::Connection if !streamed_once => ErrorClass::Fatal,
+                    class => class,
+                };
+                match retry.failed(class) {
+                    Some(wait) => {
+                        metrics.retries.inc();
+                        tracing::warn!(error = %crate::error::report(&e), retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.changed() => return Ok(()),
+                        }
+                    }
+                    None => {
+                        if class != ErrorClass::Fatal {
+                            tracing::error!(error = %crate::error::report(&e), failing_for_s = retry.failing_for().as_secs(), "agent gives up: retry time exhausted");
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `decant applier`: serves the task's destination until `shutdown` turns
+/// true.
+pub async fn run_applier(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+    let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).map_err(TaskError::DestinationConnInfo)?;
+    let listen: std::net::SocketAddr = config
+        .applier
+        .listen
+        .parse()
+        .map_err(|e: std::net::AddrParseError| TaskError::Listen(config.applier.listen.clone(), e.to_string()))?;
+    let transport = TransportSettings::from_config(&config)?;
+    transport.check_server(&config.applier.listen)?;
+    tracing::info!(task = %config.task_id, destination = %destination, "applier starting");
+    let service = crate::applier::Service::open(&config, destination, metrics).await?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| TaskError::Listen(config.applier.listen.clone(), e.to_string()))?;
+    server::serve(listener, service, &transport, async move {
+        let _ = shutdown.changed().await;
+    })
+    .await?;
+    Ok(())
+}
+
+/// `decant migrate`: the applier served in this process on a loopback
+/// port with a one-time token, and the agent driving the task through it.
+pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+    let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).map_err(TaskError::DestinationConnInfo)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    config.agent.applier_url = format!("http://127.0.0.1:{port}");
+    config.transport = crate::config::Transport { token: one_time_token()?, ..Default::default() };
+    let transport = TransportSettings::from_config(&config)?;
+    let service = crate::applier::Service::open(&config, destination, metrics.clone()).await?;
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let transport = transport.clone();
+        async move {
+            server::serve(listener, service, &transport, async {
+                let _ = server_stopped.await;
+            })
+            .await
+        }
+    });
+    let result = run_agent(config, metrics, shutdown).await;
+    let _ = stop_server.send(());
+    let _ = server.await;
+    result
+}
+
+fn one_time_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 24];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
