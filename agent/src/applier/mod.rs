@@ -2,10 +2,14 @@
 //! receives them from the agent.
 
 pub mod apply;
-pub mod bulk;
 pub mod cells;
+pub mod commit;
+pub mod fold;
+pub mod merge;
 pub mod migration;
 pub mod progress;
+pub mod rowwise;
+pub mod stage;
 pub mod statements;
 
 use std::sync::Arc;
