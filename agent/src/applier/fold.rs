@@ -303,9 +303,11 @@ impl Folding {
             // No key: nothing to fold, but inserts can be copied in.
             let appends = self.appends.entry(target.oid).or_default();
             let before = appends.bytes();
-            appends.push(&target.cells, &new.0, scratch)?;
+            let pushed = appends.push(&target.cells, &new.0, scratch);
+            // Counted even when the row did not fit: a first binary row
+            // leaves the COPY header behind, which `take` subtracts too.
             self.bytes += appends.bytes() - before;
-            Ok(true)
+            pushed.map(|()| true)
         } else {
             Ok(false)
         }

@@ -191,6 +191,11 @@ fn a_value_that_does_not_fit_its_binary_column_folds_nothing() {
     let kl = Target { cells: binary, ..keyless() };
     assert_eq!(f.fold_insert(&kl, &row(&["1", "a", "x"]), &batch, &mut scratch), Err(Mismatch));
     assert_eq!(f.tables(), [kl.oid]);
+    // The binary header it holds is counted, and released when taken.
+    assert_eq!(f.bytes(), BINARY_HEADER.len());
+    let (appends, _) = f.take(kl.oid);
+    assert_eq!(appends.map(|a| a.rows), Some(0));
+    assert_eq!(f.bytes(), 0);
 }
 
 #[test]
