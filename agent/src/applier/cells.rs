@@ -308,6 +308,24 @@ pub fn slice(batch: &Bytes, b: &[u8]) -> Bytes {
     }
 }
 
+/// COPY text escaping: backslash, and the characters that delimit.
+pub fn escape(out: &mut BytesMut, b: &[u8]) {
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        out.extend_from_slice(&b[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&b[start..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +376,13 @@ mod tests {
         assert_eq!(Cells::for_columns(&[23, 1700], &[Some(23), Some(1700)]), Cells::Text);
         // A column missing on the destination.
         assert_eq!(Cells::for_columns(&[23], &[None]), Cells::Text);
+    }
+
+    #[test]
+    fn copy_text_escapes_backslash_and_delimiters() {
+        let mut out = BytesMut::new();
+        escape(&mut out, b"a\\b\tc\nd\re");
+        assert_eq!(out.as_ref(), b"a\\\\b\\tc\\nd\\re");
     }
 
     #[test]

@@ -190,6 +190,13 @@ impl Durability {
         let flushed: String =
             client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]).await.map_err(err("reading the flush position"))?.get(0);
         let flushed: Lsn = flushed.parse().unwrap_or_default();
+        Ok(self.flushed_to(flushed))
+    }
+
+    /// The destination's WAL is flushed up to `flushed`: releases, in commit
+    /// order, the source LSNs of the commits at or below it; returns the
+    /// highest source LSN released so far.
+    pub fn flushed_to(&mut self, flushed: Lsn) -> Lsn {
         while let Some(&(wal, source)) = self.pending.front() {
             if wal > flushed {
                 break;
@@ -197,10 +204,46 @@ impl Durability {
             self.durable = source;
             self.pending.pop_front();
         }
-        Ok(self.durable)
+        self.durable
     }
 
     pub fn durable(&self) -> Lsn {
         self.durable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_position_is_durable_once_its_commit_is_flushed() {
+        let mut d = Durability::new(Lsn(100));
+        assert!(!d.has_pending());
+        d.committed(Lsn(5000), Lsn(200));
+        d.committed(Lsn(6000), Lsn(300));
+        // Committed, not yet flushed: the position as of the start.
+        assert_eq!(d.durable(), Lsn(100));
+        assert_eq!(d.flushed_to(Lsn(4999)), Lsn(100));
+        // The first commit's WAL is flushed, the second's not.
+        assert_eq!(d.flushed_to(Lsn(5000)), Lsn(200));
+        assert!(d.has_pending());
+        // A flush position reported lower later (it never is) releases nothing back.
+        assert_eq!(d.flushed_to(Lsn(0)), Lsn(200));
+        assert_eq!(d.flushed_to(Lsn(u64::MAX - 1)), Lsn(300));
+        assert!(!d.has_pending());
+        assert_eq!(d.durable(), Lsn(300));
+    }
+
+    #[test]
+    fn commits_are_released_in_order() {
+        let mut d = Durability::new(Lsn(0));
+        // A commit whose WAL position is unknown (u64::MAX) holds back the
+        // ones after it, even when their positions are flushed.
+        d.committed(Lsn(10), Lsn(1));
+        d.committed(Lsn(u64::MAX), Lsn(2));
+        d.committed(Lsn(30), Lsn(3));
+        assert_eq!(d.flushed_to(Lsn(1000)), Lsn(1));
+        assert!(d.has_pending());
     }
 }

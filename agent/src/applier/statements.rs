@@ -1,6 +1,8 @@
-//! SQL for applying one relation's changes, built from its RELATION record.
+//! SQL for applying one relation's changes, built from its RELATION record,
+//! and the values of a change that locate its row (which both folding and
+//! the row-by-row apply use).
 
-use decant_proto::{Relation, ReplicaIdentity};
+use decant_proto::{OldTuple, Relation, ReplicaIdentity, Tuple, Value};
 
 use super::cells::Cells;
 
@@ -157,6 +159,26 @@ impl Target {
     }
 }
 
+/// The values that locate the old row: the key columns (from the old key or
+/// row when logged, else from the new row, whose key is then unchanged), or
+/// every column for a table without key when the whole old row is logged.
+pub fn locator_values<'a>(target: &Target, old: Option<&OldTuple<'a>>, new: Option<&Tuple<'a>>) -> Option<Vec<Value<'a>>> {
+    if target.key.is_empty() {
+        return match old {
+            Some(OldTuple::Row(row)) => Some(row.0.clone()),
+            _ => None,
+        };
+    }
+    match old {
+        Some(OldTuple::Key(key)) if key.0.len() == target.key.len() => Some(key.0.clone()),
+        Some(OldTuple::Row(row)) => target.key.iter().map(|&i| row.0.get(i).copied()).collect(),
+        // A key tuple of another shape means the identity differs from the
+        // key we use (primary key under REPLICA IDENTITY NOTHING): only the
+        // new row can tell.
+        _ => new.and_then(|n| target.key.iter().map(|&i| n.0.get(i).copied()).collect()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +197,31 @@ mod tests {
             source_order: false,
             key_deferrable: false,
         }
+    }
+
+    #[test]
+    fn the_old_row_is_located_by_its_key_or_whole_row() {
+        let row = |v: &[&'static str]| Tuple(v.iter().map(|s| Value::Text(s.as_bytes())).collect());
+        let keyed = target(vec![0]);
+        // The old key, when logged.
+        let old = OldTuple::Key(row(&["1"]));
+        assert_eq!(locator_values(&keyed, Some(&old), Some(&row(&["2", "a", "b"]))), Some(row(&["1"]).0));
+        // REPLICA IDENTITY FULL: the key columns of the old row.
+        let old = OldTuple::Row(row(&["3", "a", "b"]));
+        assert_eq!(locator_values(&keyed, Some(&old), None), Some(row(&["3"]).0));
+        // No old tuple: the key did not change, the new row has it.
+        assert_eq!(locator_values(&keyed, None, Some(&row(&["4", "a", "b"]))), Some(row(&["4"]).0));
+        // A key tuple of another shape (the identity is not our key): the new row.
+        let old = OldTuple::Key(row(&["x", "y"]));
+        assert_eq!(locator_values(&keyed, Some(&old), Some(&row(&["5", "a", "b"]))), Some(row(&["5"]).0));
+        // A DELETE under REPLICA IDENTITY NOTHING says nothing.
+        assert_eq!(locator_values(&keyed, None, None), None);
+        // No key: the whole old row, when logged, else nothing.
+        let keyless = target(vec![]);
+        let old = OldTuple::Row(row(&["6", "a", "b"]));
+        assert_eq!(locator_values(&keyless, Some(&old), None), Some(row(&["6", "a", "b"]).0));
+        assert_eq!(locator_values(&keyless, None, Some(&row(&["7", "a", "b"]))), None);
+        assert_eq!(locator_values(&keyless, Some(&OldTuple::Key(row(&["8"]))), None), None);
     }
 
     #[test]
