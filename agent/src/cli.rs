@@ -30,6 +30,11 @@ pub enum Command {
     /// Compare the selected tables of source and destination: row counts
     /// and checksums. Exits non-zero if any table differs.
     Verify(VerifyArgs),
+    /// The last step: wait until the destination has everything, set its
+    /// sequences, compare every table, and fence the task so nothing more is
+    /// applied. Run once the application stopped writing to the source (or
+    /// with --freeze-source). Idempotent.
+    Cutover(CutoverArgs),
     /// Print the default configuration, with every setting documented.
     DefaultConfig,
     /// Decode and print decant change records, checking every CRC.
@@ -65,6 +70,27 @@ pub struct VerifyArgs {
     pub wait: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub role: RoleArgs,
+    /// Wait up to this many seconds for the destination to apply everything
+    /// the source has written (incremental tasks).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub wait: u64,
+    /// First make the source database read-only for new transactions
+    /// (ALTER DATABASE … SET default_transaction_read_only) and end the
+    /// sessions that began before; prints how to undo it.
+    #[arg(long)]
+    pub freeze_source: bool,
+    /// Set each destination sequence this many steps past the source's value.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub sequence_margin: i64,
+    /// Print what would be done, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => crate::inspect::run(args),
@@ -83,6 +109,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => {
             let config = Config::load(Some(&args.role.config), &args.role.overrides)?;
             one_shot(&config, crate::status::run(config.clone(), args.json))
+        }
+        Command::Cutover(args) => {
+            let config = Config::load(Some(&args.role.config), &args.role.overrides)?;
+            let options = crate::cutover::Options {
+                wait: std::time::Duration::from_secs(args.wait),
+                freeze_source: args.freeze_source,
+                sequence_margin: args.sequence_margin,
+                dry_run: args.dry_run,
+            };
+            one_shot(&config, crate::cutover::run(config.clone(), options))
         }
         Command::Verify(args) => {
             let config = Config::load(Some(&args.role.config), &args.role.overrides)?;

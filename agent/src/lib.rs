@@ -4,6 +4,7 @@ pub mod applier;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod cutover;
 pub mod error;
 pub mod inspect;
 pub mod metrics;

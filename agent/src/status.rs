@@ -26,6 +26,10 @@ pub struct Status {
     pub copy_rows_per_s: f64,
     pub copy_mb_per_s: f64,
     pub apply_wal_mb_per_s: f64,
+    /// When `decant cutover` fenced the task.
+    pub cut_over_at: Option<String>,
+    /// The source position it was cut over at.
+    pub cut_over_lsn: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -123,6 +127,8 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
         copy_rows_per_s: 0.0,
         copy_mb_per_s: 0.0,
         apply_wal_mb_per_s: 0.0,
+        cut_over_at: None,
+        cut_over_lsn: None,
     };
     let planned: bool = dest.query_one("SELECT to_regclass('decant.task') IS NOT NULL", &[]).await?.get(0);
     let task = if planned { dest.query_opt("SELECT phase, types FROM decant.task WHERE task_id = $1", &[&task_id]).await? } else { None };
@@ -167,6 +173,12 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
         }
         None => {}
     }
+    if let Some(c) = crate::applier::migration::cut_over(dest, task_id).await? {
+        status.state = "Completed".into();
+        status.phase = "completed".into();
+        status.cut_over_at = Some(c.at);
+        status.cut_over_lsn = Some(c.source_lsn.to_string());
+    }
     Ok(status)
 }
 
@@ -174,6 +186,9 @@ pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "task {}: {} (phase: {}; types: {})", s.task_id, s.state, s.phase, s.types.join(", "));
+    if let (Some(at), Some(lsn)) = (&s.cut_over_at, &s.cut_over_lsn) {
+        let _ = writeln!(out, "cut over at {at} (source position {lsn}): the applier takes no more changes");
+    }
     if !s.tables.is_empty() {
         let count = |state: &str| s.tables.iter().filter(|t| t.state == state).count();
         let _ = writeln!(out, "tables: {} done, {} copying, {} pending", count("done"), count("copying"), count("pending"));

@@ -539,7 +539,7 @@ const SNAPSHOT: &str = "SELECT decant.log_standby_snapshot()";
 /// Connects the source session; `true` with it when the role may call
 /// `decant.log_standby_snapshot()`.
 async fn open_source_session(source: &ConnInfo) -> Option<(tokio_postgres::Client, bool)> {
-    let (client, _) = crate::connect::sql::connect(source, "decant agent session", "").await.ok()?;
+    let (client, _) = crate::connect::sql::connect(source, "decant agent session", "-c default_transaction_read_only=off").await.ok()?;
     let snapshots = client
         .query_opt(
             "SELECT has_schema_privilege('decant', 'USAGE') AND has_function_privilege(f, 'EXECUTE') \

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::migrate::{self, MigrateError};
 use crate::retry::{ErrorClass, Retry};
 use crate::stream::{self, SessionError};
+use crate::transport::client::StreamError;
 use crate::transport::{server, TransportError, TransportSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,17 @@ pub enum TaskError {
 }
 
 impl TaskError {
+    /// The applier refused the task because it was cut over: its end, not
+    /// a failure.
+    fn is_cut_over(&self) -> bool {
+        let status = match self {
+            TaskError::Stream(SessionError::Applier(StreamError::Status(s))) => s,
+            TaskError::Migrate(MigrateError::Applier(StreamError::Status(s))) => s,
+            _ => return false,
+        };
+        crate::transport::is_cut_over(status)
+    }
+
     fn class(&self) -> ErrorClass {
         match self {
             TaskError::Migrate(e) => e.class(),
@@ -105,6 +117,10 @@ pub async fn run_agent(config: Config, metrics: Arc<Metrics>, mut shutdown: watc
         };
         match result {
             Ok(()) => return Ok(()),
+            Err(e) if e.is_cut_over() => {
+                tracing::info!(reason = %crate::error::report(&e), "the task was cut over; the agent stops");
+                return Ok(());
+            }
             Err(e) => {
                 metrics.errors.inc();
                 let class = match e.class() {

@@ -33,18 +33,7 @@ pub async fn run(config: Config, wait_seconds: u64) -> anyhow::Result<()> {
     if wait_seconds > 0 && config.migrate.has(MigrationType::Incremental) {
         wait_caught_up(&src, &config.source.slot, Duration::from_secs(wait_seconds)).await?;
     }
-    let version: i32 = src.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
-    let tables = crate::migrate::tables::list_tables(&src, &config, version as u32).await?;
-    let mut checks = Vec::new();
-    for t in &tables {
-        let sql = digest_sql(&t.schema, &t.name, &t.columns);
-        let (s, d) = tokio::join!(digest(&src, &sql), digest(&dest, &sql));
-        checks.push(TableCheck {
-            table: format!("{}.{}", t.schema, t.name),
-            source: s.map_err(|e| anyhow::anyhow!("source: {e}"))?,
-            destination: d,
-        });
-    }
+    let checks = compare(&config, &src, &dest).await?;
     print!("{}", render(&checks));
     let differ: Vec<&str> = checks.iter().filter(|c| !c.equal()).map(|c| c.table.as_str()).collect();
     if !differ.is_empty() {
@@ -54,9 +43,26 @@ pub async fn run(config: Config, wait_seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Row count and checksum of every selected table on both sides.
+pub async fn compare(config: &Config, src: &Client, dest: &Client) -> anyhow::Result<Vec<TableCheck>> {
+    let version: i32 = src.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    let tables = crate::migrate::tables::list_tables(src, config, version as u32).await?;
+    let mut checks = Vec::new();
+    for t in &tables {
+        let sql = digest_sql(&t.schema, &t.name, &t.columns);
+        let (s, d) = tokio::join!(digest(src, &sql), digest(dest, &sql));
+        checks.push(TableCheck {
+            table: format!("{}.{}", t.schema, t.name),
+            source: s.map_err(|e| anyhow::anyhow!("source: {e}"))?,
+            destination: d,
+        });
+    }
+    Ok(checks)
+}
+
 /// Waits until the slot has confirmed the source's current WAL position:
 /// everything written before this call is then in the destination.
-async fn wait_caught_up(src: &Client, slot: &str, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_caught_up(src: &Client, slot: &str, timeout: Duration) -> anyhow::Result<Lsn> {
     let target: String = src.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
     let target: Lsn = target.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let until = Instant::now() + timeout;
@@ -67,7 +73,7 @@ async fn wait_caught_up(src: &Client, slot: &str, timeout: Duration) -> anyhow::
             .and_then(|r| r.get(0));
         let confirmed: Lsn = confirmed.and_then(|s| s.parse().ok()).unwrap_or_default();
         if confirmed >= target {
-            return Ok(());
+            return Ok(target);
         }
         if Instant::now() >= until {
             anyhow::bail!(

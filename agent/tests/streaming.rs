@@ -439,7 +439,7 @@ fn a_destination_session_ended_during_commit_loses_nothing() {
         admin
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                  WHERE application_name = 'decant applier' AND wait_event = 'PgSleep'",
+                  WHERE application_name = 'decant applier t' AND wait_event = 'PgSleep'",
                 &[],
             )
             .unwrap()

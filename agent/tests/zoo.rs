@@ -438,7 +438,7 @@ fn load_round(c: &mut postgres::Client, round: u64, streaming: bool) -> Result<(
         ),
     )?;
 
-    if streaming && round % 5 == 0 {
+    if streaming && round.is_multiple_of(5) {
         exec(
             c,
             "truncate",

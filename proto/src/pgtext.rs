@@ -253,7 +253,7 @@ fn write_time(out: &mut BytesMut, usecs: i64) {
     put_padded(out, secs % 60, 2);
     if frac != 0 {
         let mut width = 6;
-        while frac % 10 == 0 {
+        while frac.is_multiple_of(10) {
             frac /= 10;
             width -= 1;
         }

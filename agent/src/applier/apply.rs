@@ -113,7 +113,8 @@ pub type OidMap<V> = HashMap<u32, V, foldhash::fast::RandomState>;
 
 pub struct Applier {
     pub(super) client: Arc<Client>,
-    _connection: JoinHandle<()>,
+    /// Ends when the destination session does (see [`Applier::session_ended`]).
+    connection: JoinHandle<()>,
     pub(super) settings: ApplySettings,
     pub(super) metrics: Arc<Metrics>,
     pub(super) targets: OidMap<Arc<Target>>,
@@ -154,19 +155,30 @@ pub struct Applier {
     /// Notified as each commit task ends (see [`Applier::flush`]).
     pub(super) commit_ended: Arc<tokio::sync::Notify>,
     pub(super) helper: Option<Helper>,
-    _helper_connection: Option<JoinHandle<()>>,
+    helper_connection: Option<JoinHandle<()>>,
 }
 
 impl Applier {
+    /// Whether a destination session of this applier has ended (the
+    /// destination restarted, or someone ended it): an idle applier would
+    /// otherwise notice only with its next statement.
+    pub fn session_ended(&self) -> bool {
+        self.connection.is_finished() || self.helper_connection.as_ref().is_some_and(|c| c.is_finished())
+    }
+
     /// Connects to the destination and reads the resume position.
     pub async fn open(destination: &ConnInfo, settings: ApplySettings, metrics: Arc<Metrics>) -> Result<Applier, ApplyError> {
         // session_replication_role = replica: no triggers or FK checks fire
         // for replicated rows (the source already enforced them). work_mem:
         // merges sort a staging table of up to BULK_FLUSH_BYTES in memory.
         const OPTIONS: &str = "-c session_replication_role=replica -c synchronous_commit=off -c work_mem=64MB";
-        let (client, connection) = connect(destination, "decant applier", OPTIONS).await?;
+        // Named after the task, whatever the connection string says, so
+        // that `decant cutover` can end exactly these sessions.
+        let [main_name, second_name] = super::session_names(&settings.task_id);
+        let destination = &ConnInfo { application_name: None, ..destination.clone() };
+        let (client, connection) = connect(destination, &main_name, OPTIONS).await?;
         let (helper, helper_connection) = if settings.split_merges {
-            let (client, connection) = connect(destination, "decant applier (second)", OPTIONS).await?;
+            let (client, connection) = connect(destination, &second_name, OPTIONS).await?;
             (Some(Helper { client: Arc::new(client), stages_created: Default::default() }), Some(connection))
         } else {
             (None, None)
@@ -180,7 +192,7 @@ impl Applier {
         let folding = Folding::new(settings.on_conflict);
         Ok(Applier {
             client: Arc::new(client),
-            _connection: connection,
+            connection,
             settings,
             metrics,
             targets: OidMap::default(),
@@ -202,7 +214,7 @@ impl Applier {
             committing: None,
             commit_ended: Default::default(),
             helper,
-            _helper_connection: helper_connection,
+            helper_connection,
         })
     }
 

@@ -24,3 +24,10 @@ pub mod stage;
 pub mod statements;
 
 pub use service::Service;
+
+/// The `application_name`s of a task's applier sessions on the
+/// destination (the main one, and the second of `split_merges`), by which
+/// `decant cutover` ends them.
+pub fn session_names(task_id: &str) -> [String; 2] {
+    [format!("decant applier {task_id}"), format!("decant applier {task_id} (second)")]
+}

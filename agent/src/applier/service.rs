@@ -13,8 +13,10 @@ use tonic::Status;
 use super::apply::{Applier, ApplyError, ApplySettings};
 use super::migration::{self, MigrationError};
 use crate::config::Config;
+use crate::connect::sql::connect;
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
+use crate::transport::cut_over_status;
 use crate::transport::server::{Acks, ApplyStream, Batches, CopyChunks, Destination};
 
 /// The destination of one task.
@@ -33,6 +35,24 @@ impl Service {
         let settings = settings(config);
         drop(Applier::open(&destination, settings.clone(), metrics.clone()).await?);
         Ok(Service { task_id: config.task_id.clone(), destination, settings, metrics })
+    }
+}
+
+impl Service {
+    /// A task that was cut over takes no stream: whatever the agent still
+    /// has to send happened after the cutover, on a source the application
+    /// no longer uses.
+    async fn refuse_if_cut_over(&self) -> Result<(), Status> {
+        let (client, _conn) =
+            connect(&self.destination, "decant applier", "").await.map_err(|e| Status::unavailable(crate::error::report(&e)))?;
+        match migration::cut_over(&client, &self.task_id).await {
+            Ok(None) => Ok(()),
+            Ok(Some(c)) => Err(cut_over_status(format!(
+                "task {} was cut over at {} (source position {}): the applier takes no more changes for it; stop its agent",
+                self.task_id, c.at, c.source_lsn
+            ))),
+            Err(e) => Err(Status::unavailable(crate::error::report(&e))),
+        }
     }
 }
 
@@ -104,6 +124,7 @@ impl Destination for Service {
     }
 
     async fn open_stream(&self, _hello: &Hello) -> Result<Stream, Status> {
+        self.refuse_if_cut_over().await?;
         let applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| apply_status(&e))?;
         Ok(Stream { applier, metrics: self.metrics.clone() })
     }
@@ -150,6 +171,9 @@ impl ApplyStream for Stream {
                     }
                 }
                 _ = tick.tick() => {
+                    if applier.session_ended() {
+                        return Err(Status::unavailable("the destination ended the applier's session; the agent reconnects"));
+                    }
                     applier.flush().await.map_err(|e| apply_status(&e))?;
                     if applier.has_undurable_commits() {
                         let lsn = applier.durable_lsn().await.map_err(|e| apply_status(&e))?;

@@ -164,6 +164,22 @@ fn compression(t: &TransportSettings) -> Option<CompressionEncoding> {
 }
 
 /// Refuses requests without the shared token (compared in constant time).
+/// Marks the status with which an applier refuses a task that was cut
+/// over, so the agent can tell the end of a task from a failure.
+const CUT_OVER: &str = "decant-cut-over";
+
+/// The refusal of a stream for a task that was cut over.
+pub fn cut_over_status(message: String) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(CUT_OVER, tonic::metadata::MetadataValue::from_static("1"));
+    Status::with_metadata(tonic::Code::FailedPrecondition, message, metadata)
+}
+
+/// Whether `status` says the task was cut over.
+pub fn is_cut_over(status: &Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition && status.metadata().contains_key(CUT_OVER)
+}
+
 fn check_token(req: Request<()>, token: Option<&str>) -> Result<Request<()>, Status> {
     let Some(expected) = token else { return Ok(req) };
     let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");

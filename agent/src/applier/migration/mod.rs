@@ -14,7 +14,7 @@ mod store;
 
 pub use copy::{copy_range, skip_before};
 pub use schema::run_schema;
-pub use store::{plan, resnapshot, state};
+pub use store::{cut_over, mark_cut_over, plan, resnapshot, state, CutOver};
 
 use decant_proto::grpc::SchemaStep;
 use tokio_postgres::error::SqlState;
@@ -199,6 +199,13 @@ DO $$BEGIN
         ALTER TABLE decant.schema_step ADD COLUMN IF NOT EXISTS step_order int NOT NULL DEFAULT 0;
     END IF;
 END$$;
+-- A task that was cut over: its applier takes no stream any more.
+CREATE TABLE IF NOT EXISTS decant.cutover (
+    task_id text PRIMARY KEY,
+    cut_over_at timestamptz NOT NULL DEFAULT now(),
+    source_lsn pg_lsn NOT NULL,
+    sequences int NOT NULL
+);
 COMMENT ON TABLE decant.task IS 'decant: migration tasks, their plan and phase';";
 
 /// Creates decant's tables in the destination when missing.

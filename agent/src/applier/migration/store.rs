@@ -301,3 +301,41 @@ mod tests {
         }
     }
 }
+
+/// When and where a task was cut over (`decant cutover`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutOver {
+    /// `cut_over_at` as text, in the session's time zone (UTC).
+    pub at: String,
+    pub source_lsn: Lsn,
+    pub sequences: i32,
+}
+
+/// Whether the task was cut over; read on `client`, a destination session.
+/// Reads only: a destination without decant's tables has no cutover.
+pub async fn cut_over(client: &Client, task_id: &str) -> Result<Option<CutOver>, tokio_postgres::Error> {
+    if client.query_one("SELECT to_regclass('decant.cutover') IS NULL", &[]).await?.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT to_char(cut_over_at, 'YYYY-MM-DD HH24:MI:SS TZ'), source_lsn::text, sequences FROM decant.cutover WHERE task_id = $1",
+            &[&task_id],
+        )
+        .await?;
+    Ok(row.map(|r| CutOver { at: r.get(0), source_lsn: r.get::<_, String>(1).parse().unwrap_or_default(), sequences: r.get(2) }))
+}
+
+/// Fences the task: from now on its applier refuses every stream. The
+/// phase becomes "completed" where the task has a plan.
+pub async fn mark_cut_over(client: &Client, task_id: &str, source_lsn: Lsn, sequences: i32) -> Result<(), tokio_postgres::Error> {
+    ensure_tables(client).await?;
+    client
+        .execute(
+            "INSERT INTO decant.cutover (task_id, source_lsn, sequences) VALUES ($1, $2::text::pg_lsn, $3) ON CONFLICT (task_id) DO NOTHING",
+            &[&task_id, &source_lsn.to_string(), &sequences],
+        )
+        .await?;
+    client.execute("UPDATE decant.task SET phase = 'completed', updated_at = now() WHERE task_id = $1", &[&task_id]).await?;
+    Ok(())
+}
