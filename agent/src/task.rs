@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::applier::apply::ApplyError;
+use crate::applier::ApplyError;
 use crate::config::{Config, MigrationType};
 use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
 use crate::metrics::Metrics;

@@ -34,37 +34,33 @@ use std::time::Instant;
 use decant_proto::Lsn;
 use tokio_postgres::Client;
 
-use super::apply::{Applier, ApplyError, ApplySettings};
-use super::merge::{self, splits, Helper, Merge};
+use super::fold::GROUP_FOLDED_BYTES;
+use super::merge::{self, Helper, Merge};
 use super::progress::{Durability, ProgressError, ProgressStore};
 use super::rowwise::{drain, InFlight};
+use super::{Applier, ApplyError, ApplySettings};
 use crate::config::ConflictPolicy;
 use crate::metrics::Metrics;
 
-/// A group ends at the first COMMIT after its folded changes reach this
-/// much memory: they are merged while the next group is folded. Larger
-/// groups fold more and merge fewer times (8 → 16 MB took the backlog's
-/// destination CPU from 2.9 to 2.4 s); 13 MB keeps the applier's peak RSS
-/// with a large transaction under 150 MB (see BULK_FLUSH_BYTES; with the
-/// system allocator and 14 MB it reached 146–147 MB; with jemalloc, 13 MB
-/// measured 117–123 MB and 20 MB 150.4 MB).
-pub const GROUP_FOLDED_BYTES: usize = 13 << 20;
-/// The first group of a stream ends at this much folded memory, and each
-/// next one at twice its predecessor's bound, up to GROUP_FOLDED_BYTES:
-/// with a backlog waiting, the destination starts merging after a few
-/// thousand transactions instead of idling while the first full group is
-/// folded (a third of a second of the benchmark's drain).
-pub const FIRST_GROUP_FOLDED_BYTES: usize = 512 << 10;
-/// Folded changes are merged at once, inside a source transaction, when they
-/// reach this much memory (a large transaction). Above GROUP_FOLDED_BYTES,
-/// so that a group of small transactions ends at a COMMIT first: that merge
-/// runs while the next group is folded, this one does not.
-pub const BULK_FLUSH_BYTES: usize = GROUP_FOLDED_BYTES + (2 << 20);
-
 /// The bound on the folded memory of the group after one bounded by
-/// `limit` (see [`FIRST_GROUP_FOLDED_BYTES`]).
+/// `limit` (see [`super::fold::FIRST_GROUP_FOLDED_BYTES`]).
 pub fn next_folded_limit(limit: usize) -> usize {
     (limit * 2).min(GROUP_FOLDED_BYTES)
+}
+
+/// A table's folded changes of a group are split over two connections
+/// from this many keys on (below, the second transaction costs more than
+/// it saves).
+const SPLIT_MIN_ROWS: usize = 2000;
+
+/// Whether the `rows` keys folded for table `oid` in `group` are merged
+/// half on each connection: there is a second connection, the table allows
+/// it (see [`super::stage::StageSql::splittable`]), there are enough keys, and the group
+/// neither ran a TRUNCATE nor wrote the table on the main connection before
+/// its commit (mid-group merges, row-by-row statements): the second
+/// connection would wait for those locks.
+pub fn splits(second: bool, splittable: bool, rows: usize, group: Option<&Group>, oid: u32) -> bool {
+    second && splittable && rows >= SPLIT_MIN_ROWS && group.is_some_and(|g| !g.truncated && !g.touched.contains(&oid))
 }
 
 /// Open destination transaction grouping source transactions.

@@ -21,11 +21,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio_postgres::Client;
 
-use super::apply::{statement_error, Applier, ApplyError};
-use super::commit::Group;
 use super::fold::{Appends, Buffer};
 use super::stage::{staging_data, Conn, Counts, StageSql};
 use super::statements::Target;
+use super::{statement_error, Applier, ApplyError};
 use crate::metrics::Metrics;
 
 /// The second destination connection of `split_merges`, with the staging
@@ -34,21 +33,6 @@ use crate::metrics::Metrics;
 pub struct Helper {
     pub client: Arc<Client>,
     pub stages_created: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-}
-
-/// A table's folded changes of a group are split over two connections
-/// from this many keys on (below, the second transaction costs more than
-/// it saves).
-const SPLIT_MIN_ROWS: usize = 2000;
-
-/// Whether the `rows` keys folded for table `oid` in `group` are merged
-/// half on each connection: there is a second connection, the table allows
-/// it (see [`StageSql::splittable`]), there are enough keys, and the group
-/// neither ran a TRUNCATE nor wrote the table on the main connection before
-/// its commit (mid-group merges, row-by-row statements): the second
-/// connection would wait for those locks.
-pub fn splits(second: bool, splittable: bool, rows: usize, group: Option<&Group>, oid: u32) -> bool {
-    second && splittable && rows >= SPLIT_MIN_ROWS && group.is_some_and(|g| !g.truncated && !g.touched.contains(&oid))
 }
 
 impl Applier {

@@ -24,9 +24,9 @@ use decant_proto::{Insert, Message, OldTuple, Truncate, Update, Value};
 use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 use tokio_postgres::Statement;
 
-use super::apply::{statement_error, Applier, ApplyError};
 use super::cells::slice;
 use super::statements::{locator_values, Target};
+use super::{statement_error, Applier, ApplyError};
 use crate::config::ConflictPolicy;
 use crate::metrics::Metrics;
 

@@ -10,8 +10,8 @@ use decant_proto::grpc::{CopyDone, Hello, MigrationPlan, SequenceValue, TaskStat
 use decant_proto::Lsn;
 use tonic::Status;
 
-use super::apply::{Applier, ApplyError, ApplySettings};
 use super::migration::{self, MigrationError};
+use super::{Applier, ApplyError, ApplySettings};
 use crate::config::Config;
 use crate::connect::sql::connect;
 use crate::connect::ConnInfo;

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use super::super::fold::{BULK_FLUSH_BYTES, FIRST_GROUP_FOLDED_BYTES};
 use super::*;
 
 fn settings() -> ApplySettings {
@@ -164,4 +165,26 @@ fn after_a_crash_the_resent_stream_applies_each_transaction_once() {
     let restarted = Position::new(p.committed(), HashMap::new());
     let applied: Vec<Lsn> = txns.iter().filter(|(f, _)| !restarted.applied(*f)).map(|(_, e)| *e).collect();
     assert_eq!(applied, [Lsn(50), Lsn(60)]);
+}
+
+#[test]
+fn large_merges_of_untouched_tables_are_split() {
+    let group = Group::new(Lsn(1), Instant::now());
+    let g = Some(&group);
+    assert!(splits(true, true, SPLIT_MIN_ROWS, g, 7));
+    // No second connection, a table that does not allow it, too few keys.
+    assert!(!splits(false, true, SPLIT_MIN_ROWS, g, 7));
+    assert!(!splits(true, false, SPLIT_MIN_ROWS, g, 7));
+    assert!(!splits(true, true, SPLIT_MIN_ROWS - 1, g, 7));
+    assert!(!splits(true, true, SPLIT_MIN_ROWS, None, 7));
+    // The group wrote the table on the main connection: its row locks
+    // would hold the second connection up.
+    let mut touched = Group::new(Lsn(1), Instant::now());
+    touched.touched.insert(7);
+    assert!(!splits(true, true, SPLIT_MIN_ROWS, Some(&touched), 7));
+    assert!(splits(true, true, SPLIT_MIN_ROWS, Some(&touched), 8));
+    // After a TRUNCATE nothing is split.
+    let mut truncated = Group::new(Lsn(1), Instant::now());
+    truncated.truncated = true;
+    assert!(!splits(true, true, SPLIT_MIN_ROWS, Some(&truncated), 8));
 }

@@ -1,6 +1,4 @@
-use std::time::Instant;
-
-use decant_proto::{Lsn, ReplicaIdentity};
+use decant_proto::ReplicaIdentity;
 
 use super::super::cells::{Cell, Cells};
 use super::*;
@@ -19,28 +17,6 @@ fn target() -> Target {
         source_order: false,
         key_deferrable: false,
     }
-}
-
-#[test]
-fn large_merges_of_untouched_tables_are_split() {
-    let group = Group::new(Lsn(1), Instant::now());
-    let g = Some(&group);
-    assert!(splits(true, true, SPLIT_MIN_ROWS, g, 7));
-    // No second connection, a table that does not allow it, too few keys.
-    assert!(!splits(false, true, SPLIT_MIN_ROWS, g, 7));
-    assert!(!splits(true, false, SPLIT_MIN_ROWS, g, 7));
-    assert!(!splits(true, true, SPLIT_MIN_ROWS - 1, g, 7));
-    assert!(!splits(true, true, SPLIT_MIN_ROWS, None, 7));
-    // The group wrote the table on the main connection: its row locks
-    // would hold the second connection up.
-    let mut touched = Group::new(Lsn(1), Instant::now());
-    touched.touched.insert(7);
-    assert!(!splits(true, true, SPLIT_MIN_ROWS, Some(&touched), 7));
-    assert!(splits(true, true, SPLIT_MIN_ROWS, Some(&touched), 8));
-    // After a TRUNCATE nothing is split.
-    let mut truncated = Group::new(Lsn(1), Instant::now());
-    truncated.truncated = true;
-    assert!(!splits(true, true, SPLIT_MIN_ROWS, Some(&truncated), 8));
 }
 
 #[test]
