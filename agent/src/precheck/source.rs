@@ -321,13 +321,34 @@ impl Source {
                  library decant and the extension); see the README, \"Using the plugin on your own server\"",
             ),
         }
-        match settings.get("output_plugin_libraries") {
-            None => f.pass(
+        // pg_settings hides the setting from users who may not read it;
+        // current_setting then says whether it exists.
+        let libraries = match settings.get("output_plugin_libraries") {
+            Some(list) => Ok(Some(list.to_owned())),
+            None => match self.client.query_one("SELECT current_setting('output_plugin_libraries', true)", &[]).await {
+                Ok(row) => Ok(row.get::<_, Option<String>>(0)),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => Err(()),
+                Err(e) => return Err(e),
+            },
+        };
+        match libraries {
+            Ok(None) => f.pass(
                 Check::SourceOutputPluginLibraries,
                 "output_plugin_libraries",
                 "this server has no output_plugin_libraries: any installed plugin may be used",
             ),
-            Some(list) => {
+            Err(()) => f.warn(
+                Check::SourceOutputPluginLibraries,
+                "output_plugin_libraries",
+                format!(
+                    "this server has output_plugin_libraries, which {} may not read (superuser or pg_read_all_settings): a \
+                     slot with plugin decant is refused unless it lists decant",
+                    self.server.user
+                ),
+                "as a superuser, SHOW output_plugin_libraries; if decant is missing, add it in the source's postgresql.conf \
+                 (output_plugin_libraries = '…, decant'), then SELECT pg_reload_conf() (a reload suffices)",
+            ),
+            Ok(Some(list)) => {
                 let names: Vec<&str> = list.split(',').map(|s| s.trim().trim_matches('"')).filter(|s| !s.is_empty()).collect();
                 if names.contains(&"decant") {
                     f.pass(
