@@ -358,8 +358,10 @@ fn size(bytes: i64) -> String {
     let b = bytes.max(0) as f64;
     if b >= 1e9 {
         format!("{:.1} GB", b / 1e9)
-    } else {
+    } else if b >= 1e6 {
         format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.0} kB", b / 1e3)
     }
 }
 
