@@ -18,13 +18,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Source side: stream the decant slot to the applier (a long-running service).
-    Agent(RoleArgs),
+    Agent(TaskArgs),
     /// Destination side: receive records from the agent and apply them (a long-running service).
-    Applier(RoleArgs),
+    Applier(TaskArgs),
     /// Run a whole migration task in one process: schema, full copy, then
     /// the incremental stream (per migrate.types), agent and applier talking
     /// gRPC over loopback.
-    Migrate(RoleArgs),
+    Migrate(TaskArgs),
+    /// Check everything that can make the task fail, and print each check
+    /// with its fix. Exits non-zero when any check fails with an error.
+    Precheck(PrecheckArgs),
     /// Show a task's phase, each table's copy state, the lag and rates.
     Status(StatusArgs),
     /// Compare the selected tables of source and destination: row counts
@@ -49,6 +52,38 @@ pub struct RoleArgs {
     /// Override a setting: section.key=value (TOML value syntax), repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+}
+
+/// A role that runs the task (and its precheck at start).
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    pub role: RoleArgs,
+    /// Accept a precheck warning by its name (e.g. source.large_objects),
+    /// repeatable; adds to migrate.accept.
+    #[arg(long = "accept", value_name = "CHECK")]
+    pub accept: Vec<String>,
+}
+
+impl TaskArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(Some(&self.role.config), &self.role.overrides)?;
+        config.migrate.accept.extend(self.accept.iter().cloned());
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PrecheckArgs {
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Which servers to check: both (the default), or only the source or
+    /// the destination (where one host cannot reach both).
+    #[arg(long, value_enum, default_value = "both")]
+    pub side: crate::precheck::Sides,
 }
 
 #[derive(Debug, Args)]
@@ -99,11 +134,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(args) => {
-            let config = Config::load(Some(&args.config), &args.overrides)?;
+            let config = args.config()?;
             serve_role(config, |config, metrics, shutdown| async move {
                 let listen = config.agent.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
                 crate::task::run_migrate(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+            })
+        }
+        Command::Precheck(args) => {
+            let config = args.task.config()?;
+            one_shot(&config, async {
+                let report = crate::precheck::run(&config, args.side).await?;
+                print!("{}", if args.json { report.json() + "\n" } else { report.text() });
+                match report.errors() {
+                    0 => Ok(()),
+                    n => Err(anyhow::anyhow!("precheck: {n} error(s); fix them and run decant precheck again")),
+                }
             })
         }
         Command::Status(args) => {
@@ -125,7 +171,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             one_shot(&config, crate::verify::run(config.clone(), args.wait))
         }
         Command::Agent(args) => {
-            let config = Config::load(Some(&args.config), &args.overrides)?;
+            let config = args.config()?;
             serve_role(config, |config, metrics, shutdown| async move {
                 let listen = config.agent.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
@@ -133,7 +179,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Applier(args) => {
-            let config = Config::load(Some(&args.config), &args.overrides)?;
+            let config = args.config()?;
             serve_role(config, |config, metrics, shutdown| async move {
                 let listen = config.applier.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;

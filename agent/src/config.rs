@@ -58,6 +58,8 @@ pub struct Migrate {
     pub pg_dump: String,
     pub progress: ProgressDisplay,
     pub insert_only_tables: Vec<String>,
+    /// Precheck warnings accepted by name (`decant precheck` lists them).
+    pub accept: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,6 +121,7 @@ impl Default for Migrate {
             pg_dump: String::new(),
             progress: ProgressDisplay::Auto,
             insert_only_tables: Vec::new(),
+            accept: Vec::new(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod inspect;
 pub mod metrics;
 pub mod migrate;
+pub mod precheck;
 pub mod replication;
 pub mod retry;
 pub mod secrets;

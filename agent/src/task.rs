@@ -2,8 +2,13 @@
 //! process. This is the only module that knows the whole order:
 //!
 //! ```text
-//! checks → schema (pre-data) → full copy → schema (post-data) → incremental stream
+//! precheck → schema (pre-data) → full copy → schema (post-data) → incremental stream
 //! ```
+//!
+//! Each role runs the precheck of the sides it reaches before anything
+//! else, and refuses to start on an error: the agent checks the source,
+//! the applier the destination, `migrate` both and the one against the
+//! other.
 //!
 //! The phases themselves live below, and none of them imports this module:
 //! `migrate` drives the phases before the stream from the source side,
@@ -23,10 +28,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::applier::ApplyError;
-use crate::config::{Config, MigrationType};
+use crate::config::Config;
 use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
 use crate::metrics::Metrics;
 use crate::migrate::{self, MigrateError};
+use crate::precheck::{self, PrecheckError, Sides};
 use crate::retry::{ErrorClass, Retry};
 use crate::stream::{self, SessionError};
 use crate::transport::client::StreamError;
@@ -50,6 +56,11 @@ pub enum TaskError {
     Stream(#[from] SessionError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Precheck(#[from] PrecheckError),
+    /// The precheck found errors: every one, with its fix.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl TaskError {
@@ -75,10 +86,34 @@ impl TaskError {
 
 /// `decant agent`: runs the task's phases on the source side until
 /// `shutdown` turns true, retrying per the policy.
-pub async fn run_agent(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+pub async fn run_agent(config: Config, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let transport = TransportSettings::from_config(&config)?;
     transport.check_client(&config.agent.applier_url)?;
+    check(&config, Sides::Source).await?;
+    drive(config, source, transport, metrics, shutdown).await
+}
+
+/// Runs the precheck of `sides` and logs its warnings; an error refuses
+/// the task.
+async fn check(config: &Config, sides: Sides) -> Result<(), TaskError> {
+    let report = precheck::run(config, sides).await?;
+    report.log();
+    match report.refusal() {
+        Some(refusal) => Err(TaskError::Refused(refusal)),
+        None => Ok(()),
+    }
+}
+
+/// The source side of a task, checked: its phases through the applier at
+/// `config.agent.applier_url`.
+async fn drive(
+    config: Config,
+    source: ConnInfo,
+    transport: TransportSettings,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), TaskError> {
     let mut retry = Retry::new(config.connection_retry(), config.other_retry());
     tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
     // Until the first session streams, a connection that cannot be made ends
@@ -86,9 +121,6 @@ pub async fn run_agent(config: Config, metrics: Arc<Metrics>, mut shutdown: watc
     // configuration (and a service manager restarts the agent anyway).
     // Once streaming, lost connections are retried for the connection time.
     let mut streamed_once = false;
-    if config.migrate.has(MigrationType::Incremental) {
-        migrate::check_replica_identity(&config, &source).await?;
-    }
     // Schema and full copy first, when the task has them.
     let mut migrated = !config.migrate.has_phases_before_stream();
     loop {
@@ -159,6 +191,7 @@ pub async fn run_applier(config: Config, metrics: Arc<Metrics>, mut shutdown: wa
         .map_err(|e: std::net::AddrParseError| TaskError::Listen(config.applier.listen.clone(), e.to_string()))?;
     let transport = TransportSettings::from_config(&config)?;
     transport.check_server(&config.applier.listen)?;
+    check(&config, Sides::Destination).await?;
     tracing::info!(task = %config.task_id, destination = %destination, "applier starting");
     let service = crate::applier::Service::open(&config, destination, metrics).await?;
     let listener =
@@ -173,7 +206,10 @@ pub async fn run_applier(config: Config, metrics: Arc<Metrics>, mut shutdown: wa
 /// `decant migrate`: the applier served in this process on a loopback
 /// port with a one-time token, and the agent driving the task through it.
 pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+    let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).map_err(TaskError::DestinationConnInfo)?;
+    // Before the applier opens the destination, which creates its schema.
+    check(&config, Sides::Both).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     config.agent.applier_url = format!("http://127.0.0.1:{port}");
@@ -190,7 +226,7 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
             .await
         }
     });
-    let result = run_agent(config, metrics, shutdown).await;
+    let result = drive(config, source, transport, metrics, shutdown).await;
     let _ = stop_server.send(());
     let _ = server.await;
     result

@@ -251,7 +251,9 @@ fn bad_input_gives_one_clear_error_and_writes_nothing() {
     let mut d = t.dest.connect();
     let tables: i64 = d.query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &[]).unwrap().get(0);
     assert_eq!(tables, 1, "a table was created although the task failed");
-    let tasks: i64 = d.query_one("SELECT count(*) FROM decant.task", &[]).unwrap().get(0);
+    // The precheck refuses before the applier creates decant's own tables.
+    let planned: bool = d.query_one("SELECT to_regclass('decant.task') IS NOT NULL", &[]).unwrap().get(0);
+    let tasks: i64 = if planned { d.query_one("SELECT count(*) FROM decant.task", &[]).unwrap().get(0) } else { 0 };
     assert_eq!(tasks, 0, "a plan was stored although the task failed");
     // Nothing is left on the source either: no slot.
     let slots: i64 = t.source.connect().query_one("SELECT count(*) FROM pg_replication_slots", &[]).unwrap().get(0);

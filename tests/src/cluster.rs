@@ -57,7 +57,33 @@ impl Cluster {
         let mut cluster = Cluster { dir, data_dir, log_path, bindir, port: 0, running: false };
         cluster.initdb();
         cluster.check_hba();
+        cluster.launch(extra_conf);
+        cluster
+    }
 
+    /// A hot standby of this cluster (`pg_basebackup -R`), started on a
+    /// free port, with extra postgresql.conf lines.
+    pub fn start_standby(&self, extra_conf: &[&str]) -> Cluster {
+        let dir =
+            tempfile::Builder::new().prefix("decant-pg-").tempdir().unwrap_or_else(|e| panic!("decant-tests: cannot create temp dir: {e}"));
+        if is_root() {
+            let (uid, gid) = postgres_user();
+            chown(dir.path(), uid, gid);
+        }
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join("server.log");
+        let mut cmd = server_command(&self.bindir.join("pg_basebackup"), dir.path());
+        cmd.args(["-h", HOST, "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"]).arg(&data_dir);
+        let out = run_capture(&mut cmd);
+        assert!(out.status.success(), "decant-tests: pg_basebackup failed\n{}", describe_output(&out));
+        let mut standby = Cluster { dir, data_dir, log_path, bindir: self.bindir.clone(), port: 0, running: false };
+        standby.launch(extra_conf);
+        standby
+    }
+
+    /// Starts the server of a prepared data directory on a free port.
+    fn launch(&mut self, extra_conf: &[&str]) {
+        let cluster = self;
         let base_conf = fs::read_to_string(cluster.conf_path())
             .unwrap_or_else(|e| panic!("decant-tests: cannot read {}: {e}", cluster.conf_path().display()));
         let mut last_err = String::new();
@@ -69,7 +95,7 @@ impl Cluster {
             let out = cluster.pg_ctl("start", &[]);
             if out.status.success() {
                 cluster.running = true;
-                return cluster;
+                return;
             }
             let new_log = cluster.log_since(log_offset);
             last_err = format!("attempt {attempt} on port {port}: {}\n--- server log (this attempt) ---\n{new_log}", describe_output(&out));

@@ -93,18 +93,6 @@ fn status(s: tonic::Status) -> MigrateError {
     MigrateError::Applier(StreamError::Status(s))
 }
 
-/// Refuses a task with incremental whose selected tables include one
-/// without a replica identity: the stream could not apply its UPDATEs and
-/// DELETEs, and the destination would silently diverge.
-pub async fn check_replica_identity(config: &Config, source: &ConnInfo) -> Result<(), MigrateError> {
-    let (client, _conn) = connect(source, "decant agent", "").await?;
-    let tables = tables::tables_without_identity(&client, config).await?;
-    if tables.is_empty() {
-        return Ok(());
-    }
-    Err(MigrateError::Invalid(tables::without_identity_message(&tables)))
-}
-
 /// A snapshot exported by the source, valid while `holder` stays open.
 pub struct Snapshot {
     pub id: String,

@@ -129,6 +129,11 @@ impl PgDump {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Its version, as `pg_dump --version` prints it (`15.20`).
+    pub fn version(&self) -> Option<String> {
+        version_of(&self.path)
+    }
 }
 
 /// A libpq service file (mode 0600, removed on drop) holding the source's

@@ -12,12 +12,12 @@ use crate::connect::sql::BINARY_IO;
 
 /// Schemas that are never migrated: the catalogs, and the decant
 /// extension's own schema.
-const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'decant') \
+pub const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'decant') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
 
 /// Condition on a `pg_class` row `c`: not a member of an extension (the
 /// extension creates it on the destination).
-const NOT_EXTENSION_MEMBER: &str =
+pub const NOT_EXTENSION_MEMBER: &str =
     "NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
 
 /// The tables to copy: ordinary tables and partitions (a partitioned
@@ -103,23 +103,6 @@ pub async fn tables_without_identity(client: &Client, config: &Config) -> Result
         .filter(|(s, t)| selected.table_selected(s.as_bytes(), t.as_bytes()))
         .filter(|(s, t)| !accepted.iter().any(|p| p.matches(s.as_bytes(), t.as_bytes())))
         .collect())
-}
-
-/// The refusal of a task whose `tables` have no replica identity, with the
-/// fix for each.
-pub fn without_identity_message(tables: &[(String, String)]) -> String {
-    let fixes: Vec<String> =
-        tables.iter().map(|(s, t)| format!("  ALTER TABLE {}.{} REPLICA IDENTITY FULL;", quote_ident(s), quote_ident(t))).collect();
-    let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
-    format!(
-        "{} selected table(s) have no replica identity, so the stream could not apply their UPDATEs and DELETEs \
-         (the destination would silently keep rows the source changed or deleted): {}. Give each a primary key, or run \
-         on the source:\n{}\nor, for tables that only ever get INSERTs, list them in migrate.insert_only_tables \
-         (an UPDATE or DELETE of one then stops the task). Schema and full copy alone need no replica identity.",
-        tables.len(),
-        names.join(", "),
-        fixes.join("\n")
-    )
 }
 
 /// The task's table filter (the plugin's patterns).
