@@ -50,6 +50,17 @@ impl Retry {
         Some(wait)
     }
 
+    /// How much of the retry window of `class` is left in the current run
+    /// of failures.
+    pub fn window_left(&self, class: ErrorClass) -> Duration {
+        let window = match class {
+            ErrorClass::Fatal => Duration::ZERO,
+            ErrorClass::Connection => self.connection_window,
+            ErrorClass::Other => self.other_window,
+        };
+        window.saturating_sub(self.failing_for())
+    }
+
     pub fn failing_for(&self) -> Duration {
         self.failing_since.map(|s| s.elapsed()).unwrap_or_default()
     }

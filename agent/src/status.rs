@@ -14,7 +14,7 @@ use crate::connect::{ConnInfo, ProcessEnv};
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub task_id: String,
-    /// "Not started", "Running" or "Completed".
+    /// "Not started", "Running", "Retrying", "Failed" or "Completed".
     pub state: String,
     pub phase: String,
     pub types: Vec<String>,
@@ -26,6 +26,11 @@ pub struct Status {
     pub copy_rows_per_s: f64,
     pub copy_mb_per_s: f64,
     pub apply_wal_mb_per_s: f64,
+    /// Retrying or Failed: the error the agent reported, and since when.
+    pub reason: Option<String>,
+    pub since: Option<String>,
+    /// Retrying: seconds left of the retry window.
+    pub retry_seconds_left: Option<u64>,
     /// When `decant cutover` fenced the task.
     pub cut_over_at: Option<String>,
     /// The source position it was cut over at.
@@ -127,6 +132,9 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
         copy_rows_per_s: 0.0,
         copy_mb_per_s: 0.0,
         apply_wal_mb_per_s: 0.0,
+        reason: None,
+        since: None,
+        retry_seconds_left: None,
         cut_over_at: None,
         cut_over_lsn: None,
     };
@@ -173,6 +181,14 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
         }
         None => {}
     }
+    if let Some(h) = crate::applier::migration::health(dest, task_id).await? {
+        if h.state == "retrying" || h.state == "failed" {
+            status.state = if h.state == "failed" { "Failed" } else { "Retrying" }.into();
+            status.reason = Some(h.reason);
+            status.since = Some(h.since);
+            status.retry_seconds_left = h.retry_seconds_left;
+        }
+    }
     if let Some(c) = crate::applier::migration::cut_over(dest, task_id).await? {
         status.state = "Completed".into();
         status.phase = "completed".into();
@@ -186,6 +202,10 @@ pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "task {}: {} (phase: {}; types: {})", s.task_id, s.state, s.phase, s.types.join(", "));
+    if let (Some(reason), Some(since)) = (&s.reason, &s.since) {
+        let left = s.retry_seconds_left.map(|l| format!("; {l} s of the retry window left")).unwrap_or_default();
+        let _ = writeln!(out, "{} since {since}{left}: {reason}", s.state.to_lowercase());
+    }
     if let (Some(at), Some(lsn)) = (&s.cut_over_at, &s.cut_over_lsn) {
         let _ = writeln!(out, "cut over at {at} (source position {lsn}): the applier takes no more changes");
     }

@@ -25,6 +25,7 @@
 
 use std::sync::Arc;
 
+use decant_proto::grpc::HealthReport;
 use tokio::sync::watch;
 
 use crate::applier::ApplyError;
@@ -90,8 +91,26 @@ pub async fn run_agent(config: Config, metrics: Arc<Metrics>, shutdown: watch::R
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let transport = TransportSettings::from_config(&config)?;
     transport.check_client(&config.agent.applier_url)?;
-    check(&config, Sides::Source).await?;
-    drive(config, source, transport, metrics, shutdown).await
+    let result = match check(&config, Sides::Source).await {
+        Ok(()) => drive(&config, source, &transport, metrics, shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        report_health(&config, &transport, "failed", e, None).await;
+    }
+    result
+}
+
+/// Tells the applier (for `decant status`) that the task is retrying or
+/// failed, and why.
+async fn report_health(config: &Config, transport: &TransportSettings, state: &str, error: &TaskError, left: Option<std::time::Duration>) {
+    let report = HealthReport {
+        task_id: config.task_id.clone(),
+        state: state.to_owned(),
+        reason: crate::error::report(error),
+        retry_seconds_left: left.map_or(0, |l| l.as_secs()),
+    };
+    crate::transport::client::report(&config.agent.applier_url, transport, report).await;
 }
 
 /// Runs the precheck of `sides` and logs its warnings; an error refuses
@@ -108,9 +127,9 @@ async fn check(config: &Config, sides: Sides) -> Result<(), TaskError> {
 /// The source side of a task, checked: its phases through the applier at
 /// `config.agent.applier_url`.
 async fn drive(
-    config: Config,
+    config: &Config,
     source: ConnInfo,
-    transport: TransportSettings,
+    transport: &TransportSettings,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TaskError> {
@@ -125,8 +144,8 @@ async fn drive(
     let mut migrated = !config.migrate.has_phases_before_stream();
     loop {
         let result = if migrated {
-            let mut session = stream::Session::new(&config, &metrics);
-            let result = session.run(&source, &transport, &mut retry, &mut shutdown).await.map_err(TaskError::Stream);
+            let mut session = stream::Session::new(config, &metrics);
+            let result = session.run(&source, transport, &mut retry, &mut shutdown).await.map_err(TaskError::Stream);
             streamed_once |= session.streaming;
             result
         } else {
@@ -134,7 +153,7 @@ async fn drive(
             // destination transaction, so one cut short is simply redone.
             let mut stop = shutdown.clone();
             let driven = tokio::select! {
-                r = migrate::drive(&config, &source, &transport, &metrics, &shutdown, &mut streamed_once) => r,
+                r = migrate::drive(config, &source, transport, &metrics, &shutdown, &mut streamed_once) => r,
                 _ = stop.changed() => Ok(false),
             };
             match driven {
@@ -163,6 +182,7 @@ async fn drive(
                     Some(wait) => {
                         metrics.retries.inc();
                         tracing::warn!(error = %crate::error::report(&e), retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
+                        report_health(config, transport, "retrying", &e, Some(retry.window_left(class))).await;
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
                             _ = shutdown.changed() => return Ok(()),
@@ -226,7 +246,10 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
             .await
         }
     });
-    let result = drive(config, source, transport, metrics, shutdown).await;
+    let result = drive(&config, source, &transport, metrics, shutdown).await;
+    if let Err(e) = &result {
+        report_health(&config, &transport, "failed", e, None).await;
+    }
     let _ = stop_server.send(());
     let _ = server.await;
     result

@@ -1,9 +1,15 @@
+//! The end of a task, and its state on the way.
+//!
 //! `decant cutover` end to end: a task migrated under load (pgbench and the
 //! demo's identity, serial and standalone sequences, one counting down),
 //! then cut over once the load stopped: the destination's sequences reach
 //! the source's (plus the margin asked for), every table compares equal,
 //! the running task stops by itself and is refused if started again, the
 //! source can be frozen, and a second cutover changes nothing.
+//!
+//! `decant status` while the task retries (the source is down: how much
+//! of the retry window is left, and why) and after it failed (why, and
+//! since when).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -170,4 +176,36 @@ fn cutover_after_the_load_sets_sequences_compares_and_fences_the_task() {
     let (ok, out) = t.command(&["cutover"]);
     assert!(ok && out.contains("nothing to do"), "{out}");
     assert_eq!(next_values(&mut dest), after);
+}
+
+#[test]
+fn status_shows_a_retrying_and_a_failed_task_with_the_reason() {
+    let t = Task::new();
+    t.source
+        .connect()
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g;")
+        .unwrap();
+    let mut m = Role::start(decant(), "migrate", &t.config, &t.dir.path().join("migrate.log"));
+    let status = || t.command(&["status"]).1;
+    wait_for("the stream phase", Duration::from_secs(120), || status().contains("Running (phase: incremental"));
+
+    // The source goes away: the agent retries, and says so.
+    t.source.stop();
+    wait_for("a retrying task", Duration::from_secs(60), || {
+        let s = status();
+        s.contains("Retrying") && s.contains("of the retry window left")
+    });
+    t.source.start_again();
+    wait_for("the task running again", Duration::from_secs(120), || status().contains("Running (phase: incremental"));
+    assert!(m.is_running(), "{}", m.log());
+
+    // A change the destination cannot take ends the task: it failed.
+    t.dest.connect().batch_execute("DROP TABLE t").unwrap();
+    t.source.connect().batch_execute("INSERT INTO t VALUES (11, 'y')").unwrap();
+    let code = m.wait_exit(Duration::from_secs(60));
+    assert!(matches!(code, Some(c) if c != 0), "{code:?} {}", m.log());
+    let s = status();
+    assert!(s.contains("Failed") && s.contains("failed since") && s.contains("does not exist"), "{s}");
+    let (ok, json) = t.command(&["status", "--json"]);
+    assert!(ok && json.contains("\"state\":\"Failed\"") && json.contains("\"reason\":"), "{json}");
 }

@@ -224,6 +224,18 @@ impl Cluster {
         }
     }
 
+    /// Stops the server (fast shutdown) until [`Cluster::start_again`].
+    pub fn stop(&self) {
+        let out = self.pg_ctl("stop", &["-m", "fast"]);
+        assert!(out.status.success(), "decant-tests: pg_ctl stop failed (port {})\n{}", self.port, describe_output(&out));
+    }
+
+    /// Starts a server stopped by [`Cluster::stop`] again, on its port.
+    pub fn start_again(&self) {
+        let out = self.pg_ctl("start", &[]);
+        assert!(out.status.success(), "decant-tests: pg_ctl start failed (port {})\n{}", self.port, describe_output(&out));
+    }
+
     // ----- internals -------------------------------------------------------
 
     fn conf_path(&self) -> PathBuf {

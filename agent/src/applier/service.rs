@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use decant_proto::grpc::{CopyDone, Hello, MigrationPlan, SequenceValue, TaskState};
+use decant_proto::grpc::{CopyDone, HealthReport, Hello, MigrationPlan, SequenceValue, TaskState};
 use decant_proto::Lsn;
 use tonic::Status;
 
@@ -41,19 +41,32 @@ impl Service {
 impl Service {
     /// A task that was cut over takes no stream: whatever the agent still
     /// has to send happened after the cutover, on a source the application
-    /// no longer uses.
-    async fn refuse_if_cut_over(&self) -> Result<(), Status> {
-        let (client, _conn) =
-            connect(&self.destination, "decant applier", "").await.map_err(|e| Status::unavailable(crate::error::report(&e)))?;
-        match migration::cut_over(&client, &self.task_id).await {
-            Ok(None) => Ok(()),
-            Ok(Some(c)) => Err(cut_over_status(format!(
+    /// no longer uses. Any other task is running again from here on.
+    async fn admit_stream(&self) -> Result<(), Status> {
+        let client = self.session().await?;
+        match migration::cut_over(&client, &self.task_id).await.map_err(|e| unavailable(&e))? {
+            None => migration::record_health(&client, &self.task_id, "running", "", None).await.map_err(|e| unavailable(&e)),
+            Some(c) => Err(cut_over_status(format!(
                 "task {} was cut over at {} (source position {}): the applier takes no more changes for it; stop its agent",
                 self.task_id, c.at, c.source_lsn
             ))),
-            Err(e) => Err(Status::unavailable(crate::error::report(&e))),
         }
     }
+
+    async fn record_health(&self, state: &str, reason: &str, retry_seconds_left: Option<u64>) -> Result<(), Status> {
+        let client = self.session().await?;
+        migration::record_health(&client, &self.task_id, state, reason, retry_seconds_left).await.map_err(|e| unavailable(&e))
+    }
+
+    /// A short destination session for the service's own bookkeeping.
+    async fn session(&self) -> Result<tokio_postgres::Client, Status> {
+        let (client, _conn) = connect(&self.destination, "decant applier", "").await.map_err(|e| unavailable(&e))?;
+        Ok(client)
+    }
+}
+
+fn unavailable(e: &(dyn std::error::Error + 'static)) -> Status {
+    Status::unavailable(crate::error::report(e))
 }
 
 fn settings(config: &Config) -> ApplySettings {
@@ -104,11 +117,19 @@ impl Destination for Service {
     }
 
     async fn plan(&self, plan: Option<MigrationPlan>) -> Result<TaskState, Status> {
-        match plan {
+        let state = match plan {
             Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
             None => migration::state(&self.destination, &self.task_id).await,
         }
-        .map_err(migration_status)
+        .map_err(migration_status)?;
+        // An agent starts every run of the migration phases here.
+        self.record_health("running", "", None).await?;
+        Ok(state)
+    }
+
+    async fn report(&self, report: &HealthReport) -> Result<(), Status> {
+        let left = (report.state == "retrying").then_some(report.retry_seconds_left);
+        self.record_health(&report.state, &crate::secrets::redact(&report.reason), left).await
     }
 
     async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status> {
@@ -124,7 +145,7 @@ impl Destination for Service {
     }
 
     async fn open_stream(&self, _hello: &Hello) -> Result<Stream, Status> {
-        self.refuse_if_cut_over().await?;
+        self.admit_stream().await?;
         let applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| apply_status(&e))?;
         Ok(Stream { applier, metrics: self.metrics.clone() })
     }

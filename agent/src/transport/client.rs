@@ -107,3 +107,18 @@ pub async fn open(url: &str, settings: &TransportSettings, hello: Hello, queue: 
         Err(s) => Err(StreamError::Status(s)),
     }
 }
+
+/// Tells the applier how the task is doing after a failure ("retrying" or
+/// "failed"), for `decant status`. Best effort: an applier that cannot be
+/// reached within a few seconds (often the failure itself) is not told.
+pub async fn report(url: &str, settings: &TransportSettings, report: decant_proto::grpc::HealthReport) {
+    let send = async {
+        let mut client = connect(url, settings).await?;
+        client.report(report).await.map_err(StreamError::Status)
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), send).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "could not report the task's health to the applier"),
+        Err(_) => tracing::debug!("could not report the task's health to the applier: timed out"),
+    }
+}

@@ -14,8 +14,8 @@ use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
 use decant_proto::grpc::applier_server::{Applier as ApplierRpc, ApplierServer};
 use decant_proto::grpc::{
-    Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, Hello, MigrationPlan, PlanRequest, ResnapshotRequest, SchemaRequest,
-    SequenceValue, TaskState, Welcome,
+    Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, HealthAck, HealthReport, Hello, MigrationPlan, PlanRequest, ResnapshotRequest,
+    SchemaRequest, SequenceValue, TaskState, Welcome,
 };
 use decant_proto::{Lsn, FORMAT_VERSION};
 use futures_util::FutureExt;
@@ -48,6 +48,8 @@ pub trait Destination: Send + Sync + 'static {
     async fn copy(&self, table_id: u32, range_id: u32, first: (Bytes, bool), rest: CopyChunks) -> Result<CopyDone, Status>;
     /// Restarts the unfinished copy from a new snapshot at `lsn`.
     async fn resnapshot(&self, lsn: Lsn) -> Result<TaskState, Status>;
+    /// Records the agent's report on the task's health.
+    async fn report(&self, report: &HealthReport) -> Result<(), Status>;
     /// Opens the apply stream for an agent that said `hello`.
     async fn open_stream(&self, hello: &Hello) -> Result<Self::Stream, Status>;
 }
@@ -158,6 +160,15 @@ impl<D: Destination> ApplierRpc for Service<D> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
         guarded(self.destination.resnapshot(Lsn(req.lsn))).await.map(Response::new)
+    }
+
+    async fn report(&self, request: Request<HealthReport>) -> Result<Response<HealthAck>, Status> {
+        let req = request.into_inner();
+        self.check_task(&req.task_id)?;
+        if req.state != "retrying" && req.state != "failed" {
+            return Err(Status::invalid_argument(format!("unknown task state {:?}", req.state)));
+        }
+        guarded(self.destination.report(&req)).await.map(|()| Response::new(HealthAck {}))
     }
 
     async fn replicate(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Outbound>, Status> {

@@ -190,6 +190,24 @@ pub struct CopyDone {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HealthReport {
+    #[prost(string, tag = "1")]
+    pub task_id: ::prost::alloc::string::String,
+    /// "retrying" or "failed".
+    #[prost(string, tag = "2")]
+    pub state: ::prost::alloc::string::String,
+    /// The error, as the agent reports it (no secrets).
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// While retrying: seconds left of the retry window.
+    #[prost(uint64, tag = "4")]
+    pub retry_seconds_left: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HealthAck {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ResnapshotRequest {
     #[prost(string, tag = "1")]
     pub task_id: ::prost::alloc::string::String,
@@ -528,6 +546,28 @@ pub mod applier_client {
                 .insert(GrpcMethod::new("decant.v1.Applier", "Resnapshot"));
             self.inner.unary(req, path, codec).await
         }
+        /// The agent's word on the task's health when a session failed (it is
+        /// retried, or the agent gave up), kept in the destination for
+        /// `decant status`. The applier itself marks the task running again when
+        /// an agent's calls succeed.
+        pub async fn report(
+            &mut self,
+            request: impl tonic::IntoRequest<super::HealthReport>,
+        ) -> std::result::Result<tonic::Response<super::HealthAck>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/decant.v1.Applier/Report");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("decant.v1.Applier", "Report"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -583,6 +623,14 @@ pub mod applier_server {
             &self,
             request: tonic::Request<super::ResnapshotRequest>,
         ) -> std::result::Result<tonic::Response<super::TaskState>, tonic::Status>;
+        /// The agent's word on the task's health when a session failed (it is
+        /// retried, or the agent gave up), kept in the destination for
+        /// `decant status`. The applier itself marks the task running again when
+        /// an agent's calls succeed.
+        async fn report(
+            &self,
+            request: tonic::Request<super::HealthReport>,
+        ) -> std::result::Result<tonic::Response<super::HealthAck>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct ApplierServer<T> {
@@ -867,6 +915,49 @@ pub mod applier_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ResnapshotSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/decant.v1.Applier/Report" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportSvc<T: Applier>(pub Arc<T>);
+                    impl<T: Applier> tonic::server::UnaryService<super::HealthReport>
+                    for ReportSvc<T> {
+                        type Response = super::HealthAck;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::HealthReport>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Applier>::report(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -14,7 +14,7 @@ mod store;
 
 pub use copy::{copy_range, skip_before};
 pub use schema::run_schema;
-pub use store::{cut_over, mark_cut_over, plan, resnapshot, state, CutOver};
+pub use store::{cut_over, health, mark_cut_over, plan, record_health, resnapshot, state, CutOver, Health};
 
 use decant_proto::grpc::SchemaStep;
 use tokio_postgres::error::SqlState;
@@ -199,6 +199,16 @@ DO $$BEGIN
         ALTER TABLE decant.schema_step ADD COLUMN IF NOT EXISTS step_order int NOT NULL DEFAULT 0;
     END IF;
 END$$;
+-- How the task is doing, for decant status: running, or retrying / failed
+-- as the agent reported it; since: when that state began.
+CREATE TABLE IF NOT EXISTS decant.health (
+    task_id text PRIMARY KEY,
+    state text NOT NULL,
+    reason text NOT NULL DEFAULT '',
+    retry_until timestamptz,
+    since timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
 -- A task that was cut over: its applier takes no stream any more.
 CREATE TABLE IF NOT EXISTS decant.cutover (
     task_id text PRIMARY KEY,

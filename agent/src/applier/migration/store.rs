@@ -339,3 +339,60 @@ pub async fn mark_cut_over(client: &Client, task_id: &str, source_lsn: Lsn, sequ
     client.execute("UPDATE decant.task SET phase = 'completed', updated_at = now() WHERE task_id = $1", &[&task_id]).await?;
     Ok(())
 }
+
+/// How a task is doing, as `decant status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// "running", "retrying" or "failed".
+    pub state: String,
+    pub reason: String,
+    /// When this state began (UTC, as text).
+    pub since: String,
+    /// While retrying: seconds left of the retry window.
+    pub retry_seconds_left: Option<u64>,
+}
+
+/// Records the task's state; `since` moves only when the state changes.
+/// `retry_seconds_left` applies to "retrying".
+pub async fn record_health(
+    client: &Client,
+    task_id: &str,
+    state: &str,
+    reason: &str,
+    retry_seconds_left: Option<u64>,
+) -> Result<(), tokio_postgres::Error> {
+    ensure_tables(client).await?;
+    let left = retry_seconds_left.map(|s| s as f64);
+    client
+        .execute(
+            "INSERT INTO decant.health AS h (task_id, state, reason, retry_until)
+             VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+             ON CONFLICT (task_id) DO UPDATE SET state = EXCLUDED.state, reason = EXCLUDED.reason,
+                    retry_until = EXCLUDED.retry_until, updated_at = now(),
+                    since = CASE WHEN h.state = EXCLUDED.state THEN h.since ELSE now() END",
+            &[&task_id, &state, &reason, &left],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The task's recorded state; reads only.
+pub async fn health(client: &Client, task_id: &str) -> Result<Option<Health>, tokio_postgres::Error> {
+    if client.query_one("SELECT to_regclass('decant.health') IS NULL", &[]).await?.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT state, reason, to_char(since, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                    CASE WHEN retry_until IS NULL THEN NULL ELSE greatest(0, extract(epoch FROM retry_until - now()))::int8 END
+               FROM decant.health WHERE task_id = $1",
+            &[&task_id],
+        )
+        .await?;
+    Ok(row.map(|r| Health {
+        state: r.get(0),
+        reason: r.get(1),
+        since: r.get(2),
+        retry_seconds_left: r.get::<_, Option<i64>>(3).map(|s| s as u64),
+    }))
+}
