@@ -352,7 +352,9 @@ pub struct Health {
     pub retry_seconds_left: Option<u64>,
 }
 
-/// Records the task's state; `since` moves only when the state changes.
+/// Records the task's state; `since` moves only when the state changes,
+/// and an unchanged state writes nothing (these writes carry no replication
+/// origin, so a stream reading the destination would see each one).
 /// `retry_seconds_left` applies to "retrying".
 pub async fn record_health(
     client: &Client,
@@ -369,7 +371,8 @@ pub async fn record_health(
              VALUES ($1, $2, $3, now() + make_interval(secs => $4))
              ON CONFLICT (task_id) DO UPDATE SET state = EXCLUDED.state, reason = EXCLUDED.reason,
                     retry_until = EXCLUDED.retry_until, updated_at = now(),
-                    since = CASE WHEN h.state = EXCLUDED.state THEN h.since ELSE now() END",
+                    since = CASE WHEN h.state = EXCLUDED.state THEN h.since ELSE now() END
+             WHERE (h.state, h.reason, h.retry_until) IS DISTINCT FROM (EXCLUDED.state, EXCLUDED.reason, EXCLUDED.retry_until)",
             &[&task_id, &state, &reason, &left],
         )
         .await?;
