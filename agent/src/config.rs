@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod operations;
+pub use operations::{OperationRules, Operations, OperationsRule};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {path}: {source}")]
@@ -176,6 +179,7 @@ pub struct Applier {
     pub pipeline_depth: usize,
     pub on_conflict: ConflictPolicy,
     pub apply_truncate: bool,
+    pub operations: Vec<OperationsRule>,
     pub apply_messages: bool,
     pub split_merges: bool,
     pub metrics_listen: String,
@@ -277,6 +281,7 @@ impl Default for Applier {
             pipeline_depth: 512,
             on_conflict: ConflictPolicy::Overwrite,
             apply_truncate: true,
+            operations: vec![],
             apply_messages: false,
             split_merges: true,
             metrics_listen: "127.0.0.1:9632".into(),
@@ -392,7 +397,17 @@ impl Config {
             |e| ConfigError::Invalid { key: "source.include_tables", value: self.source.include_tables.join(","), reason: e.message },
         )?;
         self.insert_only_patterns()?;
+        self.operation_rules()?;
         Ok(())
+    }
+
+    /// `applier.operations`, parsed.
+    pub fn operation_rules(&self) -> Result<OperationRules, ConfigError> {
+        OperationRules::parse(&self.applier.operations).map_err(|reason| ConfigError::Invalid {
+            key: "applier.operations",
+            value: toml::Value::try_from(&self.applier.operations).map_or_else(|_| String::new(), |v| v.to_string()),
+            reason,
+        })
     }
 
     /// Plugin options for the slot, from the table filters.
@@ -502,6 +517,11 @@ mod tests {
         assert!(err("[applier]\non_conflict = \"maybe\"", &[]).contains("on_conflict"));
         assert!(err("[source]\ninclude_tables = [\"nodot\"]", &[]).contains("schema.table"));
         assert!(err("", &["noequals"]).contains("section.key=value"));
+        let e = err("[applier]\noperations = [{ tables = [\"audit.*\"], apply = [\"INSERT\", \"MERGE\"] }]", &[]);
+        assert!(e.contains("applier.operations") && e.contains("entry 1: unknown operation \"MERGE\""), "{e}");
+        assert!(err("[applier]\noperations = [{ tables = [\"a.b\"], aply = [] }]", &[]).contains("aply"));
+        let c = Config::parse("[applier]\noperations = [{ tables = [\"audit.*\"], apply = [\"insert\"] }]", "x", &[]).unwrap();
+        assert_eq!(c.operation_rules().unwrap().for_table(b"audit", b"log"), Operations::INSERT);
         // A line quoted by the TOML error keeps its password hidden.
         let e = err("[source]\ndsn = \"host=a password=hunter2\n", &[]);
         assert!(e.contains("password=********") && !e.contains("hunter2"), "{e}");

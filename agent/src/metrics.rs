@@ -58,6 +58,8 @@ pub struct Metrics {
     pub applied_lsn: Gauge,
     pub source_commit_time: Gauge,
     pub missing_rows: Counter,
+    /// Changes not applied by `applier.operations`.
+    pub skipped_changes: Counter,
     // full copy (agent)
     pub copy_rows: Counter,
     pub copy_bytes: Counter,
@@ -82,6 +84,11 @@ impl Metrics {
         counter("destination_commits_total", "Destination transactions committed.", self.destination_commits.get());
         counter("split_merges_total", "Merges of a table split over two destination connections.", self.split_merges.get());
         counter("missing_rows_total", "UPDATEs and DELETEs that found no destination row.", self.missing_rows.get());
+        counter(
+            "skipped_changes_total",
+            "Changes not applied because applier.operations excludes their operation for the table.",
+            self.skipped_changes.get(),
+        );
         counter("copy_rows_total", "Rows copied by the full copy.", self.copy_rows.get());
         counter("copy_bytes_total", "COPY data bytes moved by the full copy.", self.copy_bytes.get());
         counter("errors_total", "Errors (each retried or fatal).", self.errors.get());

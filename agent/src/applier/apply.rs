@@ -15,6 +15,7 @@ use decant_proto::{decode, Lsn, Record};
 use super::cells::{Cells, Mismatch};
 use super::statements::Target;
 use super::{statement_error, Applier, ApplyError};
+use crate::config::Operations;
 
 impl Applier {
     /// Applies one batch of frames. Every CRC is checked before anything of
@@ -48,6 +49,7 @@ impl Applier {
             }
         }
         self.metrics.changes.add(std::mem::take(&mut self.changes_unreported));
+        self.metrics.skipped_changes.add(std::mem::take(&mut self.skipped_unreported));
         result
     }
 
@@ -82,6 +84,7 @@ impl Applier {
             Record::Relation(r) => {
                 self.flush_bulk(r.oid).await?;
                 let mut target = Target::from_relation(r);
+                target.operations = self.settings.operations.for_table(r.namespace, r.name);
                 self.learn_destination(&mut target).await?;
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
                 self.stages.remove(&r.oid);
@@ -90,7 +93,7 @@ impl Applier {
             }
             Record::Insert(i) if !self.skipping => {
                 let target = self.target(i.relation)?;
-                if self.in_copy(&target) {
+                if self.in_copy(&target) || self.skips(&target, Operations::INSERT) {
                     return Ok(());
                 }
                 let attempt = self.folding.fold_insert(&target, &i.new, batch, &mut self.scratch);
@@ -102,7 +105,7 @@ impl Applier {
             }
             Record::Update(u) if !self.skipping => {
                 let target = self.target(u.relation)?;
-                if self.in_copy(&target) {
+                if self.in_copy(&target) || self.skips(&target, Operations::UPDATE) {
                     return Ok(());
                 }
                 let attempt = self.folding.fold_update(&target, u, batch, &mut self.scratch);
@@ -114,7 +117,7 @@ impl Applier {
             }
             Record::Delete(d) if !self.skipping => {
                 let target = self.target(d.relation)?;
-                if self.in_copy(&target) {
+                if self.in_copy(&target) || self.skips(&target, Operations::DELETE) {
                     return Ok(());
                 }
                 let attempt = self.folding.fold_delete(&target, d.old.as_ref(), batch, &mut self.scratch);
@@ -133,6 +136,32 @@ impl Applier {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether `applier.operations` skips the change `op` of `target`: it
+    /// is then applied nowhere (neither folded nor row by row), counted,
+    /// and logged once per table and operation. The source transaction
+    /// still commits in its group, so the position advances past it.
+    #[inline]
+    pub(super) fn skips(&mut self, target: &Target, op: Operations) -> bool {
+        if target.operations.contains(op) {
+            return false;
+        }
+        self.skipped_unreported += 1;
+        self.log_skip(target, op);
+        true
+    }
+
+    #[cold]
+    fn log_skip(&mut self, target: &Target, op: Operations) {
+        if self.skipped_logged.insert((target.oid, op)) {
+            tracing::info!(
+                table = %target.display,
+                operation = %op.names(),
+                applied = %target.operations.names(),
+                "applier.operations does not apply this operation to the table: its changes are skipped (counted in decant_skipped_changes_total)"
+            );
+        }
     }
 
     /// After an attempt to fold a change. Folded (true): merge when the

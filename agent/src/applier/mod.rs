@@ -52,7 +52,7 @@ use self::progress::{ProgressError, ProgressStore};
 use self::rowwise::InFlight;
 use self::stage::StageSql;
 use self::statements::Target;
-use crate::config::ConflictPolicy;
+use crate::config::{ConflictPolicy, OperationRules, Operations};
 use crate::connect::sql::{connect, ConnectError};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
@@ -72,7 +72,11 @@ pub struct ApplySettings {
     pub group_max_delay: Duration,
     pub pipeline_depth: usize,
     pub on_conflict: ConflictPolicy,
+    /// TRUNCATE is applied at all (and then to the tables whose
+    /// `operations` allow it).
     pub apply_truncate: bool,
+    /// Which operations are applied to which tables (`applier.operations`).
+    pub operations: OperationRules,
     pub apply_messages: bool,
     pub split_merges: bool,
 }
@@ -163,6 +167,10 @@ pub struct Applier {
     /// (an atomic add per change, on a cache line that other threads
     /// write, took 6% of the applier's time in a backlog).
     pub(super) changes_unreported: u64,
+    /// Changes skipped by `applier.operations` in this batch, likewise.
+    pub(super) skipped_unreported: u64,
+    /// The tables (and operations) whose skipped changes were logged.
+    pub(super) skipped_logged: HashSet<(u32, Operations)>,
     /// Staging SQL per table; a new generation when the table's shape changes.
     pub(super) stages: HashMap<u32, Arc<StageSql>>,
     /// Staging tables that exist in this session.
@@ -230,6 +238,8 @@ impl Applier {
             folding,
             group_folded_limit: FIRST_GROUP_FOLDED_BYTES,
             changes_unreported: 0,
+            skipped_unreported: 0,
+            skipped_logged: HashSet::new(),
             stages: HashMap::new(),
             stages_created: Default::default(),
             generation: 0,

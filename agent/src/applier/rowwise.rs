@@ -27,7 +27,7 @@ use tokio_postgres::Statement;
 use super::cells::slice;
 use super::statements::{locator_values, Target};
 use super::{statement_error, Applier, ApplyError};
-use crate::config::ConflictPolicy;
+use crate::config::{ConflictPolicy, Operations};
 use crate::metrics::Metrics;
 
 /// A value sent as text (or, for bytea, raw binary), whatever the column type:
@@ -178,10 +178,16 @@ impl Applier {
     }
 
     /// A TRUNCATE of the relations the record names that are not being
-    /// copied again; everything folded is merged first.
+    /// copied again and whose `applier.operations` allow it; everything
+    /// folded is merged first.
     pub(super) async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
         let targets: Vec<std::sync::Arc<Target>> = t.relations.iter().map(|oid| self.target(*oid)).collect::<Result<_, _>>()?;
-        let tables: Vec<String> = targets.iter().filter(|t| !self.in_copy(t)).map(|t| t.qualified.clone()).collect();
+        let mut tables = Vec::with_capacity(targets.len());
+        for target in &targets {
+            if !self.in_copy(target) && !self.skips(target, Operations::TRUNCATE) {
+                tables.push(target.qualified.clone());
+            }
+        }
         if tables.is_empty() {
             return Ok(());
         }

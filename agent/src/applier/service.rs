@@ -79,6 +79,7 @@ fn settings(config: &Config) -> ApplySettings {
         pipeline_depth: a.pipeline_depth,
         on_conflict: a.on_conflict,
         apply_truncate: a.apply_truncate,
+        operations: config.operation_rules().expect("applier.operations is checked when the configuration is loaded"),
         apply_messages: a.apply_messages,
         split_merges: a.split_merges,
     }

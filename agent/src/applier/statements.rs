@@ -5,6 +5,7 @@
 use decant_proto::{OldTuple, Relation, ReplicaIdentity, Tuple, Value};
 
 use super::cells::Cells;
+use crate::config::Operations;
 
 /// What the applier knows of a source relation.
 #[derive(Clone, Debug)]
@@ -36,6 +37,9 @@ pub struct Target {
     pub source_order: bool,
     /// The key's unique index is DEFERRABLE: no ON CONFLICT on it.
     pub key_deferrable: bool,
+    /// The operations applied to the table (`applier.operations`, matched
+    /// once, when its RELATION record arrives).
+    pub operations: Operations,
 }
 
 use crate::connect::sql::quote_ident;
@@ -60,6 +64,7 @@ impl Target {
             identity_always: Vec::new(),
             source_order: false,
             key_deferrable: false,
+            operations: Operations::ALL,
         }
     }
 
@@ -196,6 +201,7 @@ mod tests {
             identity_always: Vec::new(),
             source_order: false,
             key_deferrable: false,
+            operations: Operations::ALL,
         }
     }
 

@@ -14,7 +14,7 @@ use super::destination::{Destination, Disk};
 use super::server::Server;
 use super::tables::Selection;
 use super::{display, qualified, size, Check, Findings, Severity, TaskState};
-use crate::config::{Config, ConflictMode, MigrationType};
+use crate::config::{Config, ConflictMode, MigrationType, Operations};
 use crate::connect::sql::quote_ident;
 
 pub(super) async fn check(
@@ -160,6 +160,8 @@ async fn tables(config: &Config, d: &Destination, sel: &Selection, f: &mut Findi
         .await?;
     let severity = if m.has(MigrationType::Full) { Severity::Error } else { Severity::Warning };
     let truncate = m.has(MigrationType::Incremental) && config.applier.apply_truncate;
+    // A table whose TRUNCATE applier.operations leaves out needs no TRUNCATE privilege.
+    let operations = config.operation_rules().unwrap_or_default();
     let mut fine = true;
     for r in &rows {
         let (s, t): (String, String) = (r.get(0), r.get(1));
@@ -176,7 +178,7 @@ async fn tables(config: &Config, d: &Destination, sel: &Selection, f: &mut Findi
         }
         let mut missing: Vec<&str> =
             ["INSERT", "UPDATE", "DELETE"].into_iter().zip(3..6).filter(|(_, i)| !r.get::<_, bool>(*i)).map(|(p, _)| p).collect();
-        if truncate && !r.get::<_, bool>(6) {
+        if truncate && operations.for_table(s.as_bytes(), t.as_bytes()).contains(Operations::TRUNCATE) && !r.get::<_, bool>(6) {
             missing.push("TRUNCATE");
         }
         if !missing.is_empty() {

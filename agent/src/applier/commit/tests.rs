@@ -12,6 +12,7 @@ fn settings() -> ApplySettings {
         pipeline_depth: 8,
         on_conflict: ConflictPolicy::Overwrite,
         apply_truncate: true,
+        operations: Default::default(),
         apply_messages: true,
         split_merges: false,
     }

@@ -18,6 +18,7 @@ fn target() -> Target {
         identity_always: Vec::new(),
         source_order: false,
         key_deferrable: false,
+        operations: crate::config::Operations::ALL,
     }
 }
 
