@@ -43,6 +43,19 @@ pub struct Config {
     pub retry: Retry,
     pub log: Log,
     pub migrate: Migrate,
+    pub alert: Alert,
+}
+
+/// Alerts (see `alert`): all off by default.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Alert {
+    pub command: String,
+    pub url: String,
+    pub ca_file: String,
+    pub lag_seconds: u64,
+    pub lag_bytes: u64,
+    pub for_seconds: u64,
 }
 
 /// What a migration task moves and how (read by the agent, which drives it).
@@ -236,6 +249,7 @@ impl Default for Config {
             retry: Retry::default(),
             log: Log::default(),
             migrate: Migrate::default(),
+            alert: Alert::default(),
         }
     }
 }
@@ -392,6 +406,10 @@ impl Config {
             |e| ConfigError::Invalid { key: "source.include_tables", value: self.source.include_tables.join(","), reason: e.message },
         )?;
         self.insert_only_patterns()?;
+        let url = &self.alert.url;
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
+            return invalid("alert.url", url.clone(), "must start with http:// or https://");
+        }
         Ok(())
     }
 

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::alert::{Alerter, FailureEpisode, Kind, State};
 use crate::applier::ApplyError;
 use crate::config::Config;
 use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
@@ -90,8 +91,13 @@ pub async fn run_agent(config: Config, metrics: Arc<Metrics>, shutdown: watch::R
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let transport = TransportSettings::from_config(&config)?;
     transport.check_client(&config.agent.applier_url)?;
-    check(&config, Sides::Source).await?;
-    drive(config, source, transport, metrics, shutdown).await
+    let alerter = Alerter::start(&config.task_id, &config.alert);
+    if let Err(e) = check(&config, Sides::Source).await {
+        alerter.notify(Kind::Failure, State::Firing, format!("the agent cannot start: {}", crate::error::report(&e)), 0.0, 0.0);
+        alerter.flush().await;
+        return Err(e);
+    }
+    drive(config, source, transport, metrics, alerter, shutdown).await
 }
 
 /// Runs the precheck of `sides` and logs its warnings; an error refuses
@@ -112,9 +118,37 @@ async fn drive(
     source: ConnInfo,
     transport: TransportSettings,
     metrics: Arc<Metrics>,
+    alerter: Alerter,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TaskError> {
+    let lag_watch = alerter.watch_lag(metrics.clone());
+    let result = drive_sessions(&config, &source, &transport, &metrics, &alerter, &mut shutdown).await;
+    if let Some(watch) = lag_watch {
+        watch.abort();
+    }
+    alerter.flush().await;
+    result
+}
+
+/// Notifies what work succeeding after failures resolves.
+fn resolve(alerter: &Alerter, episode: &mut FailureEpisode) {
+    for kind in episode.succeeded() {
+        alerter.notify(kind, State::Resolved, "the agent works again".into(), 0.0, 0.0);
+    }
+}
+
+/// The session loop of [`drive`], with its retries and alerts.
+async fn drive_sessions(
+    config: &Config,
+    source: &ConnInfo,
+    transport: &TransportSettings,
+    metrics: &Arc<Metrics>,
+    alerter: &Alerter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), TaskError> {
+    let mut episode = FailureEpisode::default();
     let mut retry = Retry::new(config.connection_retry(), config.other_retry());
+    let recovered = retry.recovered();
     tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
     // Until the first session streams, a connection that cannot be made ends
     // the agent with its error: at start that is almost always
@@ -125,8 +159,18 @@ async fn drive(
     let mut migrated = !config.migrate.has_phases_before_stream();
     loop {
         let result = if migrated {
-            let mut session = stream::Session::new(&config, &metrics);
-            let result = session.run(&source, &transport, &mut retry, &mut shutdown).await.map_err(TaskError::Stream);
+            let mut session = stream::Session::new(config, metrics);
+            // The stream succeeding again resolves the failure alerts.
+            let result = {
+                let run = session.run(source, transport, &mut retry, shutdown);
+                tokio::pin!(run);
+                loop {
+                    tokio::select! {
+                        result = &mut run => break result.map_err(TaskError::Stream),
+                        _ = recovered.notified() => resolve(alerter, &mut episode),
+                    }
+                }
+            };
             streamed_once |= session.streaming;
             result
         } else {
@@ -134,13 +178,14 @@ async fn drive(
             // destination transaction, so one cut short is simply redone.
             let mut stop = shutdown.clone();
             let driven = tokio::select! {
-                r = migrate::drive(&config, &source, &transport, &metrics, &shutdown, &mut streamed_once) => r,
+                r = migrate::drive(config, source, transport, metrics, shutdown, &mut streamed_once) => r,
                 _ = stop.changed() => Ok(false),
             };
             match driven {
                 Ok(true) if !*shutdown.borrow() => {
                     migrated = true;
                     retry.succeeded();
+                    resolve(alerter, &mut episode);
                     continue;
                 }
                 Ok(_) => return Ok(()),
@@ -155,6 +200,11 @@ async fn drive(
             }
             Err(e) => {
                 metrics.errors.inc();
+                let report = crate::error::report(&e);
+                if let Some(kind) = episode.failed() {
+                    let message = format!("an agent session failed: {report}");
+                    alerter.notify(kind, State::Firing, message, retry.failing_for().as_secs_f64(), 0.0);
+                }
                 let class = match e.class() {
                     ErrorClass::Connection if !streamed_once => ErrorClass::Fatal,
                     class => class,
@@ -162,7 +212,7 @@ async fn drive(
                 match retry.failed(class) {
                     Some(wait) => {
                         metrics.retries.inc();
-                        tracing::warn!(error = %crate::error::report(&e), retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
+                        tracing::warn!(error = %report, retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
                             _ = shutdown.changed() => return Ok(()),
@@ -170,7 +220,12 @@ async fn drive(
                     }
                     None => {
                         if class != ErrorClass::Fatal {
-                            tracing::error!(error = %crate::error::report(&e), failing_for_s = retry.failing_for().as_secs(), "agent gives up: retry time exhausted");
+                            let failing_for = retry.failing_for();
+                            tracing::error!(error = %report, failing_for_s = failing_for.as_secs(), "agent gives up: retry time exhausted");
+                            if let Some(kind) = episode.exhausted() {
+                                let message = format!("the agent gives up after {} s of retries: {report}", failing_for.as_secs());
+                                alerter.notify(kind, State::Firing, message, failing_for.as_secs_f64(), 0.0);
+                            }
                         }
                         return Err(e);
                     }
@@ -226,7 +281,8 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
             .await
         }
     });
-    let result = drive(config, source, transport, metrics, shutdown).await;
+    let alerter = Alerter::start(&config.task_id, &config.alert);
+    let result = drive(config, source, transport, metrics, alerter, shutdown).await;
     let _ = stop_server.send(());
     let _ = server.await;
     result
