@@ -7,9 +7,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use decant_tests::certs::Certs;
 use decant_tests::process::{free_port, wait_for, wait_port, Role};
 use decant_tests::Cluster;
 use serde_json::Value;
@@ -17,38 +18,56 @@ use serde_json::Value;
 /// One POST received: (path, body as JSON).
 type Received = (String, Value);
 
-/// Serves POSTs on a free loopback port, one per connection, answering 200;
-/// every one is sent to the returned channel.
-fn receiver() -> (u16, mpsc::Receiver<Received>) {
+/// Reads one POST from `stream`, answers 200 and returns it.
+fn read_post(stream: impl Read + Write) -> Received {
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).unwrap();
+    assert!(request_line.starts_with("POST "), "{request_line}");
+    let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        if header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    let mut stream = reader.into_inner();
+    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let _ = stream.flush();
+    (path, serde_json::from_slice(&body).unwrap())
+}
+
+/// Serves POSTs on a free loopback port, one per connection, answering 200
+/// (over TLS with `tls`); every one is sent to the returned channel.
+fn receiver(tls: Option<Arc<rustls::ServerConfig>>) -> (u16, mpsc::Receiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let mut reader = BufReader::new(stream);
-            let mut request_line = String::new();
-            reader.read_line(&mut request_line).unwrap();
-            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_owned();
-            assert!(request_line.starts_with("POST "), "{request_line}");
-            let mut length = 0;
-            loop {
-                let mut header = String::new();
-                reader.read_line(&mut header).unwrap();
-                if header.trim().is_empty() {
-                    break;
-                }
-                if let Some((name, value)) = header.split_once(':') {
-                    if name.eq_ignore_ascii_case("content-length") {
-                        length = value.trim().parse().unwrap();
+            let received = match &tls {
+                None => read_post(stream),
+                Some(config) => {
+                    let connection = rustls::ServerConnection::new(config.clone()).unwrap();
+                    let mut tls = rustls::StreamOwned::new(connection, stream);
+                    // A client that refuses the certificate ends here.
+                    if tls.conn.complete_io(&mut tls.sock).is_err() {
+                        continue;
                     }
+                    read_post(tls)
                 }
-            }
-            let mut body = vec![0; length];
-            reader.read_exact(&mut body).unwrap();
-            let mut stream = reader.into_inner();
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            if tx.send((path, serde_json::from_slice(&body).unwrap())).is_err() {
+            };
+            if tx.send(received).is_err() {
                 return;
             }
         }
@@ -104,7 +123,7 @@ fn lag_failure_and_retries_exhausted_alerts() {
     source.connect().batch_execute(&format!("CREATE EXTENSION decant; {table}")).unwrap();
     dest.connect().batch_execute(table).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (receiver_port, rx) = receiver();
+    let (receiver_port, rx) = receiver(None);
     let mut alerts = Alerts { rx, all: Vec::new() };
     let port = free_port();
     // The command writes the JSON it reads and its environment, a line each.
@@ -144,8 +163,7 @@ fn lag_failure_and_retries_exhausted_alerts() {
     let agent = start("agent", &[]);
     let mut src = source.connect();
     let slot_active = |c: &mut postgres::Client| {
-        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'decant_a' AND active", &[]).unwrap().get::<_, i64>(0)
-            == 1
+        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'decant_a' AND active", &[]).unwrap().get::<_, i64>(0) == 1
     };
     wait_for("the agent to stream", Duration::from_secs(60), || slot_active(&mut src));
 
@@ -219,4 +237,52 @@ fn lag_failure_and_retries_exhausted_alerts() {
     );
     applier.kill9();
     drop(agent);
+}
+
+/// HTTPS with `alert.ca_file`: an agent that cannot start (its source is
+/// unreachable) fires `failure` before it exits; with a CA that did not
+/// sign the receiver's certificate the POST fails, is logged, and the
+/// agent stops with its own error all the same.
+#[test]
+fn https_with_a_ca() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = Certs::new("agent");
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&certs.server_cert).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(&certs.server_key).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let (receiver_port, rx) = receiver(Some(Arc::new(tls)));
+    let mut alerts = Alerts { rx, all: Vec::new() };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("task.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "task_id = \"h\"\n[source]\ndsn = \"host=127.0.0.1 port=1 user=postgres\"\n\
+             [agent]\nmetrics_listen = \"\"\n[transport]\ntoken = \"alerts test\"\n\
+             [alert]\nurl = \"https://127.0.0.1:{receiver_port}/tls\"\n"
+        ),
+    )
+    .unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_decant"));
+    let run = |ca: &Path| {
+        let log = dir.path().join(format!("agent-{}.log", free_port()));
+        let mut agent = Role::start_with(bin, "agent", &config, &[format!("alert.ca_file=\"{}\"", ca.display())], &log);
+        let code = agent.wait_exit(Duration::from_secs(120));
+        assert!(code.is_some() && code != Some(0), "{code:?}\n{}", agent.log());
+        agent
+    };
+    let agent = run(&certs.ca);
+    let alert = alerts.wait("/tls", "failure", "firing", Duration::from_secs(60), &[&agent]);
+    assert_eq!(alert["task_id"], "h");
+    assert!(alert["message"].as_str().unwrap().contains("cannot start"), "{alert}");
+    let agent = run(&certs.other_ca);
+    let log = agent.log();
+    assert!(log.contains("alert POST failed") && log.contains("cannot connect to 127.0.0.1:1"), "{log}");
+    assert_eq!(alerts.rx.recv_timeout(Duration::from_secs(1)).ok(), None, "nothing was received over an unverified connection");
 }
