@@ -78,7 +78,17 @@ mod tests {
         assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF));
         assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF * 2));
         assert_eq!(r.failed(ErrorClass::Other), None, "the other window (zero) is over");
+        let recovered = r.recovered();
         r.succeeded();
+        // Work succeeding after failures leaves one notice; again, none.
+        let notified = |n: &Notify| {
+            let waiter = n.notified();
+            tokio::pin!(waiter);
+            waiter.as_mut().enable()
+        };
+        assert!(notified(&recovered));
+        r.succeeded();
+        assert!(!notified(&recovered));
         assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF));
         for _ in 0..20 {
             assert!(r.failed(ErrorClass::Connection).unwrap() <= MAX_BACKOFF);

@@ -92,12 +92,18 @@ pub async fn run_agent(config: Config, metrics: Arc<Metrics>, shutdown: watch::R
     let transport = TransportSettings::from_config(&config)?;
     transport.check_client(&config.agent.applier_url)?;
     let alerter = Alerter::start(&config.task_id, &config.alert);
-    if let Err(e) = check(&config, Sides::Source).await {
-        alerter.notify(Kind::Failure, State::Firing, format!("the agent cannot start: {}", crate::error::report(&e)), 0.0, 0.0);
-        alerter.flush().await;
-        return Err(e);
-    }
+    check_or_alert(&config, Sides::Source, &alerter).await?;
     drive(config, source, transport, metrics, alerter, shutdown).await
+}
+
+/// [`check`], alerting when the task cannot start.
+async fn check_or_alert(config: &Config, sides: Sides, alerter: &Alerter) -> Result<(), TaskError> {
+    let result = check(config, sides).await;
+    if let Err(e) = &result {
+        alerter.notify(Kind::Failure, State::Firing, format!("the agent cannot start: {}", crate::error::report(e)), 0.0, 0.0);
+        alerter.flush().await;
+    }
+    result
 }
 
 /// Runs the precheck of `sides` and logs its warnings; an error refuses
@@ -264,7 +270,8 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).map_err(TaskError::DestinationConnInfo)?;
     // Before the applier opens the destination, which creates its schema.
-    check(&config, Sides::Both).await?;
+    let alerter = Alerter::start(&config.task_id, &config.alert);
+    check_or_alert(&config, Sides::Both, &alerter).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     config.agent.applier_url = format!("http://127.0.0.1:{port}");
@@ -281,7 +288,6 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
             .await
         }
     });
-    let alerter = Alerter::start(&config.task_id, &config.alert);
     let result = drive(config, source, transport, metrics, alerter, shutdown).await;
     let _ = stop_server.send(());
     let _ = server.await;
