@@ -46,6 +46,19 @@ pub struct Config {
     pub retry: Retry,
     pub log: Log,
     pub migrate: Migrate,
+    pub alert: Alert,
+}
+
+/// Alerts (see `alert`): all off by default.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Alert {
+    pub command: String,
+    pub url: String,
+    pub ca_file: String,
+    pub lag_seconds: u64,
+    pub lag_bytes: u64,
+    pub for_seconds: u64,
 }
 
 /// What a migration task moves and how (read by the agent, which drives it).
@@ -240,6 +253,7 @@ impl Default for Config {
             retry: Retry::default(),
             log: Log::default(),
             migrate: Migrate::default(),
+            alert: Alert::default(),
         }
     }
 }
@@ -398,6 +412,10 @@ impl Config {
         )?;
         self.insert_only_patterns()?;
         self.operation_rules()?;
+        let url = &self.alert.url;
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
+            return invalid("alert.url", url.clone(), "must start with http:// or https://");
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! decant's agent-side library: the commands of the `decant` binary.
 
+pub mod alert;
 pub mod applier;
 pub mod cli;
 pub mod config;

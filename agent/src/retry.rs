@@ -3,7 +3,10 @@
 //! (retried for `retry.connection_minutes`) or other (retried for
 //! `retry.other_minutes`), with exponential backoff.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -18,6 +21,8 @@ pub struct Retry {
     /// When the current run of failures started.
     failing_since: Option<Instant>,
     backoff: Duration,
+    /// Woken when work succeeds after a run of failures.
+    recovered: Arc<Notify>,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -25,12 +30,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Retry {
     pub fn new(connection_window: Duration, other_window: Duration) -> Self {
-        Retry { connection_window, other_window, failing_since: None, backoff: FIRST_BACKOFF }
+        Retry { connection_window, other_window, failing_since: None, backoff: FIRST_BACKOFF, recovered: Arc::new(Notify::new()) }
     }
 
     /// Work succeeded: the next failure starts a new run.
     pub fn succeeded(&mut self) {
-        self.failing_since = None;
+        if self.failing_since.take().is_some() {
+            self.recovered.notify_one();
+        }
         self.backoff = FIRST_BACKOFF;
     }
 
@@ -61,6 +68,11 @@ impl Retry {
         window.saturating_sub(self.failing_for())
     }
 
+    /// Notified (one permit) each time work succeeds after failures.
+    pub fn recovered(&self) -> Arc<Notify> {
+        self.recovered.clone()
+    }
+
     pub fn failing_for(&self) -> Duration {
         self.failing_since.map(|s| s.elapsed()).unwrap_or_default()
     }
@@ -77,7 +89,17 @@ mod tests {
         assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF));
         assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF * 2));
         assert_eq!(r.failed(ErrorClass::Other), None, "the other window (zero) is over");
+        let recovered = r.recovered();
         r.succeeded();
+        // Work succeeding after failures leaves one notice; again, none.
+        let notified = |n: &Notify| {
+            let waiter = n.notified();
+            tokio::pin!(waiter);
+            waiter.as_mut().enable()
+        };
+        assert!(notified(&recovered));
+        r.succeeded();
+        assert!(!notified(&recovered));
         assert_eq!(r.failed(ErrorClass::Connection), Some(FIRST_BACKOFF));
         for _ in 0..20 {
             assert!(r.failed(ErrorClass::Connection).unwrap() <= MAX_BACKOFF);

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use decant_proto::grpc::HealthReport;
 use tokio::sync::watch;
 
+use crate::alert::{Alerter, FailureEpisode, Kind, State};
 use crate::applier::ApplyError;
 use crate::config::Config;
 use crate::connect::{ConnInfo, ConnInfoError, ProcessEnv};
@@ -91,8 +92,9 @@ pub async fn run_agent(config: Config, metrics: Arc<Metrics>, shutdown: watch::R
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let transport = TransportSettings::from_config(&config)?;
     transport.check_client(&config.agent.applier_url)?;
-    let result = match check(&config, Sides::Source).await {
-        Ok(()) => drive(&config, source, &transport, metrics, shutdown).await,
+    let alerter = Alerter::start(&config.task_id, &config.alert);
+    let result = match check_or_alert(&config, Sides::Source, &alerter).await {
+        Ok(()) => drive(&config, source, &transport, metrics, alerter, shutdown).await,
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
@@ -113,6 +115,16 @@ async fn report_health(config: &Config, transport: &TransportSettings, state: &s
     crate::transport::client::report(&config.agent.applier_url, transport, report).await;
 }
 
+/// [`check`], alerting when the task cannot start.
+async fn check_or_alert(config: &Config, sides: Sides, alerter: &Alerter) -> Result<(), TaskError> {
+    let result = check(config, sides).await;
+    if let Err(e) = &result {
+        alerter.notify(Kind::Failure, State::Firing, format!("the agent cannot start: {}", crate::error::report(e)), 0.0, 0.0);
+        alerter.flush().await;
+    }
+    result
+}
+
 /// Runs the precheck of `sides` and logs its warnings; an error refuses
 /// the task.
 async fn check(config: &Config, sides: Sides) -> Result<(), TaskError> {
@@ -131,9 +143,37 @@ async fn drive(
     source: ConnInfo,
     transport: &TransportSettings,
     metrics: Arc<Metrics>,
+    alerter: Alerter,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TaskError> {
+    let lag_watch = alerter.watch_lag(metrics.clone());
+    let result = drive_sessions(&config, &source, &transport, &metrics, &alerter, &mut shutdown).await;
+    if let Some(watch) = lag_watch {
+        watch.abort();
+    }
+    alerter.flush().await;
+    result
+}
+
+/// Notifies what work succeeding after failures resolves.
+fn resolve(alerter: &Alerter, episode: &mut FailureEpisode) {
+    for kind in episode.succeeded() {
+        alerter.notify(kind, State::Resolved, "the agent works again".into(), 0.0, 0.0);
+    }
+}
+
+/// The session loop of [`drive`], with its retries and alerts.
+async fn drive_sessions(
+    config: &Config,
+    source: &ConnInfo,
+    transport: &TransportSettings,
+    metrics: &Arc<Metrics>,
+    alerter: &Alerter,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), TaskError> {
+    let mut episode = FailureEpisode::default();
     let mut retry = Retry::new(config.connection_retry(), config.other_retry());
+    let recovered = retry.recovered();
     tracing::info!(task = %config.task_id, source = %source, slot = %config.source.slot, applier = %config.agent.applier_url, "agent starting");
     // Until the first session streams, a connection that cannot be made ends
     // the agent with its error: at start that is almost always
@@ -144,8 +184,18 @@ async fn drive(
     let mut migrated = !config.migrate.has_phases_before_stream();
     loop {
         let result = if migrated {
-            let mut session = stream::Session::new(config, &metrics);
-            let result = session.run(&source, transport, &mut retry, &mut shutdown).await.map_err(TaskError::Stream);
+            let mut session = stream::Session::new(config, metrics);
+            // The stream succeeding again resolves the failure alerts.
+            let result = {
+                let run = session.run(source, transport, &mut retry, shutdown);
+                tokio::pin!(run);
+                loop {
+                    tokio::select! {
+                        result = &mut run => break result.map_err(TaskError::Stream),
+                        _ = recovered.notified() => resolve(alerter, &mut episode),
+                    }
+                }
+            };
             streamed_once |= session.streaming;
             result
         } else {
@@ -153,13 +203,14 @@ async fn drive(
             // destination transaction, so one cut short is simply redone.
             let mut stop = shutdown.clone();
             let driven = tokio::select! {
-                r = migrate::drive(config, &source, transport, &metrics, &shutdown, &mut streamed_once) => r,
+                r = migrate::drive(config, source, transport, metrics, shutdown, &mut streamed_once) => r,
                 _ = stop.changed() => Ok(false),
             };
             match driven {
                 Ok(true) if !*shutdown.borrow() => {
                     migrated = true;
                     retry.succeeded();
+                    resolve(alerter, &mut episode);
                     continue;
                 }
                 Ok(_) => return Ok(()),
@@ -174,6 +225,11 @@ async fn drive(
             }
             Err(e) => {
                 metrics.errors.inc();
+                let report = crate::error::report(&e);
+                if let Some(kind) = episode.failed() {
+                    let message = format!("an agent session failed: {report}");
+                    alerter.notify(kind, State::Firing, message, retry.failing_for().as_secs_f64(), 0.0);
+                }
                 let class = match e.class() {
                     ErrorClass::Connection if !streamed_once => ErrorClass::Fatal,
                     class => class,
@@ -181,7 +237,7 @@ async fn drive(
                 match retry.failed(class) {
                     Some(wait) => {
                         metrics.retries.inc();
-                        tracing::warn!(error = %crate::error::report(&e), retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
+                        tracing::warn!(error = %report, retry_in_ms = wait.as_millis() as u64, failing_for_s = retry.failing_for().as_secs(), "agent session failed; retrying");
                         report_health(config, transport, "retrying", &e, Some(retry.window_left(class))).await;
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
@@ -190,7 +246,12 @@ async fn drive(
                     }
                     None => {
                         if class != ErrorClass::Fatal {
-                            tracing::error!(error = %crate::error::report(&e), failing_for_s = retry.failing_for().as_secs(), "agent gives up: retry time exhausted");
+                            let failing_for = retry.failing_for();
+                            tracing::error!(error = %report, failing_for_s = failing_for.as_secs(), "agent gives up: retry time exhausted");
+                            if let Some(kind) = episode.exhausted() {
+                                let message = format!("the agent gives up after {} s of retries: {report}", failing_for.as_secs());
+                                alerter.notify(kind, State::Firing, message, failing_for.as_secs_f64(), 0.0);
+                            }
                         }
                         return Err(e);
                     }
@@ -229,7 +290,8 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).map_err(TaskError::DestinationConnInfo)?;
     // Before the applier opens the destination, which creates its schema.
-    check(&config, Sides::Both).await?;
+    let alerter = Alerter::start(&config.task_id, &config.alert);
+    check_or_alert(&config, Sides::Both, &alerter).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     config.agent.applier_url = format!("http://127.0.0.1:{port}");
@@ -246,7 +308,7 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
             .await
         }
     });
-    let result = drive(&config, source, &transport, metrics, shutdown).await;
+    let result = drive(&config, source, &transport, metrics, alerter, shutdown).await;
     if let Err(e) = &result {
         report_health(&config, &transport, "failed", e, None).await;
     }
