@@ -147,7 +147,7 @@ async fn drive(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TaskError> {
     let lag_watch = alerter.watch_lag(metrics.clone());
-    let result = drive_sessions(&config, &source, &transport, &metrics, &alerter, &mut shutdown).await;
+    let result = drive_sessions(config, &source, transport, &metrics, &alerter, &mut shutdown).await;
     if let Some(watch) = lag_watch {
         watch.abort();
     }
