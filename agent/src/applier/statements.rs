@@ -184,25 +184,32 @@ pub fn locator_values<'a>(target: &Target, old: Option<&OldTuple<'a>>, new: Opti
     }
 }
 
+/// A table `"public"."t"` (oid 7) with an int and two text columns named
+/// `columns`, keyed on `key`: the shape the applier's unit tests use.
+#[cfg(test)]
+pub(super) fn test_target(columns: [&str; 3], key: Vec<usize>) -> Target {
+    Target {
+        oid: 7,
+        qualified: "\"public\".\"t\"".into(),
+        display: "public.t".into(),
+        columns: columns.iter().map(|c| c.to_string()).collect(),
+        key,
+        identity: ReplicaIdentity::Default,
+        type_oids: vec![23, 25, 25],
+        cells: Cells::Text,
+        identity_always: Vec::new(),
+        source_order: false,
+        key_deferrable: false,
+        operations: Operations::ALL,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn target(key: Vec<usize>) -> Target {
-        Target {
-            oid: 1,
-            qualified: "\"s\".\"t\"".into(),
-            display: "s.t".into(),
-            columns: vec!["id".into(), "a".into(), "b\"q".into()],
-            key,
-            identity: ReplicaIdentity::Default,
-            type_oids: vec![23, 25, 25],
-            cells: Cells::Text,
-            identity_always: Vec::new(),
-            source_order: false,
-            key_deferrable: false,
-            operations: Operations::ALL,
-        }
+        Target { oid: 1, qualified: "\"s\".\"t\"".into(), display: "s.t".into(), ..test_target(["id", "a", "b\"q"], key) }
     }
 
     #[test]

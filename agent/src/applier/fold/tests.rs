@@ -2,6 +2,7 @@ use decant_proto::ReplicaIdentity;
 
 use super::super::cells::BinaryType;
 use super::super::stage::staging_data;
+use super::super::statements::test_target;
 use super::*;
 
 fn t(s: &str) -> Text {
@@ -9,20 +10,7 @@ fn t(s: &str) -> Text {
 }
 
 fn target() -> Target {
-    Target {
-        oid: 7,
-        qualified: "\"public\".\"t\"".into(),
-        display: "public.t".into(),
-        columns: vec!["id".into(), "a".into(), "big".into()],
-        key: vec![0],
-        identity: ReplicaIdentity::Default,
-        type_oids: vec![23, 25, 25],
-        cells: Cells::Text,
-        identity_always: Vec::new(),
-        source_order: false,
-        key_deferrable: false,
-        operations: crate::config::Operations::ALL,
-    }
+    test_target(["id", "a", "big"], vec![0])
 }
 
 fn keyless() -> Target {

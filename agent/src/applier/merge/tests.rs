@@ -1,23 +1,9 @@
-use decant_proto::ReplicaIdentity;
-
-use super::super::cells::{Cell, Cells};
+use super::super::cells::Cell;
+use super::super::statements::test_target;
 use super::*;
 
 fn target() -> Target {
-    Target {
-        oid: 7,
-        qualified: "\"public\".\"t\"".into(),
-        display: "public.t".into(),
-        columns: vec!["id".into(), "a".into(), "b".into()],
-        key: vec![0],
-        identity: ReplicaIdentity::Default,
-        type_oids: vec![23, 25, 25],
-        cells: Cells::Text,
-        identity_always: Vec::new(),
-        source_order: false,
-        key_deferrable: false,
-        operations: crate::config::Operations::ALL,
-    }
+    test_target(["id", "a", "b"], vec![0])
 }
 
 #[test]

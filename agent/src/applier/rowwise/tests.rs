@@ -1,23 +1,10 @@
-use decant_proto::{OldTuple, ReplicaIdentity, Tuple};
+use decant_proto::{OldTuple, Tuple};
 
-use super::super::cells::Cells;
+use super::super::statements::test_target;
 use super::*;
 
 fn target(key: Vec<usize>) -> Target {
-    Target {
-        oid: 7,
-        qualified: "\"public\".\"t\"".into(),
-        display: "public.t".into(),
-        columns: vec!["id".into(), "a".into(), "b".into()],
-        key,
-        identity: ReplicaIdentity::Default,
-        type_oids: vec![23, 25, 25],
-        cells: Cells::Text,
-        identity_always: Vec::new(),
-        source_order: false,
-        key_deferrable: false,
-        operations: crate::config::Operations::ALL,
-    }
+    test_target(["id", "a", "b"], key)
 }
 
 #[test]

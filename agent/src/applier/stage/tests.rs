@@ -1,4 +1,5 @@
 use super::super::cells::{BinaryType, Cell};
+use super::super::statements::test_target;
 use super::*;
 
 fn t(s: &str) -> Text {
@@ -6,20 +7,7 @@ fn t(s: &str) -> Text {
 }
 
 fn target() -> Target {
-    Target {
-        oid: 7,
-        qualified: "\"public\".\"t\"".into(),
-        display: "public.t".into(),
-        columns: vec!["id".into(), "a".into(), "big".into()],
-        key: vec![0],
-        identity: decant_proto::ReplicaIdentity::Default,
-        type_oids: vec![23, 25, 25],
-        cells: Cells::Text,
-        identity_always: Vec::new(),
-        source_order: false,
-        key_deferrable: false,
-        operations: crate::config::Operations::ALL,
-    }
+    test_target(["id", "a", "big"], vec![0])
 }
 
 #[test]
