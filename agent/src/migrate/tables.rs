@@ -130,6 +130,13 @@ pub fn ctid_ranges(pages: u64, pieces: u64) -> Vec<PageRange> {
     out
 }
 
+/// Joins a sequence `c` to the table `t` (in schema `tn`) that owns it
+/// (serial and identity columns), if any.
+pub const SEQUENCE_OWNER: &str = "LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid \
+         AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') \
+     LEFT JOIN pg_class t ON t.oid = d.refobjid \
+     LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace";
+
 /// The sequences that go with the selection: those in selected schemas or
 /// matching a pattern, and those owned by a selected table (serial and
 /// identity columns). Values are read now, not from the snapshot:
@@ -139,10 +146,7 @@ pub async fn sequence_values(client: &Client, config: &Config) -> Result<Vec<Seq
         "SELECT n.nspname::text, c.relname::text, tn.nspname::text, t.relname::text
            FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace
-           LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
-           LEFT JOIN pg_class t ON t.oid = d.refobjid
-           LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
+           {SEQUENCE_OWNER}
           WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
             AND {NOT_EXTENSION_MEMBER}
           ORDER BY 1, 2"

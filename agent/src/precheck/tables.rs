@@ -13,7 +13,7 @@ use super::server::Server;
 use super::{display, list, qualified, Check, Findings, Severity};
 use crate::config::{Config, MigrationType};
 use crate::connect::sql::quote_ident;
-use crate::migrate::tables::{selector, tables_without_identity, NOT_EXTENSION_MEMBER, SYSTEM_SCHEMAS};
+use crate::migrate::tables::{selector, tables_without_identity, NOT_EXTENSION_MEMBER, SEQUENCE_OWNER, SYSTEM_SCHEMAS};
 
 /// A selected table (ordinary, partitioned or foreign).
 pub(super) struct Relation {
@@ -219,10 +219,7 @@ async fn sequences(client: &Client, config: &Config, f: &mut Findings) -> Result
                         coalesce(users.schemas, '{{}}'), coalesce(users.tables, '{{}}'), coalesce(users.columns, '{{}}')
                    FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
-                   LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                        AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
-                   LEFT JOIN pg_class t ON t.oid = d.refobjid
-                   LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
+                   {SEQUENCE_OWNER}
                    -- The columns whose default uses it.
                    LEFT JOIN LATERAL (
                         SELECT array_agg(un.nspname::text) AS schemas, array_agg(u.relname::text) AS tables,
