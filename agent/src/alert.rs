@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Alert as AlertConfig;
@@ -299,144 +299,41 @@ async fn run_command(command: &str, alert: &Alert, json: &str) -> Result<(), Str
     }
 }
 
-/// A parsed `http://` or `https://` URL.
-#[derive(Debug, PartialEq)]
-pub struct Url {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-pub fn parse_url(url: &str) -> Result<Url, String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else {
-        return Err("must start with http:// or https://".into());
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.contains('@') {
-        return Err("user information in the URL is not supported".into());
-    }
-    let default_port = if tls { 443 } else { 80 };
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("bad port {p:?}"))?,
-            None if after.is_empty() => default_port,
-            None => return Err("bad host".into()),
-        };
-        (host.to_owned(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| format!("bad port {p:?}"))?),
-            None => (authority.to_owned(), default_port),
-        }
-    };
-    if host.is_empty() {
-        return Err("no host".into());
-    }
-    Ok(Url { tls, host, port, path: path.to_owned() })
-}
-
-/// CA bundles tried for https when `ca_file` is not set.
-const SYSTEM_CA_FILES: &[&str] =
-    &["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem", "/etc/ssl/ca-bundle.pem"];
-
-fn tls_connector(ca_file: &str) -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let path = if ca_file.is_empty() {
-        SYSTEM_CA_FILES
-            .iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .ok_or("https needs alert.ca_file: no system CA bundle found")?
-            .to_string()
-    } else {
-        ca_file.to_owned()
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&path).map_err(|e| format!("CA file {path}: {e}"))? {
-        let cert = cert.map_err(|e| format!("CA file {path}: {e}"))?;
-        // A system bundle may hold certificates rustls refuses; skip them.
-        let _ = roots.add(cert);
-    }
-    if roots.is_empty() {
-        return Err(format!("CA file {path}: no usable certificate in it"));
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
-/// POSTs `json` to `url`; any 2xx answer is success.
+/// POSTs `json` to `url`; any 2xx answer is success. https is checked
+/// against `ca_file` when set, else against the system's CA certificates.
 async fn post(url: &str, ca_file: &str, json: &str) -> Result<(), String> {
-    let url = parse_url(url)?;
-    let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("connect: {e}"))?;
-    let host_header = if url.host.contains(':') { format!("[{}]:{}", url.host, url.port) } else { format!("{}:{}", url.host, url.port) };
-    let request = format!(
-        "POST {} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: decant\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
-        url.path,
-        json.len()
-    );
-    let status = if url.tls {
-        let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| format!("host {}: {e}", url.host))?;
-        let stream = tls_connector(ca_file)?.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-        exchange(stream, &request).await?
-    } else {
-        exchange(tcp, &request).await?
-    };
-    if (200..300).contains(&status) {
+    let mut client = reqwest::Client::builder().timeout(DELIVERY_TIMEOUT).user_agent("decant");
+    if !ca_file.is_empty() {
+        let pem = std::fs::read(ca_file).map_err(|e| format!("CA file {ca_file}: {e}"))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("CA file {ca_file}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("CA file {ca_file}: no certificate in it"));
+        }
+        // Only the given CA: the system's are not trusted beside it.
+        client = client.tls_built_in_root_certs(false);
+        for cert in certs {
+            client = client.add_root_certificate(cert);
+        }
+    }
+    let client = client.build().map_err(|e| e.to_string())?;
+    let answer = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(json.to_owned())
+        .send()
+        .await
+        .map_err(|e| crate::error::report(&e))?;
+    let status = answer.status();
+    if status.is_success() {
         Ok(())
     } else {
-        Err(format!("the server answered {status}"))
+        Err(format!("the server answered {}", status.as_u16()))
     }
-}
-
-/// Sends `request` and reads the answer's status code.
-async fn exchange<S: AsyncReadExt + AsyncWrite + Unpin>(mut stream: S, request: &str) -> Result<u16, String> {
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
-    stream.flush().await.map_err(|e| format!("send: {e}"))?;
-    let mut head = Vec::new();
-    let mut chunk = [0u8; 512];
-    while !head.contains(&b'\n') && head.len() < 8192 {
-        match stream.read(&mut chunk).await.map_err(|e| format!("read the answer: {e}"))? {
-            0 => break,
-            n => head.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let line = String::from_utf8_lossy(&head);
-    let line = line.lines().next().unwrap_or("");
-    line.split_whitespace()
-        .nth(1)
-        .filter(|_| line.starts_with("HTTP/"))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {line:?}"))
 }
 
 /// `t` as RFC 3339 UTC, to the second.
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 #[cfg(test)]
@@ -502,19 +399,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_and_time() {
-        assert_eq!(
-            parse_url("http://127.0.0.1:8080/hook?a=1").unwrap(),
-            Url { tls: false, host: "127.0.0.1".into(), port: 8080, path: "/hook?a=1".into() }
-        );
-        assert_eq!(
-            parse_url("https://alerts.example").unwrap(),
-            Url { tls: true, host: "alerts.example".into(), port: 443, path: "/".into() }
-        );
-        assert_eq!(parse_url("http://[::1]:9/x").unwrap(), Url { tls: false, host: "::1".into(), port: 9, path: "/x".into() });
-        assert!(parse_url("ftp://x").is_err());
-        assert!(parse_url("http://:80/").is_err());
-        assert!(parse_url("http://h:port/").is_err());
+    fn time() {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_210_096)), "2024-02-29T12:34:56Z");
     }
