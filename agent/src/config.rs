@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod mapping;
 mod operations;
+pub use mapping::{MapEntry, Mapping, Projection};
 pub use operations::{OperationRules, Operations, OperationsRule};
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,8 @@ pub struct Migrate {
     pub insert_only_tables: Vec<String>,
     /// Precheck warnings accepted by name (`decant precheck` lists them).
     pub accept: Vec<String>,
+    /// Destination names, row filters and transforms (see `mapping`).
+    pub map: Vec<MapEntry>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -138,6 +142,7 @@ impl Default for Migrate {
             progress: ProgressDisplay::Auto,
             insert_only_tables: Vec::new(),
             accept: Vec::new(),
+            map: Vec::new(),
         }
     }
 }
@@ -412,6 +417,7 @@ impl Config {
         )?;
         self.insert_only_patterns()?;
         self.operation_rules()?;
+        self.mapping()?;
         let url = &self.alert.url;
         if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
             return invalid("alert.url", url.clone(), "must start with http:// or https://");
@@ -424,6 +430,15 @@ impl Config {
         OperationRules::parse(&self.applier.operations).map_err(|reason| ConfigError::Invalid {
             key: "applier.operations",
             value: toml::Value::try_from(&self.applier.operations).map_or_else(|_| String::new(), |v| v.to_string()),
+            reason,
+        })
+    }
+
+    /// `migrate.map`, parsed.
+    pub fn mapping(&self) -> Result<Mapping, ConfigError> {
+        Mapping::parse(&self.migrate.map).map_err(|reason| ConfigError::Invalid {
+            key: "migrate.map",
+            value: toml::Value::try_from(&self.migrate.map).map_or_else(|_| String::new(), |v| v.to_string()),
             reason,
         })
     }

@@ -82,10 +82,14 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
     };
 
     let sequences = crate::migrate::tables::sequence_values(&src, &config).await?;
+    let mapping = config.mapping()?;
     let mut raised = 0;
     for s in &sequences {
-        if let Some(change) = sync_sequence(&src, &dest, s, options.sequence_margin, options.dry_run).await? {
-            println!("cutover: {would}set sequence {}.{} {change}", s.schema, s.name);
+        let owner = (!s.owner_name.is_empty()).then_some((s.owner_schema.as_str(), s.owner_name.as_str()));
+        let (to_schema, to_name) = mapping.sequence(&s.schema, &s.name, owner);
+        let to = format!("{}.{}", quote_ident(&to_schema), quote_ident(&to_name));
+        if let Some(change) = sync_sequence(&src, &dest, s, &to, options.sequence_margin, options.dry_run).await? {
+            println!("cutover: {would}set sequence {to_schema}.{to_name} {change}");
             raised += 1;
         }
     }
@@ -163,8 +167,16 @@ async fn freeze_source(src: &Client, dry_run: bool) -> anyhow::Result<String> {
 
 /// Sets one sequence on the destination to the source's value plus
 /// `margin` (in the sequence's direction), unless it is already there or
-/// past it. Returns what changed.
-async fn sync_sequence(src: &Client, dest: &Client, s: &SequenceValue, margin: i64, dry_run: bool) -> anyhow::Result<Option<String>> {
+/// past it. `to`: its qualified name on the destination. Returns what
+/// changed.
+async fn sync_sequence(
+    src: &Client,
+    dest: &Client,
+    s: &SequenceValue,
+    to: &str,
+    margin: i64,
+    dry_run: bool,
+) -> anyhow::Result<Option<String>> {
     let name = format!("{}.{}", quote_ident(&s.schema), quote_ident(&s.name));
     let increment: i64 = src
         .query_one("SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::text::regclass", &[&name])
@@ -172,9 +184,9 @@ async fn sync_sequence(src: &Client, dest: &Client, s: &SequenceValue, margin: i
         .with_context(|| format!("source sequence {name}"))?
         .get(0);
     let current = dest
-        .query_one(&format!("SELECT last_value, is_called FROM {name}"), &[])
+        .query_one(&format!("SELECT last_value, is_called FROM {to}"), &[])
         .await
-        .with_context(|| format!("destination sequence {name} (was the schema migrated?)"))?;
+        .with_context(|| format!("destination sequence {to} (was the schema migrated?)"))?;
     let target = SequencePosition {
         last_value: s.last_value.saturating_add(margin.saturating_mul(increment.signum())),
         is_called: s.is_called || margin != 0,
@@ -184,9 +196,9 @@ async fn sync_sequence(src: &Client, dest: &Client, s: &SequenceValue, margin: i
         return Ok(None);
     }
     if !dry_run {
-        dest.execute("SELECT setval($1::text::regclass, $2, $3)", &[&name, &target.last_value, &target.is_called])
+        dest.execute("SELECT setval($1::text::regclass, $2, $3)", &[&to, &target.last_value, &target.is_called])
             .await
-            .with_context(|| format!("destination: setval({name})"))?;
+            .with_context(|| format!("destination: setval({to})"))?;
     }
     Ok(Some(format!("from {} to {}", now, target)))
 }

@@ -47,12 +47,26 @@ pub async fn run(config: Config, wait_seconds: u64) -> anyhow::Result<()> {
 pub async fn compare(config: &Config, src: &Client, dest: &Client) -> anyhow::Result<Vec<TableCheck>> {
     let version: i32 = src.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
     let tables = crate::migrate::tables::list_tables(src, config, version as u32).await?;
+    let mapping = config.mapping()?;
     let mut checks = Vec::new();
     for t in &tables {
-        let sql = digest_sql(&t.schema, &t.name, &t.columns);
-        let (s, d) = tokio::join!(digest(src, &sql), digest(dest, &sql));
+        // Through migrate.map: the source's rows as the destination gets
+        // them, against the destination table under its own names.
+        let p = mapping.projection(&t.schema, &t.name, &t.columns);
+        let (to_schema, to_name) = mapping.table(&t.schema, &t.name);
+        let source_table = format!("ONLY {}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+        let source_sql = if p.is_plain() {
+            digest_sql(&source_table, &t.columns)
+        } else {
+            let aliased: Vec<String> = p.values.iter().zip(&p.targets).map(|(v, c)| format!("{v} AS {}", quote_ident(c))).collect();
+            let select = crate::config::Projection { values: aliased, ..p.clone() }.select(&source_table, None);
+            digest_sql(&format!("({select})"), &p.targets)
+        };
+        let dest_sql = digest_sql(&format!("ONLY {}.{}", quote_ident(&to_schema), quote_ident(&to_name)), &p.targets);
+        let (s, d) = tokio::join!(digest(src, &source_sql), digest(dest, &dest_sql));
+        let moved = (to_schema.as_str(), to_name.as_str()) != (t.schema.as_str(), t.name.as_str());
         checks.push(TableCheck {
-            table: format!("{}.{}", t.schema, t.name),
+            table: if moved { format!("{}.{} -> {to_schema}.{to_name}", t.schema, t.name) } else { format!("{}.{}", t.schema, t.name) },
             source: s.map_err(|e| anyhow::anyhow!("source: {e}"))?,
             destination: d,
         });
@@ -87,18 +101,15 @@ pub async fn wait_caught_up(src: &Client, slot: &str, timeout: Duration) -> anyh
 }
 
 /// Row count and the md5 of the sorted md5s of the rows' text forms (over
-/// the copied columns, in the source's column order). The text is hashed
-/// in UTF-8 whatever the database's encoding, so a LATIN1 source and a
-/// UTF-8 destination holding the same characters compare equal. A table
-/// without columns compares by its row count (each row is `()`).
-fn digest_sql(schema: &str, name: &str, columns: &[String]) -> String {
+/// the copied columns, in the source's column order) of the rows of
+/// `from` (a table or a subquery). The text is hashed in UTF-8 whatever
+/// the database's encoding, so a LATIN1 source and a UTF-8 destination
+/// holding the same characters compare equal. A table without columns
+/// compares by its row count (each row is `()`).
+fn digest_sql(from: &str, columns: &[String]) -> String {
     let cols: Vec<String> = columns.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
     let row = format!("md5(convert_to(ROW({})::text, 'UTF8'))", cols.join(", "));
-    format!(
-        "SELECT count(*), coalesce(md5(string_agg({row}, '' ORDER BY {row})), '') FROM ONLY {}.{} t",
-        quote_ident(schema),
-        quote_ident(name)
-    )
+    format!("SELECT count(*), coalesce(md5(string_agg({row}, '' ORDER BY {row})), '') FROM {from} t")
 }
 
 async fn digest(client: &Client, sql: &str) -> Result<(i64, String), String> {

@@ -83,7 +83,7 @@ impl Applier {
             }
             Record::Relation(r) => {
                 self.flush_bulk(r.oid).await?;
-                let mut target = Target::from_relation(r);
+                let mut target = Target::from_relation(r, &self.settings.mapping);
                 target.operations = self.settings.operations.for_table(r.namespace, r.name);
                 self.learn_destination(&mut target).await?;
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
@@ -199,7 +199,7 @@ impl Applier {
         let rows = self
             .client
             .query(
-                "SELECT a.atttypid, a.attidentity = 'a'
+                "SELECT a.atttypid, a.attidentity = 'a', format_type(a.atttypid, a.atttypmod)
                    FROM unnest($2::text[]) WITH ORDINALITY AS c(name, n)
                    LEFT JOIN pg_attribute a ON a.attrelid = to_regclass($1) AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
                   ORDER BY c.n",
@@ -211,6 +211,24 @@ impl Applier {
         target.cells = Cells::for_columns(&target.type_oids, &destination);
         target.identity_always =
             rows.iter().enumerate().filter(|(_, r)| r.get::<_, Option<bool>>(1) == Some(true)).map(|(i, _)| i).collect();
+        if let Some(p) = &target.projected {
+            let transformed = |i: usize| p.projection.values[i] != crate::connect::sql::quote_ident(&p.source_columns[i]);
+            let refuse = |reason: String| Err(ApplyError::Mapping { table: target.display.clone(), reason });
+            if target.key.is_empty() && p.projection.transformed {
+                return refuse(
+                    "a table without a key whose values are transformed (set): the stream could not find its rows on the destination"
+                        .into(),
+                );
+            }
+            if let Some(&k) = target.key.iter().find(|&&k| transformed(k)) {
+                return refuse(format!(
+                    "set transforms key column {}: the stream finds rows by the source's key values",
+                    p.source_columns[k]
+                ));
+            }
+            let types = rows.iter().map(|r| r.get::<_, Option<String>>(2).unwrap_or_else(|| "text".into())).collect();
+            target.projected = Some(std::sync::Arc::new(super::statements::Projected { types, ..(**p).clone() }));
+        }
         // Unique indexes and exclusion constraints checked row by row
         // (not DEFERRABLE: those are checked at the statement's end, when a
         // merge has written every row), except unique indexes over every key

@@ -263,9 +263,10 @@ fn finish_appends(out: &mut BytesMut, cells: &Cells) {
 /// Whether changes of `target` are folded for set-based apply: tables
 /// with a key, under the overwrite policy (the stop policy applies row by
 /// row so that the first offending row is the one reported), unless the
-/// destination table needs its changes in source order.
+/// destination table needs its changes in source order or has a row
+/// filter or transforms (see [`super::statements::Projected`]).
 pub fn folds(target: &Target, on_conflict: ConflictPolicy) -> bool {
-    !target.key.is_empty() && on_conflict == ConflictPolicy::Overwrite && !target.source_order
+    !target.key.is_empty() && on_conflict == ConflictPolicy::Overwrite && !target.source_order && target.projected.is_none()
 }
 
 /// The changes of the open group (or of the stretch of it since a table's

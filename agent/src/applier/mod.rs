@@ -52,7 +52,7 @@ use self::progress::{ProgressError, ProgressStore};
 use self::rowwise::InFlight;
 use self::stage::StageSql;
 use self::statements::Target;
-use crate::config::{ConflictPolicy, OperationRules, Operations};
+use crate::config::{ConflictPolicy, Mapping, OperationRules, Operations};
 use crate::connect::sql::{connect, ConnectError};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
@@ -79,6 +79,8 @@ pub struct ApplySettings {
     pub operations: OperationRules,
     pub apply_messages: bool,
     pub split_merges: bool,
+    /// Destination names, row filters and transforms (`migrate.map`).
+    pub mapping: Arc<Mapping>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,14 @@ pub enum ApplyError {
          REPLICA IDENTITY FULL on the source, then migrate the table again"
     )]
     NoIdentity { op: &'static str, table: String },
+    #[error("migrate.map entry of table {table}: {reason}")]
+    Mapping { table: String, reason: String },
+    #[error(
+        "UPDATE of {table} left a TOASTed value unchanged, so the change does not hold the whole row; the table has a row \
+         filter or transforms (migrate.map), and its rows are rewritten whole on the destination, which needs the old row. \
+         Set ALTER TABLE {table} REPLICA IDENTITY FULL on the source, then migrate the table again"
+    )]
+    NeedsOldRow { table: String },
     #[error("destination: {0}")]
     Session(#[source] tokio_postgres::Error),
     #[error("{0}")]
@@ -219,7 +229,7 @@ impl Applier {
         if let (Some(helper), true) = (&helper, progress.origin) {
             progress.mark_second_session(&helper.client).await?;
         }
-        let skip_before = migration::skip_before(&client, &settings.task_id).await.map_err(ApplyError::Session)?;
+        let skip_before = migration::skip_before(&client, &settings.task_id, &settings.mapping).await.map_err(ApplyError::Session)?;
         tracing::info!(resume_lsn = %committed, replication_origin = progress.origin, "applier connected to the destination");
         let folding = Folding::new(settings.on_conflict);
         Ok(Applier {

@@ -121,6 +121,21 @@ pub fn update_set(target: &Target, u: &Update<'_>) -> Vec<usize> {
         .collect()
 }
 
+/// The new row of an UPDATE with its unchanged TOAST values taken from
+/// the old row; `None` when the old row was not logged whole.
+pub fn whole_row<'a>(u: &Update<'a>) -> Option<Vec<Value<'a>>> {
+    let mut row = u.new.0.clone();
+    for (i, v) in row.iter_mut().enumerate() {
+        if matches!(v, Value::UnchangedToast) {
+            match &u.old {
+                Some(OldTuple::Row(old)) => *v = old.0.get(i).copied().filter(|o| !matches!(o, Value::UnchangedToast))?,
+                _ => return None,
+            }
+        }
+    }
+    Some(row)
+}
+
 /// The statements emptying `tables` (qualified names, as a TRUNCATE
 /// record names them): TRUNCATE ONLY, except for those `referenced` by a
 /// foreign key from a table not among them, which are emptied by DELETE
@@ -156,6 +171,9 @@ impl Applier {
     }
 
     pub(super) async fn update_row(&mut self, target: &Target, u: &Update<'_>, batch: &Bytes) -> Result<(), ApplyError> {
+        if target.projected.is_some() {
+            return self.rewrite_row(target, u, batch).await;
+        }
         let set = update_set(target, u);
         if set.is_empty() {
             // Only key columns, none changed: nothing to write.
@@ -170,11 +188,30 @@ impl Applier {
         self.execute_writing(target, writes, target.update_sql(&set), p, "UPDATE", true).await
     }
 
+    /// An UPDATE of a table with a row filter or transforms: the old row
+    /// is deleted and the new one inserted when it matches the filter
+    /// (see [`super::statements::Projected`]). Unchanged TOAST values come
+    /// from the old row (REPLICA IDENTITY FULL).
+    async fn rewrite_row(&mut self, target: &Target, u: &Update<'_>, batch: &Bytes) -> Result<(), ApplyError> {
+        let Some(locator) = locator_values(target, u.old.as_ref(), Some(&u.new)) else {
+            return self.no_identity("UPDATE", target);
+        };
+        let Some(row) = whole_row(u) else {
+            return Err(ApplyError::NeedsOldRow { table: target.display.clone() });
+        };
+        self.execute(target.oid, target.delete_sql(), params(&locator, batch), "UPDATE", false).await?;
+        let upsert = self.settings.on_conflict == ConflictPolicy::Overwrite && !target.key_deferrable;
+        let writes = upsert && target.writes_identity_always((0..target.columns.len()).filter(|i| !target.key.contains(i)));
+        self.execute_writing(target, writes, target.insert_sql(upsert), params(&row, batch), "UPDATE", false).await
+    }
+
     pub(super) async fn delete_row(&mut self, target: &Target, old: Option<&OldTuple<'_>>, batch: &Bytes) -> Result<(), ApplyError> {
         let Some(locator) = locator_values(target, old, None) else {
             return self.no_identity("DELETE", target);
         };
-        self.execute(target.oid, target.delete_sql(), params(&locator, batch), "DELETE", true).await
+        // A row the filter kept off the destination is not missing.
+        let expects_row = target.projected.as_ref().is_none_or(|p| p.projection.filter.is_none());
+        self.execute(target.oid, target.delete_sql(), params(&locator, batch), "DELETE", expects_row).await
     }
 
     /// A TRUNCATE of the relations the record names that are not being

@@ -82,6 +82,7 @@ fn settings(config: &Config) -> ApplySettings {
         operations: config.operation_rules().expect("applier.operations is checked when the configuration is loaded"),
         apply_messages: a.apply_messages,
         split_merges: a.split_merges,
+        mapping: Arc::new(config.mapping().expect("migrate.map is checked when the configuration is loaded")),
     }
 }
 
@@ -90,9 +91,11 @@ fn apply_status(e: &ApplyError) -> Status {
     match e {
         ApplyError::Corrupt { .. } => Status::data_loss(message),
         _ if e.is_connection_loss() => Status::unavailable(message),
-        ApplyError::MissingTable { .. } | ApplyError::NoIdentity { .. } | ApplyError::MissingRow { .. } => {
-            Status::failed_precondition(message)
-        }
+        ApplyError::MissingTable { .. }
+        | ApplyError::NoIdentity { .. }
+        | ApplyError::MissingRow { .. }
+        | ApplyError::Mapping { .. }
+        | ApplyError::NeedsOldRow { .. } => Status::failed_precondition(message),
         _ => Status::aborted(message),
     }
 }
@@ -117,10 +120,15 @@ impl Destination for Service {
         &self.task_id
     }
 
-    async fn plan(&self, plan: Option<MigrationPlan>) -> Result<TaskState, Status> {
+    async fn plan(&self, plan: Option<MigrationPlan>, mapping: &str) -> Result<TaskState, Status> {
+        if mapping != self.settings.mapping.fingerprint() {
+            return Err(Status::failed_precondition(
+                "the agent's migrate.map entries differ from the applier's: give both roles the same migrate.map, then restart them",
+            ));
+        }
         let state = match plan {
-            Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
-            None => migration::state(&self.destination, &self.task_id).await,
+            Some(plan) => migration::plan(&self.destination, &self.task_id, plan, &self.settings.mapping).await,
+            None => migration::state(&self.destination, &self.task_id, &self.settings.mapping).await,
         }
         .map_err(migration_status)?;
         // An agent starts every run of the migration phases here.
@@ -134,11 +142,15 @@ impl Destination for Service {
     }
 
     async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status> {
-        migration::run_schema(&self.destination, &self.task_id, section, workers, sequences).await.map_err(migration_status)
+        migration::run_schema(&self.destination, &self.task_id, section, workers, sequences, &self.settings.mapping)
+            .await
+            .map_err(migration_status)
     }
 
     async fn copy(&self, table_id: u32, range_id: u32, first: (Bytes, bool), rest: CopyChunks) -> Result<CopyDone, Status> {
-        migration::copy_range(&self.destination, &self.task_id, table_id, range_id, first, rest).await.map_err(migration_status)
+        migration::copy_range(&self.destination, &self.settings.mapping, &self.task_id, table_id, range_id, first, rest)
+            .await
+            .map_err(migration_status)
     }
 
     async fn resnapshot(&self, lsn: Lsn) -> Result<TaskState, Status> {

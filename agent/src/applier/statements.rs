@@ -2,10 +2,12 @@
 //! and the values of a change that locate its row (which both folding and
 //! the row-by-row apply use).
 
+use std::sync::Arc;
+
 use decant_proto::{OldTuple, Relation, ReplicaIdentity, Tuple, Value};
 
 use super::cells::Cells;
-use crate::config::Operations;
+use crate::config::{Mapping, Operations, Projection};
 
 /// What the applier knows of a source relation.
 #[derive(Clone, Debug)]
@@ -40,23 +42,47 @@ pub struct Target {
     /// The operations applied to the table (`applier.operations`, matched
     /// once, when its RELATION record arrives).
     pub operations: Operations,
+    /// A row filter or transforms of `migrate.map`: the table's changes
+    /// are then applied row by row through [`Projected`] statements.
+    pub projected: Option<Arc<Projected>>,
+}
+
+/// How a table with a row filter or transforms is applied: each row's
+/// values go in as parameters named after the source columns, and the
+/// destination computes the destination row from them and keeps it only
+/// when it matches the filter — the same SQL the copy ran on the source.
+/// An INSERT inserts the matching row (or nothing); an UPDATE deletes the
+/// old row and inserts the new one when it matches, so a row that moves
+/// into the filter appears and one that moves out disappears, as with
+/// PostgreSQL's publication row filters; a DELETE deletes.
+#[derive(Clone, Debug)]
+pub struct Projected {
+    pub source_columns: Vec<String>,
+    pub projection: Projection,
+    /// The destination type (`format_type`) of each source column's
+    /// destination column, which its parameter is cast to.
+    pub types: Vec<String>,
 }
 
 use crate::connect::sql::quote_ident;
 
 impl Target {
-    pub fn from_relation(r: &Relation<'_>) -> Target {
+    /// The relation as `migrate.map` names it on the destination.
+    pub fn from_relation(r: &Relation<'_>, mapping: &Mapping) -> Target {
         let schema = String::from_utf8_lossy(r.namespace).into_owned();
         let name = String::from_utf8_lossy(r.name).into_owned();
         let mut key: Vec<usize> = r.identity_key().collect();
         if key.is_empty() {
             key = r.columns.iter().enumerate().filter(|(_, c)| c.flags.primary_key()).map(|(i, _)| i).collect();
         }
+        let source_columns: Vec<String> = r.columns.iter().map(|c| String::from_utf8_lossy(c.name).into_owned()).collect();
+        let projection = mapping.projection(&schema, &name, &source_columns);
+        let (to_schema, to_name) = mapping.table(&schema, &name);
         Target {
             oid: r.oid,
-            qualified: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
+            qualified: format!("{}.{}", quote_ident(&to_schema), quote_ident(&to_name)),
             display: format!("{schema}.{name}"),
-            columns: r.columns.iter().map(|c| String::from_utf8_lossy(c.name).into_owned()).collect(),
+            columns: projection.targets[..source_columns.len()].to_vec(),
             key,
             identity: r.replica_identity,
             type_oids: r.columns.iter().map(|c| c.type_oid).collect(),
@@ -65,6 +91,7 @@ impl Target {
             source_order: false,
             key_deferrable: false,
             operations: Operations::ALL,
+            projected: (!projection.is_plain()).then(|| Arc::new(Projected { source_columns, projection, types: Vec::new() })),
         }
     }
 
@@ -97,21 +124,39 @@ impl Target {
     }
 
     /// `INSERT … VALUES ($1 …)`, overwriting an existing row with the same
-    /// key when `upsert` and the relation has a key.
+    /// key when `upsert` and the relation has a key. With a filter or
+    /// transforms, `INSERT … SELECT` the destination row computed from the
+    /// parameters, when it matches (see [`Projected`]).
     pub fn insert_sql(&self, upsert: bool) -> String {
         if self.columns.is_empty() {
             return format!("INSERT INTO {} DEFAULT VALUES", self.qualified);
         }
-        let cols: Vec<String> = (0..self.columns.len()).map(|i| self.col(i)).collect();
-        let params: Vec<String> = (1..=self.columns.len()).map(|n| format!("${n}")).collect();
+        let targets: Vec<String> = match &self.projected {
+            Some(p) => p.projection.targets.iter().map(|c| quote_ident(c)).collect(),
+            None => (0..self.columns.len()).map(|i| self.col(i)).collect(),
+        };
         // OVERRIDING SYSTEM VALUE: identity columns GENERATED ALWAYS take the
         // source's value like any other column.
-        let mut sql =
-            format!("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})", self.qualified, cols.join(", "), params.join(", "));
+        let mut sql = format!("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE ", self.qualified, targets.join(", "));
+        match &self.projected {
+            Some(p) => {
+                let row: Vec<String> = p
+                    .source_columns
+                    .iter()
+                    .enumerate()
+                    .map(|(n, c)| format!("${}::{} AS {}", n + 1, p.types.get(n).map_or("text", String::as_str), quote_ident(c)))
+                    .collect();
+                sql.push_str(&p.projection.select(&format!("(SELECT {}) AS decant_source_row", row.join(", ")), None));
+            }
+            None => {
+                let params: Vec<String> = (1..=self.columns.len()).map(|n| format!("${n}")).collect();
+                sql.push_str(&format!("VALUES ({})", params.join(", ")));
+            }
+        }
         if upsert && !self.key.is_empty() {
             let key: Vec<String> = self.key.iter().map(|&i| self.col(i)).collect();
             let set: Vec<String> =
-                (0..self.columns.len()).filter(|i| !self.key.contains(i)).map(|i| format!("{c} = EXCLUDED.{c}", c = self.col(i))).collect();
+                (0..targets.len()).filter(|i| !self.key.contains(i)).map(|i| format!("{c} = EXCLUDED.{c}", c = targets[i])).collect();
             if set.is_empty() {
                 sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", key.join(", ")));
             } else {
@@ -201,6 +246,7 @@ pub(super) fn test_target(columns: [&str; 3], key: Vec<usize>) -> Target {
         source_order: false,
         key_deferrable: false,
         operations: Operations::ALL,
+        projected: None,
     }
 }
 

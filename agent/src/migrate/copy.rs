@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::display::CopyProgress;
 use super::{snapshot_session, MigrateError, Snapshot};
-use crate::config::Config;
+use crate::config::{Config, Mapping};
 use crate::connect::sql::{column_list, quote_ident};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
@@ -41,9 +41,10 @@ pub struct Work {
 }
 
 /// The ranges not done yet, largest first, with the COPY that reads each.
-/// A range's SQL is built from its page numbers alone: the plan comes back
-/// from the destination, whose text must never run on the source.
-pub fn pending_work(state: &TaskState) -> Result<Vec<Work>, MigrateError> {
+/// A range's SQL is built from its page numbers and the task's own
+/// `migrate.map` alone: the plan comes back from the destination, whose
+/// text must never run on the source.
+pub fn pending_work(state: &TaskState, mapping: &Mapping) -> Result<Vec<Work>, MigrateError> {
     let mut work = Vec::new();
     for t in &state.tables {
         if !ranges_cover_table(&t.ranges) {
@@ -58,14 +59,18 @@ pub fn pending_work(state: &TaskState) -> Result<Vec<Work>, MigrateError> {
         }
         let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
         let list = column_list(&t.columns);
-        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
-        let cols = cols.join(", ");
-        let format = if t.binary { "binary" } else { "text" };
+        let projection = mapping.projection(&t.schema, &t.name, &t.columns);
+        // A transform's value need not have its column's binary form.
+        let binary = t.binary && !projection.transformed;
+        let format = if binary { "binary" } else { "text" };
         let ranges = t.ranges.len().max(1) as u64;
         for r in t.ranges.iter().filter(|r| !r.done) {
-            let sql = match page_condition(r.first_page, r.end_page) {
-                None => format!("COPY {table}{list} TO STDOUT (FORMAT {format})"),
-                Some(condition) => format!("COPY (SELECT {cols} FROM ONLY {table} WHERE {condition}) TO STDOUT (FORMAT {format})"),
+            let pages = page_condition(r.first_page, r.end_page);
+            let sql = if pages.is_none() && projection.is_plain() {
+                format!("COPY {table}{list} TO STDOUT (FORMAT {format})")
+            } else {
+                let select = projection.select(&format!("ONLY {table}"), pages.as_deref());
+                format!("COPY ({select}) TO STDOUT (FORMAT {format})")
             };
             let display = if t.ranges.len() > 1 {
                 format!("{}.{} [{}/{}]", t.schema, t.name, r.range_id + 1, t.ranges.len())
@@ -77,7 +82,7 @@ pub fn pending_work(state: &TaskState) -> Result<Vec<Work>, MigrateError> {
                 range_id: r.range_id,
                 display,
                 sql,
-                binary: t.binary,
+                binary,
                 estimated_bytes: t.bytes / ranges,
                 schema: t.schema.clone(),
                 name: t.name.clone(),
@@ -163,7 +168,7 @@ pub async fn run(
     metrics: &Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<bool, MigrateError> {
-    let work = pending_work(state)?;
+    let work = pending_work(state, &config.mapping().map_err(|e| MigrateError::Invalid(e.to_string()))?)?;
     let progress = Arc::new(CopyProgress::new(state, config.migrate.progress));
     if work.is_empty() {
         progress.finish();
@@ -373,7 +378,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let w = pending_work(&state).unwrap();
+        let w = pending_work(&state, &Mapping::default()).unwrap();
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].sql, "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"Big\" WHERE ctid >= '(5,0)') TO STDOUT (FORMAT binary)");
         assert_eq!(w[0].display, "s.Big [2/2]");
@@ -400,7 +405,7 @@ mod tests {
                 tables: vec![TableState { schema: "s".into(), name: "t".into(), ranges: bad, ..Default::default() }],
                 ..Default::default()
             };
-            let e = pending_work(&state).unwrap_err().to_string();
+            let e = pending_work(&state, &Mapping::default()).unwrap_err().to_string();
             assert!(e.contains("s.t") && e.contains("decant.copy_range"), "{e}");
         }
         assert_eq!(page_condition(Some(34), Some(68)).as_deref(), Some("ctid >= '(34,0)' AND ctid < '(68,0)'"));

@@ -130,7 +130,9 @@ pub async fn drive(
 ) -> Result<bool, MigrateError> {
     let task_id = config.task_id.clone();
     let mut applier = connect_applier(&config.agent.applier_url, transport).await?;
-    let mut state = plan(&mut applier, &task_id, None).await?;
+    let mapping = config.mapping().map_err(|e| MigrateError::Invalid(e.to_string()))?;
+    let mapping = mapping.fingerprint();
+    let mut state = plan(&mut applier, &task_id, None, mapping).await?;
     *connected = true;
     check_types(config, &state)?;
     let incremental = config.migrate.has(MigrationType::Incremental);
@@ -138,7 +140,7 @@ pub async fn drive(
     if state.phase == "new" {
         let snap = take_snapshot(config, source, SnapshotKind::Initial).await?;
         let plan_body = build_plan(config, source, &snap).await?;
-        state = plan(&mut applier, &task_id, Some(plan_body)).await?;
+        state = plan(&mut applier, &task_id, Some(plan_body), mapping).await?;
         tracing::info!(tables = state.tables.len(), snapshot_lsn = %Lsn(state.snapshot_lsn), "task planned");
         snapshot = Some(snap);
     }
@@ -199,9 +201,9 @@ pub async fn drive(
     Ok(state.phase == "incremental")
 }
 
-async fn plan(applier: &mut ApplierClient, task_id: &str, plan: Option<MigrationPlan>) -> Result<TaskState, MigrateError> {
+async fn plan(applier: &mut ApplierClient, task_id: &str, plan: Option<MigrationPlan>, mapping: &str) -> Result<TaskState, MigrateError> {
     Ok(applier
-        .plan(PlanRequest { task_id: task_id.to_owned(), format_version: u32::from(FORMAT_VERSION), plan })
+        .plan(PlanRequest { task_id: task_id.to_owned(), format_version: u32::from(FORMAT_VERSION), plan, mapping: mapping.to_owned() })
         .await
         .map_err(status)?
         .into_inner())
@@ -320,6 +322,19 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> 
         }
         plan.post_data = post.steps;
         schema::order_post_data(&mut plan.post_data);
+        // migrate.map's renames, last and in one step: everything before
+        // them (the copy included) uses the source names.
+        let selected: Vec<(String, String, Vec<String>)> =
+            tables.iter().map(|t| (t.schema.clone(), t.name.clone(), t.columns.clone())).collect();
+        let renames = config.mapping().map_err(|e| MigrateError::Invalid(e.to_string()))?.rename_sql(&selected);
+        if !renames.is_empty() {
+            plan.post_data.push(decant_proto::grpc::SchemaStep {
+                kind: "RENAME".into(),
+                name: "migrate.map".into(),
+                sql: renames.join("\n"),
+                ..Default::default()
+            });
+        }
     }
     if config.migrate.has(MigrationType::Full) {
         plan.tables = tables;

@@ -157,13 +157,14 @@ pub async fn sequence_values(client: &Client, config: &Config) -> Result<Vec<Seq
         let (schema, name): (String, String) = (row.get(0), row.get(1));
         let owner: Option<(String, String)> = row.get::<_, Option<String>>(2).zip(row.get::<_, Option<String>>(3));
         let chosen = selected.table_selected(schema.as_bytes(), name.as_bytes())
-            || owner.is_some_and(|(s, t)| selected.table_selected(s.as_bytes(), t.as_bytes()));
+            || owner.as_ref().is_some_and(|(s, t)| selected.table_selected(s.as_bytes(), t.as_bytes()));
         if !chosen {
             continue;
         }
         let value =
             client.query_one(&format!("SELECT last_value, is_called FROM {}.{}", quote_ident(&schema), quote_ident(&name)), &[]).await?;
-        out.push(SequenceValue { schema, name, last_value: value.get(0), is_called: value.get(1) });
+        let (owner_schema, owner_name) = owner.unwrap_or_default();
+        out.push(SequenceValue { schema, name, last_value: value.get(0), is_called: value.get(1), owner_schema, owner_name });
     }
     Ok(out)
 }

@@ -41,7 +41,8 @@ pub trait Destination: Send + Sync + 'static {
     /// The task this destination serves; calls for another are refused.
     fn task_id(&self) -> &str;
     /// Stores `plan` (once), or with `None` reads the task's state.
-    async fn plan(&self, plan: Option<MigrationPlan>) -> Result<TaskState, Status>;
+    /// `mapping`: the agent's `migrate.map` in canonical form.
+    async fn plan(&self, plan: Option<MigrationPlan>, mapping: &str) -> Result<TaskState, Status>;
     /// Runs a schema section ("pre-data" or "post-data").
     async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status>;
     /// Loads one copied range.
@@ -136,7 +137,7 @@ impl<D: Destination> ApplierRpc for Service<D> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
         check_format(req.format_version)?;
-        guarded(self.destination.plan(req.plan)).await.map(Response::new)
+        guarded(self.destination.plan(req.plan, &req.mapping)).await.map(Response::new)
     }
 
     async fn schema(&self, request: Request<SchemaRequest>) -> Result<Response<TaskState>, Status> {

@@ -9,6 +9,10 @@ pub struct PlanRequest {
     /// Absent: only read the state.
     #[prost(message, optional, tag = "3")]
     pub plan: ::core::option::Option<MigrationPlan>,
+    /// The agent's migrate.map entries in canonical form (empty: none); the
+    /// applier refuses a task whose entries differ from its own.
+    #[prost(string, tag = "4")]
+    pub mapping: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -161,6 +165,11 @@ pub struct SequenceValue {
     pub last_value: i64,
     #[prost(bool, tag = "4")]
     pub is_called: bool,
+    /// The table that owns it (serial and identity columns); empty: none.
+    #[prost(string, tag = "5")]
+    pub owner_schema: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub owner_name: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -15,6 +15,7 @@ fn settings() -> ApplySettings {
         operations: Default::default(),
         apply_messages: true,
         split_merges: false,
+        mapping: Default::default(),
     }
 }
 

@@ -10,6 +10,7 @@ use futures_util::SinkExt;
 use tokio_postgres::Client;
 
 use super::{ensure_tables, qualified, session, MigrationError};
+use crate::config::Mapping;
 use crate::connect::sql::{column_list, quote_ident, BINARY_IO};
 use crate::connect::ConnInfo;
 
@@ -18,16 +19,45 @@ pub(super) struct TableCheck {
     pub same_builtin_types: bool,
 }
 
+/// Where the copy of a source table goes. With the schema phase, into
+/// the source names: `migrate.map`'s renames run after the post-data steps
+/// (see [`Mapping::rename_sql`]); a column only `set` fills is then not
+/// there, which the table check reports. Else into the destination names.
+pub(super) struct CopyTarget {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<String>,
+    /// Some value is a `set` expression: the copy is in text format.
+    pub transformed: bool,
+}
+
+pub(super) fn copy_target(mapping: &Mapping, schema_phase: bool, schema: &str, name: &str, columns: &[String]) -> CopyTarget {
+    let p = mapping.projection(schema, name, columns);
+    if schema_phase {
+        let extra = p.targets[columns.len()..].iter().cloned();
+        CopyTarget {
+            schema: schema.into(),
+            name: name.into(),
+            columns: columns.iter().cloned().chain(extra).collect(),
+            transformed: p.transformed,
+        }
+    } else {
+        let (schema, name) = mapping.table(schema, name);
+        CopyTarget { schema, name, columns: p.targets, transformed: p.transformed }
+    }
+}
+
 /// Checks the destination tables of the copy: they exist with the copied
 /// columns; binary COPY needs the same built-in type, with binary I/O, on
-/// both sides.
+/// both sides (each of `types` goes with the column at its place).
 pub(super) async fn check_tables<'a>(
     client: &Client,
-    tables: impl Iterator<Item = (&'a str, &'a str, &'a Vec<String>, &'a Vec<String>)>,
+    tables: impl Iterator<Item = (CopyTarget, &'a Vec<String>)>,
 ) -> Result<Vec<TableCheck>, MigrationError> {
     let mut missing = Vec::new();
     let mut out = Vec::new();
-    for (schema, name, columns, types) in tables {
+    for (target, types) in tables {
+        let CopyTarget { schema, name, columns, .. } = &target;
         let q = qualified(schema, name);
         let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&q]).await?.get(0);
         if !exists {
@@ -46,10 +76,11 @@ pub(super) async fn check_tables<'a>(
             .await?;
         let found: HashMap<String, (String, bool)> = cols.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
         let mut same = true;
-        for (c, t) in columns.iter().zip(types) {
-            match found.get(c) {
-                None => missing.push(format!("{schema}.{name} (column {c})")),
-                Some((dt, builtin)) => same &= dt == t && *builtin,
+        for (i, c) in columns.iter().enumerate() {
+            match (found.get(c), types.get(i)) {
+                (None, _) => missing.push(format!("{schema}.{name} (column {c})")),
+                (Some((dt, builtin)), Some(t)) => same &= dt == t && *builtin,
+                (Some(_), None) => same = false,
             }
         }
         let has_rows: bool = client.query_one(&format!("SELECT EXISTS (SELECT FROM ONLY {q})"), &[]).await?.get(0);
@@ -63,15 +94,25 @@ pub(super) async fn check_tables<'a>(
 
 /// After pre-data: the destination tables are checked, and the copy
 /// format and conflict handling of each decided.
-pub(super) async fn prepare_copy(client: &Client, task_id: &str, state: &TaskState, ignore: bool) -> Result<(), MigrationError> {
+pub(super) async fn prepare_copy(
+    client: &Client,
+    task_id: &str,
+    state: &TaskState,
+    ignore: bool,
+    mapping: &Mapping,
+) -> Result<(), MigrationError> {
     let types: Vec<(Vec<String>, Vec<String>)> = client
         .query("SELECT columns, types FROM decant.copy_table WHERE task_id = $1 ORDER BY table_id", &[&task_id])
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let checks =
-        check_tables(client, state.tables.iter().zip(&types).map(|(t, (c, ty))| (t.schema.as_str(), t.name.as_str(), c, ty))).await?;
+    let schema_phase = state.types.iter().any(|t| t == "schema");
+    let checks = check_tables(
+        client,
+        state.tables.iter().zip(&types).map(|(t, (c, ty))| (copy_target(mapping, schema_phase, &t.schema, &t.name, c), ty)),
+    )
+    .await?;
     for (t, c) in state.tables.iter().zip(checks) {
         let merge = ignore && c.has_rows;
         client
@@ -86,7 +127,8 @@ pub(super) async fn prepare_copy(client: &Client, task_id: &str, state: &TaskSta
 
 /// Tables re-copied after a restart, with the LSN before which their
 /// changes are already in the copy.
-pub async fn skip_before(client: &Client, task_id: &str) -> Result<HashMap<String, Lsn>, tokio_postgres::Error> {
+/// Keyed by the tables' destination names, as the stream's targets are.
+pub async fn skip_before(client: &Client, task_id: &str, mapping: &Mapping) -> Result<HashMap<String, Lsn>, tokio_postgres::Error> {
     ensure_tables(client).await?;
     Ok(client
         .query(
@@ -95,7 +137,10 @@ pub async fn skip_before(client: &Client, task_id: &str) -> Result<HashMap<Strin
         )
         .await?
         .iter()
-        .map(|r| (qualified(r.get(0), r.get(1)), r.get::<_, String>(2).parse().unwrap_or_default()))
+        .map(|r| {
+            let (schema, name) = mapping.table(r.get(0), r.get(1));
+            (qualified(&schema, &name), r.get::<_, String>(2).parse().unwrap_or_default())
+        })
         .collect())
 }
 
@@ -103,6 +148,7 @@ pub async fn skip_before(client: &Client, task_id: &str) -> Result<HashMap<Strin
 /// text as planned), and the range is marked done in the same transaction.
 pub async fn copy_range(
     destination: &ConnInfo,
+    mapping: &Mapping,
     task_id: &str,
     table_id: u32,
     range_id: u32,
@@ -113,8 +159,9 @@ pub async fn copy_range(
     let client = session(destination, task_id).await?;
     let row = client
         .query_opt(
-            "SELECT t.schema_name, t.name, t.columns, t.binary_ok, t.merge, r.done_at IS NOT NULL, r.rows, r.bytes
-               FROM decant.copy_table t JOIN decant.copy_range r USING (task_id, table_id)
+            "SELECT t.schema_name, t.name, t.columns, t.binary_ok, t.merge, r.done_at IS NOT NULL, r.rows, r.bytes,
+                    'schema' = ANY (k.types)
+               FROM decant.copy_table t JOIN decant.copy_range r USING (task_id, table_id) JOIN decant.task k USING (task_id)
               WHERE t.task_id = $1 AND t.table_id = $2 AND r.range_id = $3",
             &[&task_id, &(table_id as i32), &(range_id as i32)],
         )
@@ -133,11 +180,13 @@ pub async fn copy_range(
             &[&task_id, &(table_id as i32), &(range_id as i32)],
         )
         .await?;
-    let target = qualified(&schema, &name);
-    let list = column_list(&columns);
-    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let into_table = copy_target(mapping, row.get(8), &schema, &name, &columns);
+    let target = qualified(&into_table.schema, &into_table.name);
+    let list = column_list(&into_table.columns);
+    let cols: Vec<String> = into_table.columns.iter().map(|c| quote_ident(c)).collect();
     let cols = cols.join(", ");
-    let format = if binary { "binary" } else { "text" };
+    // As the agent reads it (`migrate::copy::pending_work`).
+    let format = if binary && !into_table.transformed { "binary" } else { "text" };
     let err = |source| MigrationError::Copy { table: table.clone(), source };
     client.batch_execute("BEGIN").await.map_err(err)?;
     let into = if merge {

@@ -198,6 +198,11 @@ DO $$BEGIN
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.schema_step'::regclass AND attname = 'step_order') THEN
         ALTER TABLE decant.schema_step ADD COLUMN IF NOT EXISTS step_order int NOT NULL DEFAULT 0;
     END IF;
+    -- The task's migrate.map in canonical form ('' for none, as for tasks
+    -- planned before it existed).
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.task'::regclass AND attname = 'mapping') THEN
+        ALTER TABLE decant.task ADD COLUMN IF NOT EXISTS mapping text NOT NULL DEFAULT '';
+    END IF;
 END$$;
 -- How the task is doing, for decant status: running, or retrying / failed
 -- as the agent reported it; since: when that state began.

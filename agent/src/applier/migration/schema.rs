@@ -12,6 +12,7 @@ use tokio_postgres::Client;
 use super::copy::prepare_copy;
 use super::store::read_state;
 use super::{end_leftover_sessions, ensure_tables, is_duplicate, qualified, session, step_label, MigrationError};
+use crate::config::Mapping;
 use crate::connect::ConnInfo;
 
 /// Runs the steps of `section` that are not done, then moves the task to
@@ -24,6 +25,7 @@ pub async fn run_schema(
     section: &str,
     workers: usize,
     sequences: &[SequenceValue],
+    mapping: &Mapping,
 ) -> Result<TaskState, MigrationError> {
     let client = session(destination, task_id).await?;
     ensure_tables(&client).await?;
@@ -65,7 +67,7 @@ pub async fn run_schema(
             run_step(&client, task_id, section, *n, step, ignore).await?;
         }
         if has("full") {
-            prepare_copy(&client, task_id, &state, ignore).await?;
+            prepare_copy(&client, task_id, &state, ignore, mapping).await?;
         }
     } else {
         set_sequences(&client, sequences).await?;

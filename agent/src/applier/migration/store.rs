@@ -7,15 +7,33 @@ use decant_proto::grpc::{MigrationPlan, PageRange, RangeState, TableState, TaskS
 use decant_proto::Lsn;
 use tokio_postgres::Client;
 
-use super::copy::check_tables;
+use super::copy::{check_tables, copy_target};
 use super::{end_leftover_sessions, ensure_tables, is_duplicate, qualified, session, step_label, MigrationError};
+use crate::config::Mapping;
 use crate::connect::ConnInfo;
 
 /// The task's state; phase "new" when it has no plan.
-pub async fn state(destination: &ConnInfo, task_id: &str) -> Result<TaskState, MigrationError> {
+pub async fn state(destination: &ConnInfo, task_id: &str, mapping: &Mapping) -> Result<TaskState, MigrationError> {
     let client = session(destination, task_id).await?;
     ensure_tables(&client).await?;
+    check_mapping(&client, task_id, mapping).await?;
     read_state(&client, task_id).await
+}
+
+/// A planned task keeps the `migrate.map` it was planned with: the schema
+/// phase renamed, and the copy filtered, by those entries.
+async fn check_mapping(client: &Client, task_id: &str, mapping: &Mapping) -> Result<(), MigrationError> {
+    let planned: Option<String> =
+        client.query_opt("SELECT mapping FROM decant.task WHERE task_id = $1", &[&task_id]).await?.map(|r| r.get(0));
+    match planned {
+        Some(planned) if planned != mapping.fingerprint() => Err(MigrationError::State(
+            task_id.into(),
+            "was planned with other migrate.map entries than the configuration now has: restore them, or use another \
+             task_id for a new task (DROP SCHEMA decant CASCADE in the destination starts this one over)"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskState, MigrationError> {
@@ -97,9 +115,10 @@ pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskSta
 
 /// Stores a plan, once. With conflicts = report, objects that already
 /// exist are reported before anything is written.
-pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan) -> Result<TaskState, MigrationError> {
+pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan, mapping: &Mapping) -> Result<TaskState, MigrationError> {
     let mut client = session(destination, task_id).await?;
     ensure_tables(&client).await?;
+    check_mapping(&client, task_id, mapping).await?;
     let current = read_state(&client, task_id).await?;
     if current.phase != "new" {
         return Ok(current);
@@ -111,7 +130,9 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan) ->
     }
     let mut flags = Vec::new();
     if has("full") && !has("schema") {
-        let checks = check_tables(&client, plan.tables.iter().map(|t| (t.schema.as_str(), t.name.as_str(), &t.columns, &t.types))).await?;
+        let checks =
+            check_tables(&client, plan.tables.iter().map(|t| (copy_target(mapping, false, &t.schema, &t.name, &t.columns), &t.types)))
+                .await?;
         if report {
             let full: Vec<String> = checks
                 .iter()
@@ -128,8 +149,17 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan) ->
     let phase = if has("schema") { "schema" } else { "copy" };
     let tx = client.transaction().await?;
     tx.execute(
-        "INSERT INTO decant.task (task_id, phase, types, conflicts, snapshot_lsn, prologue) VALUES ($1, $2, $3, $4, $5::text::pg_lsn, $6)",
-        &[&task_id, &phase, &plan.types, &plan.conflicts, &Lsn(plan.snapshot_lsn).to_string(), &plan.schema_prologue],
+        "INSERT INTO decant.task (task_id, phase, types, conflicts, snapshot_lsn, prologue, mapping)
+         VALUES ($1, $2, $3, $4, $5::text::pg_lsn, $6, $7)",
+        &[
+            &task_id,
+            &phase,
+            &plan.types,
+            &plan.conflicts,
+            &Lsn(plan.snapshot_lsn).to_string(),
+            &plan.schema_prologue,
+            &mapping.fingerprint(),
+        ],
     )
     .await?;
     let insert_step = tx
@@ -148,6 +178,7 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan) ->
             Some(c) => (t.binary && c.same_builtin_types, c.has_rows),
             None => (t.binary, false),
         };
+        let binary = binary && !mapping.projection(&t.schema, &t.name, &t.columns).transformed;
         tx.execute(
             "INSERT INTO decant.copy_table (task_id, table_id, schema_name, name, columns, types, binary_ok, bytes, merge)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
