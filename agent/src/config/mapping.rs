@@ -182,6 +182,15 @@ impl Mapping {
         }
     }
 
+    /// The tables with an entry, as (schema, table, has a filter or
+    /// transforms), in order.
+    pub fn tables(&self) -> Vec<(&str, &str, bool)> {
+        let mut out: Vec<(&str, &str, bool)> =
+            self.tables.iter().map(|((s, t), e)| (s.as_str(), t.as_str(), e.filter.is_some() || !e.set.is_empty())).collect();
+        out.sort();
+        out
+    }
+
     fn entry(&self, schema: &str, table: &str) -> Option<&TableEntry> {
         self.tables.get(&(schema.to_owned(), table.to_owned()))
     }

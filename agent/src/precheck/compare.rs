@@ -77,9 +77,18 @@ fn encoding(source: &Server, dest: &Server, f: &mut Findings) {
     }
 }
 
-/// Relations of the destination with the names of selected tables.
-async fn existing(d: &Destination, sel: &Selection) -> Result<BTreeMap<(String, String), String>, tokio_postgres::Error> {
-    let (schemas, names): (Vec<String>, Vec<String>) = sel.tables.iter().map(|t| (t.schema.clone(), t.name.clone())).unzip();
+/// Relations of the destination with the names of selected tables: the
+/// source's names (the schema phase creates them) and those `migrate.map`
+/// gives them (it renames them to those at its end).
+async fn existing(config: &Config, d: &Destination, sel: &Selection) -> Result<BTreeMap<(String, String), String>, tokio_postgres::Error> {
+    let mapping = config.mapping().unwrap_or_default();
+    let (schemas, names): (Vec<String>, Vec<String>) = sel
+        .tables
+        .iter()
+        .flat_map(|t| [(t.schema.clone(), t.name.clone()), mapping.table(&t.schema, &t.name)])
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .unzip();
     let rows = d
         .client
         .query(
@@ -108,7 +117,7 @@ async fn conflicts(
         );
         return Ok(());
     }
-    let found = existing(d, sel).await?;
+    let found = existing(config, d, sel).await?;
     if config.migrate.conflicts == ConflictMode::Ignore {
         f.pass(
             Check::DestinationConflicts,
@@ -144,17 +153,20 @@ async fn conflicts(
 /// user write them.
 async fn tables(config: &Config, d: &Destination, sel: &Selection, f: &mut Findings) -> Result<(), tokio_postgres::Error> {
     let m = &config.migrate;
-    let (schemas, names): (Vec<String>, Vec<String>) =
-        sel.tables.iter().filter(|t| t.kind == "r").map(|t| (t.schema.clone(), t.name.clone())).unzip();
+    let mapping = config.mapping().unwrap_or_default();
+    let selected: Vec<&super::tables::Relation> = sel.tables.iter().filter(|t| t.kind == "r").collect();
+    // Under the names migrate.map gives them on the destination.
+    let (schemas, names): (Vec<String>, Vec<String>) = selected.iter().map(|t| mapping.table(&t.schema, &t.name)).unzip();
     let rows = d
         .client
         .query(
             "SELECT x.s, x.t, c.oid IS NOT NULL,
                     coalesce(has_table_privilege(c.oid, 'INSERT'), false), coalesce(has_table_privilege(c.oid, 'UPDATE'), false),
                     coalesce(has_table_privilege(c.oid, 'DELETE'), false), coalesce(has_table_privilege(c.oid, 'TRUNCATE'), false)
-               FROM unnest($1::text[], $2::text[]) AS x(s, t)
+               FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(s, t, n)
                LEFT JOIN pg_namespace n ON n.nspname = x.s
-               LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = x.t AND c.relkind IN ('r', 'p')",
+               LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = x.t AND c.relkind IN ('r', 'p')
+              ORDER BY x.n",
             &[&schemas, &names],
         )
         .await?;
@@ -163,7 +175,7 @@ async fn tables(config: &Config, d: &Destination, sel: &Selection, f: &mut Findi
     // A table whose TRUNCATE applier.operations leaves out needs no TRUNCATE privilege.
     let operations = config.operation_rules().unwrap_or_default();
     let mut fine = true;
-    for r in &rows {
+    for (r, source) in rows.iter().zip(&selected) {
         let (s, t): (String, String) = (r.get(0), r.get(1));
         if !r.get::<_, bool>(2) {
             fine = false;
@@ -178,7 +190,10 @@ async fn tables(config: &Config, d: &Destination, sel: &Selection, f: &mut Findi
         }
         let mut missing: Vec<&str> =
             ["INSERT", "UPDATE", "DELETE"].into_iter().zip(3..6).filter(|(_, i)| !r.get::<_, bool>(*i)).map(|(p, _)| p).collect();
-        if truncate && operations.for_table(s.as_bytes(), t.as_bytes()).contains(Operations::TRUNCATE) && !r.get::<_, bool>(6) {
+        if truncate
+            && operations.for_table(source.schema.as_bytes(), source.name.as_bytes()).contains(Operations::TRUNCATE)
+            && !r.get::<_, bool>(6)
+        {
             missing.push("TRUNCATE");
         }
         if !missing.is_empty() {

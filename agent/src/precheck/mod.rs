@@ -72,6 +72,7 @@ checks! {
     TablesUnlogged = "tables.unlogged",
     TablesForeign = "tables.foreign",
     TablesSequences = "tables.sequences",
+    TablesMapping = "tables.mapping",
     DestinationConnect = "destination.connect",
     DestinationVersion = "destination.version",
     DestinationSessionReplicationRole = "destination.session_replication_role",

@@ -111,6 +111,7 @@ pub(super) async fn check(client: &Client, config: &Config, server: &Server, f: 
         sel.tables.push(t);
     }
     selection(config, &sel, f);
+    mapping(client, config, &sel, incremental, f).await?;
     if incremental {
         if !unlogged {
             f.pass(Check::TablesUnlogged, "tables", "no selected table is unlogged");
@@ -176,6 +177,69 @@ fn selection(config: &Config, sel: &Selection, f: &mut Findings) {
         let bytes: i64 = sel.tables.iter().map(|t| t.bytes).sum();
         f.pass(Check::TablesSelection, "tables", format!("{} tables selected, {} on the source", sel.tables.len(), super::size(bytes)));
     }
+}
+
+/// `migrate.map`'s table entries: each names a selected table; and a
+/// table with a row filter or transforms, whose rows the stream rewrites
+/// whole, logs its old rows whole (REPLICA IDENTITY FULL) when a value of
+/// it can be TOASTed: an UPDATE that leaves such a value unchanged carries
+/// it nowhere else.
+async fn mapping(
+    client: &Client,
+    config: &Config,
+    sel: &Selection,
+    incremental: bool,
+    f: &mut Findings,
+) -> Result<(), tokio_postgres::Error> {
+    let Ok(mapping) = config.mapping() else { return Ok(()) };
+    let entries = mapping.tables();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut problems = 0;
+    for (s, t, projected) in entries {
+        let shown = display(s, t);
+        if !sel.tables.iter().any(|r| r.schema == s && r.name == t) {
+            problems += 1;
+            f.warn(
+                Check::TablesMapping,
+                &shown,
+                "migrate.map has an entry for this table, which is not selected (or does not exist): the entry does nothing",
+                "fix the entry's table name, or select the table in source.include_tables",
+            );
+            continue;
+        }
+        if !(projected && incremental) {
+            continue;
+        }
+        let row = client
+            .query_one(
+                "SELECT c.relreplident = 'f',
+                        EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                   AND a.attstorage <> 'p')
+                   FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&qualified(s, t)],
+            )
+            .await?;
+        let (full, toastable): (bool, bool) = (row.get(0), row.get(1));
+        if toastable && !full {
+            problems += 1;
+            f.error(
+                Check::TablesMapping,
+                &shown,
+                "has a row filter or transforms (migrate.map), so the stream rewrites its rows whole, and a column whose values                  can be TOASTed: an UPDATE that leaves such a value unchanged carries it only in the old row, which the WAL                  holds whole only with REPLICA IDENTITY FULL",
+                format!("ALTER TABLE {} REPLICA IDENTITY FULL;", qualified(s, t)),
+            );
+        }
+    }
+    if problems == 0 {
+        f.pass(
+            Check::TablesMapping,
+            "migrate.map",
+            "every entry names a selected table; filtered and transformed tables log whole old rows where needed",
+        );
+    }
+    Ok(())
 }
 
 async fn identity(client: &Client, config: &Config, f: &mut Findings) -> Result<(), tokio_postgres::Error> {
