@@ -131,7 +131,7 @@ fn post_data_keeps_every_dependency_pg_dump_knows() {
     assert_eq!(t.dest.normalized_schema("postgres"), t.source.normalized_schema("postgres"), "schemas differ after migration");
     t.assert_equal();
     assert_same_rows(&t, "SELECT n FROM parent_codes_count");
-    assert_same_rows(&t, 
+    assert_same_rows(&t,
         "SELECT c.conname::text, obj_description(c.oid, 'pg_constraint') FROM pg_constraint c WHERE c.conrelid IN ('child'::regclass, 'parent'::regclass)",
     );
 }

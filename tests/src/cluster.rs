@@ -57,7 +57,8 @@ impl Cluster {
     pub fn start_standby(&self, extra_conf: &[&str]) -> Cluster {
         let mut standby = Cluster::unstarted(self.bindir.clone());
         let mut cmd = standby.server_cmd("pg_basebackup");
-        cmd.args(["-h", HOST, "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"]).arg(&standby.data_dir);
+        cmd.args(["-h", HOST, "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"])
+            .arg(&standby.data_dir);
         let out = run_capture(&mut cmd);
         assert!(out.status.success(), "decant-tests: pg_basebackup failed\n{}", describe_output(&out));
         standby.launch(extra_conf);

@@ -318,7 +318,8 @@ impl Task {
         let slot = self.config.get("source.slot").unwrap_or_default().trim_matches('"').to_owned();
         let mut c = self.source.connect();
         wait_for("the agent's slot to stream", timeout, || {
-            c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot]).unwrap().get::<_, i64>(0) == 1
+            c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot]).unwrap().get::<_, i64>(0)
+                == 1
         });
     }
 
@@ -333,7 +334,11 @@ impl Task {
     /// plan is stored).
     pub fn phase(&self) -> String {
         self.dst()
-            .query_opt("SELECT phase FROM decant.task WHERE task_id = $1", &[&self.id]).ok().flatten().map(|r| r.get(0)).unwrap_or_default()
+            .query_opt("SELECT phase FROM decant.task WHERE task_id = $1", &[&self.id])
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+            .unwrap_or_default()
     }
 
     /// Waits until the task's phase is `incremental`.
