@@ -120,7 +120,8 @@ fn lag_failure_and_retries_exhausted_alerts() {
     let (receiver_port, rx) = receiver(None);
     let mut alerts = Alerts { rx, all: Vec::new() };
     // The command writes the JSON it reads and its environment, a line each
-    // (files in the task's dir, known once the task is built).
+    // (into a dir of their own: the command is part of the configuration
+    // the task's builder writes).
     let dir = tempfile::tempdir().unwrap();
     let command = |name: &str| {
         let base = dir.path().join(name);

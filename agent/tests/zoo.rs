@@ -55,6 +55,7 @@ fn zoo(task_id: &str, db: &str, create_options: &str) {
         .database(db, create_options)
         .migrate("types = [\"schema\", \"full\", \"incremental\"]")
         .build();
+    t.config.write(&out_dir.join("task.toml"));
     let (source, dest) = (&t.source, &t.dest);
     // With psql, as a user would: statement by statement (an enum value
     // added by ALTER TYPE must be committed before it is used).
