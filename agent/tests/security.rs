@@ -199,10 +199,7 @@ fn passwords_appear_in_no_process_list_log_line_or_error() {
             .render()
     };
     let config = write(dir.path(), "task.toml", &task(&source_dsn, &dest_dsn));
-    let command = |config: &Path, args: &[&str]| {
-        let out = Command::new(decant()).args(args).arg("--config").arg(config).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    };
+    let command = |config: &Path, args: &[&str]| decant_tests::task::command(decant(), config, args);
 
     let mut migrate = Role::start(decant(), "migrate", &config, &dir.path().join("migrate.log"));
     let stop = Arc::new(AtomicBool::new(false));

@@ -43,8 +43,8 @@ use std::time::Duration;
 use crate::process::{free_port, run_ok, wait_for, wait_port, Role};
 use crate::Cluster;
 
-/// A task's TOML: sections in the order first set, keys in the order first
-/// set, each value as TOML text.
+/// A task's TOML: keys in the order first set, each value as TOML text;
+/// sections in the order of `decant default-config`.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// (section, key, value); section "" is the top level.
@@ -123,7 +123,8 @@ impl Config {
             }
         }
         // Top-level keys must come before the first table.
-        sections.sort_by_key(|s| !s.is_empty());
+        const ORDER: [&str; 10] = ["", "source", "destination", "agent", "applier", "transport", "retry", "log", "migrate", "alert"];
+        sections.sort_by_key(|s| ORDER.iter().position(|o| o == s).unwrap_or(ORDER.len()));
         for section in sections {
             if !section.is_empty() {
                 let _ = writeln!(out, "[{section}]");
@@ -145,6 +146,13 @@ impl Config {
 /// A TOML basic string.
 fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Runs a one-shot command, `bin ARGS --config config`; returns (exit
+/// success, stdout + stderr).
+pub fn command(bin: &Path, config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin).args(args).arg("--config").arg(config).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Builds a [`Task`]: [`Task::builder`].
@@ -326,8 +334,7 @@ impl Task {
     /// Runs a one-shot command (`decant ARGS --config task.toml`); returns
     /// (exit success, stdout + stderr).
     pub fn command(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(&self.bin).args(args).arg("--config").arg(&self.config_path).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        command(&self.bin, &self.config_path, args)
     }
 
     /// The task's phase in the destination's `decant.task` ("" before the
@@ -399,7 +406,10 @@ mod tests {
             .set("alert.url", "\"u\"")
             .unset("alert");
         let text = c.render();
-        assert!(text.starts_with("task_id = \"x\"\n[source]\nslot = \"decant_x\"\nheartbeat_seconds = 1\ndsn = \"host=a\"\n"), "{text}");
+        assert!(
+            text.starts_with("task_id = \"x\"\n[source]\nslot = \"decant_x\"\nheartbeat_seconds = 1\ndsn = \"host=a\"\n[destination]\n"),
+            "{text}"
+        );
         assert!(text.contains("[retry]\nconnection_minutes = 10\nother_minutes = 2\n"), "{text}");
         assert!(text.contains("[migrate]\nprogress = \"log\"\ntypes = [\"full\"]\nworkers = 4\n"), "{text}");
         assert!(!text.contains("status_interval") && !text.contains("alert"), "{text}");
