@@ -11,8 +11,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use decant_tests::certs::Certs;
-use decant_tests::process::{free_port, wait_for, wait_port, Role};
-use decant_tests::Cluster;
+use decant_tests::process::{free_port, wait_for, Role};
+use decant_tests::task::{Config, Task};
 use serde_json::Value;
 
 /// One POST received: (path, body as JSON).
@@ -117,16 +117,12 @@ fn lines(path: &Path) -> Vec<String> {
 
 #[test]
 fn lag_failure_and_retries_exhausted_alerts() {
-    let source = Cluster::start();
-    let dest = Cluster::start();
-    let table = "CREATE TABLE t (id int PRIMARY KEY, pad text)";
-    source.connect().batch_execute(&format!("CREATE EXTENSION decant; {table}")).unwrap();
-    dest.connect().batch_execute(table).unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let (receiver_port, rx) = receiver(None);
     let mut alerts = Alerts { rx, all: Vec::new() };
-    let port = free_port();
-    // The command writes the JSON it reads and its environment, a line each.
+    // The command writes the JSON it reads and its environment, a line each
+    // (into a dir of their own: the command is part of the configuration
+    // the task's builder writes).
+    let dir = tempfile::tempdir().unwrap();
     let command = |name: &str| {
         let base = dir.path().join(name);
         format!(
@@ -134,30 +130,26 @@ fn lag_failure_and_retries_exhausted_alerts() {
             base.display()
         )
     };
-    let config = dir.path().join("task.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "task_id = \"a\"\n\
-             [source]\ndsn = \"{}\"\nslot = \"decant_a\"\nheartbeat_seconds = 1\n\
-             [destination]\ndsn = \"{}\"\n\
-             [agent]\napplier_url = \"http://127.0.0.1:{port}\"\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-             [applier]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n\
-             [transport]\ntoken = \"alerts test\"\n\
-             [alert]\ncommand = '{}'\nurl = \"http://127.0.0.1:{receiver_port}/main\"\nlag_bytes = 4000000\n",
-            source.conninfo("postgres"),
-            dest.conninfo("postgres"),
-            command("main"),
-        ),
-    )
-    .unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_decant"));
+    // Agent and applier, no [retry] (the agent's defaults) and no [migrate].
+    let t = Task::builder(env!("CARGO_BIN_EXE_decant"), "a")
+        .transport("alerts test")
+        .unset("retry")
+        .unset("migrate")
+        .set("alert.command", &format!("'{}'", command("main")))
+        .set("alert.url", &format!("\"http://127.0.0.1:{receiver_port}/main\""))
+        .set("alert.lag_bytes", "4000000")
+        .build();
+    let (source, dest) = (&t.source, &t.dest);
+    let table = "CREATE TABLE t (id int PRIMARY KEY, pad text)";
+    source.connect().batch_execute(&format!("CREATE EXTENSION decant; {table}")).unwrap();
+    dest.connect().batch_execute(table).unwrap();
     let start = |role: &str, overrides: &[String]| {
-        let role_handle = Role::start_with(bin, role, &config, overrides, &dir.path().join(format!("{role}-{}.log", free_port())));
+        let log = format!("{role}-{}.log", free_port());
         if role == "applier" {
-            wait_port(port);
+            t.applier(overrides, &log)
+        } else {
+            t.start_with(role, overrides, &log)
         }
-        role_handle
     };
     let mut applier = start("applier", &[]);
     let agent = start("agent", &[]);
@@ -259,16 +251,13 @@ fn https_with_a_ca() {
     let (receiver_port, rx) = receiver(Some(Arc::new(tls)));
     let mut alerts = Alerts { rx, all: Vec::new() };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("task.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "task_id = \"h\"\n[source]\ndsn = \"host=127.0.0.1 port=1 user=postgres\"\n\
-             [agent]\nmetrics_listen = \"\"\n[transport]\ntoken = \"alerts test\"\n\
-             [alert]\nurl = \"https://127.0.0.1:{receiver_port}/tls\"\n"
-        ),
-    )
-    .unwrap();
+    // An agent alone, its source unreachable.
+    let config = Config::empty("h")
+        .set("source.dsn", "\"host=127.0.0.1 port=1 user=postgres\"")
+        .set("agent.metrics_listen", "\"\"")
+        .set("transport.token", "\"alerts test\"")
+        .set("alert.url", &format!("\"https://127.0.0.1:{receiver_port}/tls\""))
+        .write(&dir.path().join("task.toml"));
     let bin = Path::new(env!("CARGO_BIN_EXE_decant"));
     let run = |ca: &Path| {
         let log = dir.path().join(format!("agent-{}.log", free_port()));

@@ -11,52 +11,17 @@
 //! of the retry window is left, and why) and after it failed (why, and
 //! since when).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use decant_tests::process::{run_ok, wait_for, Role};
+use decant_tests::process::{run_ok, wait_for};
+use decant_tests::task::Task;
 use decant_tests::Cluster;
 
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo/sample.sql");
 
-fn decant() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-struct Task {
-    source: Cluster,
-    dest: Cluster,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
-
-impl Task {
-    fn new() -> Task {
-        let (source, dest) = (Cluster::start(), Cluster::start());
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("task.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "task_id = \"c\"\n\
-                 [source]\ndsn = \"{}\"\nslot = \"decant_c\"\nheartbeat_seconds = 1\n\
-                 [destination]\ndsn = \"{}\"\n\
-                 [agent]\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-                 [applier]\nmetrics_listen = \"\"\n\
-                 [migrate]\nprogress = \"log\"\ntypes = [\"schema\", \"full\", \"incremental\"]\n",
-                source.conninfo("postgres"),
-                dest.conninfo("postgres")
-            ),
-        )
-        .unwrap();
-        Task { source, dest, dir, config }
-    }
-
-    fn command(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(decant()).args(args).arg("--config").arg(&self.config).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
+/// Task `c`: every phase, and the agent's default retry windows.
+fn task() -> Task {
+    Task::builder(env!("CARGO_BIN_EXE_decant"), "c").unset("retry").migrate("types = [\"schema\", \"full\", \"incremental\"]").build()
 }
 
 /// Every sequence's next value (what nextval would hand out), by name.
@@ -92,37 +57,20 @@ fn sequence_load(source: &Cluster, seconds: u64) -> std::thread::JoinHandle<()> 
 
 #[test]
 fn cutover_after_the_load_sets_sequences_compares_and_fences_the_task() {
-    let t = Task::new();
-    run_ok(t.source.tool("pgbench").args(["-i", "-s", "1", "-q", "postgres"]));
+    let t = task();
+    t.pgbench_init("1");
     run_ok(t.source.tool("psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-f", SAMPLE]));
     t.source
         .connect()
         .batch_execute(
-            "ALTER TABLE pgbench_history REPLICA IDENTITY FULL;
-             CREATE SEQUENCE countdown INCREMENT -1 START -1 MINVALUE -1000000000;
+            "CREATE SEQUENCE countdown INCREMENT -1 START -1 MINVALUE -1000000000;
              CREATE TABLE counted (id bigserial PRIMARY KEY, v text);",
         )
         .unwrap();
-    let mut m = Role::start(decant(), "migrate", &t.config, &t.dir.path().join("migrate.log"));
+    let mut m = t.migrate("migrate.log");
     let load = sequence_load(&t.source, 8);
-    let mut pgbench = t
-        .source
-        .tool("pgbench")
-        .args(["-n", "-c", "2", "-T", "8", "postgres"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let phase = |t: &Task| -> String {
-        t.dest
-            .connect()
-            .query_opt("SELECT phase FROM decant.task WHERE task_id = 'c'", &[])
-            .ok()
-            .flatten()
-            .map(|r| r.get(0))
-            .unwrap_or_default()
-    };
-    wait_for("the stream phase", Duration::from_secs(180), || phase(&t) == "incremental");
+    let mut pgbench = t.pgbench_load(8);
+    t.wait_incremental(Duration::from_secs(180));
     load.join().unwrap();
     assert!(pgbench.wait().unwrap().success());
 
@@ -162,7 +110,7 @@ fn cutover_after_the_load_sets_sequences_compares_and_fences_the_task() {
     assert_eq!(m.wait_exit(Duration::from_secs(60)), Some(0), "{}", m.log());
     assert!(m.log().contains("the task was cut over"), "{}", m.log());
     // Started again, it does nothing.
-    let mut again = Role::start(decant(), "migrate", &t.config, &t.dir.path().join("again.log"));
+    let mut again = t.migrate("again.log");
     assert_eq!(again.wait_exit(Duration::from_secs(60)), Some(0), "{}", again.log());
 
     let (ok, status) = t.command(&["status"]);
@@ -180,12 +128,12 @@ fn cutover_after_the_load_sets_sequences_compares_and_fences_the_task() {
 
 #[test]
 fn status_shows_a_retrying_and_a_failed_task_with_the_reason() {
-    let t = Task::new();
+    let t = task();
     t.source
         .connect()
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g;")
         .unwrap();
-    let mut m = Role::start(decant(), "migrate", &t.config, &t.dir.path().join("migrate.log"));
+    let mut m = t.migrate("migrate.log");
     let status = || t.command(&["status"]).1;
     wait_for("the stream phase", Duration::from_secs(120), || status().contains("Running (phase: incremental"));
 

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use decant_tests::process::{expect, fails, free_port, Role};
+use decant_tests::task::Config;
 use decant_tests::Cluster;
 
 struct Setup {
@@ -18,21 +19,20 @@ impl Setup {
         Setup { dir: tempfile::tempdir().unwrap(), port: std::cell::Cell::new(0) }
     }
 
-    fn config(&self, source: &str, destination: &str, extra: &str) -> std::path::PathBuf {
+    /// Task `e` between `source` and `destination`, agent and applier on
+    /// a new free port; no heartbeats.
+    fn config(&self, source: &str, destination: &str) -> std::path::PathBuf {
         let port = free_port();
         self.port.set(port);
-        let path = self.dir.path().join(format!("task-{port}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "task_id = \"e\"\n[source]\ndsn = \"{source}\"\nheartbeat_seconds = 0\n[destination]\ndsn = \"{destination}\"\n\
-                 [agent]\napplier_url = \"http://127.0.0.1:{port}\"\nmetrics_listen = \"\"\n\
-                 [transport]\ntoken = \"errors test\"\n\
-                 [applier]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n{extra}\n"
-            ),
-        )
-        .unwrap();
-        path
+        Config::empty("e")
+            .dsns(source, destination)
+            .set("source.heartbeat_seconds", "0")
+            .set("agent.applier_url", &format!("\"http://127.0.0.1:{port}\""))
+            .set("agent.metrics_listen", "\"\"")
+            .set("transport.token", "\"errors test\"")
+            .set("applier.listen", &format!("\"127.0.0.1:{port}\""))
+            .set("applier.metrics_listen", "\"\"")
+            .write(&self.dir.path().join(format!("task-{port}.toml")))
     }
 
     fn role(&self, name: &str, config: &Path, overrides: &[&str]) -> Role {
@@ -53,12 +53,12 @@ fn configuration_and_source_errors() {
     let dest = good_dest.conninfo("postgres");
 
     // A bad configuration value.
-    let cfg = s.config("host=127.0.0.1", &dest, "");
+    let cfg = s.config("host=127.0.0.1", &dest);
     expect(&fails(&mut s.role("agent", &cfg, &["retry.other_minutes=0"])), &["retry.other_minutes", "between 1 and 1440"]);
     expect(&fails(&mut s.role("agent", &cfg, &["source.slott=\"x\""])), &["unknown field `slott`"]);
 
     // An unreachable source.
-    let cfg = s.config("host=127.0.0.1 port=1 user=postgres", &dest, "");
+    let cfg = s.config("host=127.0.0.1 port=1 user=postgres", &dest);
     expect(&fails(&mut s.role("agent", &cfg, &[])), &["cannot connect to 127.0.0.1:1"]);
 
     // Wrong password.
@@ -74,11 +74,11 @@ fn configuration_and_source_errors() {
     .unwrap();
     source.connect().batch_execute("SELECT pg_reload_conf()").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let cfg = s.config(&format!("host=127.0.0.1 port={} user=app password=wrong dbname=postgres", source.port()), &dest, "");
+    let cfg = s.config(&format!("host=127.0.0.1 port={} user=app password=wrong dbname=postgres", source.port()), &dest);
     expect(&fails(&mut s.role("agent", &cfg, &[])), &["password authentication failed for user \"app\"", "28P01"]);
 
     // A missing slot, with slot creation off.
-    let cfg = s.config(&source.conninfo("postgres"), &dest, "");
+    let cfg = s.config(&source.conninfo("postgres"), &dest);
     let mut applier = s.role("applier", &cfg, &[]);
     expect(
         &fails(&mut s.role("agent", &cfg, &["source.create_slot=false", "source.slot=\"nope\""])),
@@ -92,7 +92,7 @@ fn configuration_and_source_errors() {
 
     // wal_level not logical.
     let replica = Cluster::start_with(&["wal_level = replica"]);
-    let cfg = s.config(&replica.conninfo("postgres"), &dest, "");
+    let cfg = s.config(&replica.conninfo("postgres"), &dest);
     let _applier = s.role("applier", &cfg, &[]);
     expect(&fails(&mut s.role("agent", &cfg, &[])), &["wal_level"]);
 
@@ -105,7 +105,7 @@ fn configuration_and_source_errors() {
         c.batch_execute("ALTER SYSTEM SET output_plugin_libraries = 'pgoutput'").unwrap();
         c.batch_execute("SELECT pg_reload_conf()").unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        let cfg = s.config(&restricted.conninfo("postgres"), &dest, "");
+        let cfg = s.config(&restricted.conninfo("postgres"), &dest);
         let _applier = s.role("applier", &cfg, &[]);
         expect(&fails(&mut s.role("agent", &cfg, &[])), &["decant", "output_plugin_libraries"]);
     }
@@ -117,13 +117,13 @@ fn applier_and_stream_errors() {
     let source = Cluster::start();
     let dest = Cluster::start();
     // A wrong destination database: the applier stops at start.
-    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("no_such_db"), "");
+    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("no_such_db"));
     let log = s.dir.path().join("bad-applier.log");
     let mut bad = Role::start_with(Path::new(env!("CARGO_BIN_EXE_decant")), "applier", &cfg, &[], &log);
     expect(&fails(&mut bad), &["no_such_db", "does not exist"]);
 
     // No applier listening: the agent stops at start, naming it.
-    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("postgres"), "");
+    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("postgres"));
     expect(&fails(&mut s.role("agent", &cfg, &[])), &["cannot reach the applier at http://127.0.0.1:"]);
 
     // A destination table that does not exist: reported with the fix.
@@ -158,7 +158,7 @@ fn a_crc_mismatch_stops_the_stream_and_applies_nothing_of_the_batch() {
     let s = Setup::new();
     let dest = Cluster::start();
     dest.connect().batch_execute("CREATE TABLE t (id int PRIMARY KEY)").unwrap();
-    let cfg = s.config("host=127.0.0.1", &dest.conninfo("postgres"), "");
+    let cfg = s.config("host=127.0.0.1", &dest.conninfo("postgres"));
     let _applier = s.role("applier", &cfg, &[]);
     let config = decant_agent::config::Config::load(Some(&cfg), &[]).unwrap();
     let transaction = |id: i64, lsn: u64| {
@@ -224,7 +224,7 @@ fn the_stop_policy_reports_a_conflict_and_applies_nothing() {
         c.connect().batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)").unwrap();
     }
     dest.connect().batch_execute("INSERT INTO t VALUES (1, 'already here')").unwrap();
-    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("postgres"), "");
+    let cfg = s.config(&source.conninfo("postgres"), &dest.conninfo("postgres"));
     let applier = s.role("applier", &cfg, &["applier.on_conflict=\"stop\""]);
     let _agent = s.role("agent", &cfg, &["retry.other_minutes=1"]);
     let mut c = source.connect();

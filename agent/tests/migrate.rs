@@ -2,94 +2,23 @@
 //! load, handover to the stream, crashes during the copy and post-data,
 //! and bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use decant_tests::process::{run_ok, wait_for, Role};
+use decant_tests::process::{run_ok, wait_for, wait_port};
+use decant_tests::task::Task;
 use decant_tests::Cluster;
 
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo/sample.sql");
 
-fn decant() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-struct Task {
-    source: Cluster,
-    dest: Cluster,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
-
-/// A source and an empty destination, and a task configuration with
-/// `migrate` settings.
-fn task(migrate: &str, extra: &str) -> Task {
-    let source = Cluster::start();
-    let dest = Cluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("task.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "task_id = \"m\"\n{extra}\n\
-             [source]\ndsn = \"{}\"\nslot = \"decant_m\"\nheartbeat_seconds = 1\n\
-             [destination]\ndsn = \"{}\"\n\
-             [agent]\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-             [applier]\nmetrics_listen = \"\"\n\
-             [retry]\nconnection_minutes = 10\nother_minutes = 2\n\
-             [migrate]\nprogress = \"log\"\n{migrate}\n",
-            source.conninfo("postgres"),
-            dest.conninfo("postgres")
-        ),
-    )
-    .unwrap();
-    Task { source, dest, dir, config }
-}
-
-impl Task {
-    fn migrate(&self, log: &str) -> Role {
-        Role::start(decant(), "migrate", &self.config, &self.dir.path().join(log))
-    }
-
-    /// Runs a one-shot command; returns (exit success, stdout + stderr).
-    fn command(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(decant()).args(args).arg("--config").arg(&self.config).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-
-    fn phase(&self) -> String {
-        let mut c = self.dest.connect();
-        c.query_opt("SELECT phase FROM decant.task WHERE task_id = 'm'", &[]).ok().flatten().map(|r| r.get(0)).unwrap_or_default()
-    }
-
-    fn pgbench_init(&self, scale: &str) {
-        run_ok(self.source.tool("pgbench").args(["-i", "-s", scale, "-q", "postgres"]));
-        self.source.connect().batch_execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL").unwrap();
-    }
-
-    /// A pgbench run in the background for `seconds`.
-    fn pgbench_load(&self, seconds: u32) -> std::process::Child {
-        self.source
-            .tool("pgbench")
-            .args(["-n", "-c", "2", "-T", &seconds.to_string(), "postgres"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
-    /// `decant verify` after the destination caught up: every table equal.
-    fn assert_equal(&self) {
-        let (ok, out) = self.command(&["verify", "--wait", "120"]);
-        assert!(ok, "verify failed:\n{out}");
-        assert!(out.contains("tables equal"), "{out}");
-    }
+/// A source and an empty destination, and task `m` with `migrate`
+/// settings (and 2 minutes of retries for errors other than connections).
+fn task(migrate: &str) -> Task {
+    Task::builder(env!("CARGO_BIN_EXE_decant"), "m").set("retry.other_minutes", "2").migrate(migrate).build()
 }
 
 #[test]
 fn schema_with_every_object_kind_and_its_data_migrate() {
-    let t = task("types = [\"schema\", \"full\"]", "");
+    let t = task("types = [\"schema\", \"full\"]");
     run_ok(t.source.tool("psql").args(["-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-f", SAMPLE]));
     let mut m = t.migrate("migrate.log");
     assert_eq!(m.wait_exit(Duration::from_secs(180)), Some(0), "{}", m.log());
@@ -134,12 +63,12 @@ fn schema_with_every_object_kind_and_its_data_migrate() {
 
 #[test]
 fn full_copy_under_load_hands_over_to_the_stream_without_loss_or_duplicates() {
-    let t = task("types = [\"schema\", \"full\", \"incremental\"]\nsplit_tables_larger_than_mb = 1", "");
+    let t = task("types = [\"schema\", \"full\", \"incremental\"]\nsplit_tables_larger_than_mb = 1");
     t.pgbench_init("5");
     let mut load = t.pgbench_load(25);
     std::thread::sleep(Duration::from_secs(2));
     let mut m = t.migrate("migrate.log");
-    wait_for("the stream phase", Duration::from_secs(120), || t.phase() == "incremental");
+    t.wait_incremental(Duration::from_secs(120));
     // pgbench_accounts (about 64 MB) was copied in ranges.
     let ranges: i64 = t
         .dest
@@ -163,7 +92,7 @@ fn full_copy_under_load_hands_over_to_the_stream_without_loss_or_duplicates() {
 fn killed_during_copy_and_during_post_data_resumes_to_an_equal_destination() {
     // A throttled copy (the kill lands in it) and one slow index (the kill
     // lands in post-data).
-    let t = task("types = [\"schema\", \"full\", \"incremental\"]\nsplit_tables_larger_than_mb = 2\nmax_mb_per_second = 4", "");
+    let t = task("types = [\"schema\", \"full\", \"incremental\"]\nsplit_tables_larger_than_mb = 2\nmax_mb_per_second = 4");
     t.pgbench_init("2");
     t.source
         .connect()
@@ -207,7 +136,7 @@ fn killed_during_copy_and_during_post_data_resumes_to_an_equal_destination() {
     assert!(log2.contains("copy resumes from a new snapshot"), "{log2}");
     assert!(done_before >= 1);
     let mut m = t.migrate("migrate3.log");
-    wait_for("the stream phase", Duration::from_secs(180), || t.phase() == "incremental");
+    t.wait_incremental(Duration::from_secs(180));
     assert!(load.wait().unwrap().success());
     t.assert_equal();
     // The slow index exists once.
@@ -218,7 +147,7 @@ fn killed_during_copy_and_during_post_data_resumes_to_an_equal_destination() {
 
 #[test]
 fn bad_input_gives_one_clear_error_and_writes_nothing() {
-    let t = task("types = [\"schema\", \"full\"]", "");
+    let t = task("types = [\"schema\", \"full\"]");
     t.source.connect().batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY, v text);").unwrap();
     let fails = |overrides: &[&str], expect: &[&str]| {
         let mut args = vec!["migrate"];
@@ -239,7 +168,7 @@ fn bad_input_gives_one_clear_error_and_writes_nothing() {
     fails(&["source.include_tables=[\"public.a\", \"public.nope\"]"], &["no such table", "public.nope"]);
     // pg_dump missing, and pg_dump older than the source.
     fails(&["migrate.pg_dump=\"/nonexistent/pg_dump\""], &["pg_dump was not found", "migrate.pg_dump"]);
-    let fake = t.dir.path().join("old_pg_dump");
+    let fake = t.path("old_pg_dump");
     std::fs::write(&fake, "#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n").unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     fails(&[&format!("migrate.pg_dump=\"{}\"", fake.display())], &["9.6.24", "older than the source"]);
@@ -269,18 +198,18 @@ fn bad_input_gives_one_clear_error_and_writes_nothing() {
 
 #[test]
 fn the_same_phases_run_with_agent_and_applier_as_separate_services() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let t = task("types = [\"schema\", \"full\", \"incremental\"]", "");
+    let port = decant_tests::process::free_port();
+    let t = task("types = [\"schema\", \"full\", \"incremental\"]");
     t.pgbench_init("1");
     let overrides = [
         format!("agent.applier_url=\"http://127.0.0.1:{port}\""),
         format!("applier.listen=\"127.0.0.1:{port}\""),
         "transport.token=\"s3cret\"".to_owned(),
     ];
-    let mut applier = Role::start_with(decant(), "applier", &t.config, &overrides, &t.dir.path().join("applier.log"));
-    decant_tests::process::wait_port(port);
-    let mut agent = Role::start_with(decant(), "agent", &t.config, &overrides, &t.dir.path().join("agent.log"));
-    wait_for("the stream phase", Duration::from_secs(120), || t.phase() == "incremental");
+    let mut applier = t.start_with("applier", &overrides, "applier.log");
+    wait_port(port);
+    let mut agent = t.start_with("agent", &overrides, "agent.log");
+    t.wait_incremental(Duration::from_secs(120));
     run_ok(t.source.tool("pgbench").args(["-n", "-t", "200", "postgres"]));
     t.assert_equal();
     assert_eq!(agent.stop(), Some(0), "{}", agent.log());
@@ -289,7 +218,7 @@ fn the_same_phases_run_with_agent_and_applier_as_separate_services() {
 
 #[test]
 fn selecting_single_tables_migrates_them_with_their_schema_and_nothing_else() {
-    let t = task("types = [\"schema\", \"full\"]", "");
+    let t = task("types = [\"schema\", \"full\"]");
     t.source
         .connect()
         .batch_execute(

@@ -7,17 +7,13 @@
 //! changes only, and the stream going on after it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use decant_tests::process::{http_get, wait_for, Role};
-use decant_tests::Cluster;
+use decant_tests::process::{free_port, http_get, wait_for};
+use decant_tests::task::Task;
 
-fn decant() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_decant"))
-}
-
-const OPERATIONS: &str = r#"operations = [
+/// `applier.operations`.
+const OPERATIONS: &str = r#"[
     { tables = ["public.no_insert"], apply = ["UPDATE", "DELETE", "TRUNCATE"] },
     { tables = ["public.no_update"], apply = ["insert", "delete", "truncate"] },
     { tables = ["public.no_delete"], apply = ["INSERT", "UPDATE", "TRUNCATE"] },
@@ -144,29 +140,15 @@ fn metric(port: u16, name: &str) -> u64 {
 
 #[test]
 fn each_operation_can_be_left_out_per_table() {
-    let source = Cluster::start();
-    let dest = Cluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config: PathBuf = dir.path().join("task.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     // No heartbeats: the position moves only with the tables' transactions.
-    std::fs::write(
-        &config,
-        format!(
-            "task_id = \"r\"\n\
-             [source]\ndsn = \"{}\"\nslot = \"decant_r\"\nheartbeat_seconds = 0\n\
-             [destination]\ndsn = \"{}\"\n\
-             [agent]\nmetrics_listen = \"127.0.0.1:{port}\"\nstatus_interval_seconds = 1\n\
-             [applier]\nmetrics_listen = \"\"\n{OPERATIONS}\n\
-             [retry]\nconnection_minutes = 10\nother_minutes = 1\n\
-             [migrate]\nprogress = \"log\"\ntypes = [\"schema\", \"full\", \"incremental\"]\n",
-            source.conninfo("postgres"),
-            dest.conninfo("postgres")
-        ),
-    )
-    .unwrap();
-    let mut src = source.connect_db("postgres");
-    let mut dst = dest.connect_db("postgres");
+    let t = Task::builder(env!("CARGO_BIN_EXE_decant"), "r")
+        .set("source.heartbeat_seconds", "0")
+        .set("agent.metrics_listen", &format!("\"127.0.0.1:{port}\""))
+        .set("applier.operations", OPERATIONS)
+        .migrate("types = [\"schema\", \"full\", \"incremental\"]")
+        .build();
+    let (mut src, mut dst) = (t.src(), t.dst());
     let mut setup = String::from("CREATE SCHEMA audit;");
     let mut model = Model { source: BTreeMap::new(), dest: BTreeMap::new(), skipped: 0 };
     for table in TABLES {
@@ -180,14 +162,7 @@ fn each_operation_can_be_left_out_per_table() {
     }
     src.batch_execute(&setup).unwrap();
 
-    let mut m = Role::start(decant(), "migrate", &config, &dir.path().join("migrate.log"));
-    wait_for("the stream phase", Duration::from_secs(120), || {
-        assert!(m.is_running(), "decant migrate ended:\n{}", m.log());
-        dst.query_opt("SELECT phase FROM decant.task WHERE task_id = 'r'", &[])
-            .ok()
-            .flatten()
-            .is_some_and(|r| r.get::<_, String>(0) == "incremental")
-    });
+    let mut m = t.migrate_until_incremental("migrate.log", Duration::from_secs(120));
     for table in TABLES {
         assert_eq!(rows(&mut dst, table), model.source[table], "{table}: the full copy");
     }

@@ -9,29 +9,25 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use decant_tests::process::{fails, Role};
+use decant_tests::task::Config;
 use decant_tests::Cluster;
 
 fn decant() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_decant"))
 }
 
-/// Writes a task configuration; `extra` goes into `[migrate]`.
+/// Writes task `p`'s configuration `name`: the test defaults without
+/// heartbeats, status interval and retry settings, with a transport token;
+/// `migrate` goes into `[migrate]`.
 fn config(dir: &Path, name: &str, source: &str, destination: &str, migrate: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "task_id = \"p\"\n\
-             [source]\ndsn = \"{source}\"\nslot = \"decant_p\"\n\
-             [destination]\ndsn = \"{destination}\"\n\
-             [agent]\nmetrics_listen = \"\"\n\
-             [applier]\nmetrics_listen = \"\"\n\
-             [transport]\ntoken = \"precheck test\"\n\
-             [migrate]\nprogress = \"log\"\n{migrate}\n"
-        ),
-    )
-    .unwrap();
-    path
+    Config::new("p")
+        .dsns(source, destination)
+        .unset("source.heartbeat_seconds")
+        .unset("agent.status_interval_seconds")
+        .unset("retry")
+        .set("transport.token", "\"precheck test\"")
+        .lines("migrate", migrate)
+        .write(&dir.join(format!("{name}.toml")))
 }
 
 /// Runs `decant precheck`; returns (exit success, stdout, stderr).

@@ -6,124 +6,48 @@
 //! sessions. Each migrates with `decant migrate` between two real clusters
 //! and compares what arrived.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use decant_tests::process::{http_get, run_ok, wait_for, Role};
-use decant_tests::Cluster;
-
-fn decant() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_decant"))
-}
+use decant_tests::process::{http_get, run_ok};
+use decant_tests::task::Task;
 
 const ALL: &str = "types = [\"schema\", \"full\", \"incremental\"]";
 
-/// A migration task between database `db` of a source cluster and the
-/// database of the same name of a destination cluster.
-struct Task {
-    source: Cluster,
-    dest: Cluster,
-    db: String,
-    dir: tempfile::TempDir,
-    config: PathBuf,
+/// Task `r` between database `db` of a fresh source and the database of
+/// the same name of a fresh destination: unless it is `postgres`, created
+/// on the source with `create_db` (its options) and as UTF-8 on the
+/// destination.
+fn task(db: &str, create_db: &str, migrate: &str) -> Task {
+    let builder = Task::builder(env!("CARGO_BIN_EXE_decant"), "r").migrate(migrate);
+    if db == "postgres" { builder } else { builder.database(db, create_db) }.build()
 }
 
-impl Task {
-    /// Fresh clusters; `create_db` creates `db` on the source (with its
-    /// options) and as UTF-8 on the destination, unless it is `postgres`.
-    fn new(db: &str, create_db: &str, migrate: &str) -> Task {
-        let source = Cluster::start();
-        let dest = Cluster::start();
-        if db != "postgres" {
-            source.connect().batch_execute(&format!("CREATE DATABASE {db} {create_db}")).unwrap();
-            dest.connect().batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("task.toml");
-        let t = Task { source, dest, db: db.to_owned(), dir, config };
-        t.configure(migrate);
-        t
-    }
+/// Runs `decant migrate` until the stream runs.
+fn migrate_until_streaming(t: &Task) -> decant_tests::process::Role {
+    t.migrate_until_incremental("migrate.log", Duration::from_secs(120))
+}
 
-    fn configure(&self, migrate: &str) {
-        std::fs::write(
-            &self.config,
-            format!(
-                "task_id = \"r\"\n\
-                 [source]\ndsn = \"{}\"\nslot = \"decant_r\"\nheartbeat_seconds = 1\n\
-                 [destination]\ndsn = \"{}\"\n\
-                 [agent]\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-                 [applier]\nmetrics_listen = \"\"\n\
-                 [retry]\nconnection_minutes = 10\nother_minutes = 1\n\
-                 [migrate]\nprogress = \"log\"\n{migrate}\n",
-                self.source.conninfo(&self.db),
-                self.dest.conninfo(&self.db)
-            ),
-        )
-        .unwrap();
-    }
+/// Runs `decant migrate` to its end (no incremental).
+fn migrate_to_end(t: &Task) {
+    let mut m = t.migrate("migrate.log");
+    assert_eq!(m.wait_exit(Duration::from_secs(180)), Some(0), "{}", m.log());
+}
 
-    fn src(&self) -> postgres::Client {
-        self.source.connect_db(&self.db)
-    }
+/// The rows of `query` on both sides, as text.
+fn rows(t: &Task, query: &str) -> (Vec<String>, Vec<String>) {
+    let q = format!("SELECT t::text FROM ({query}) t ORDER BY 1");
+    let get = |mut c: postgres::Client| -> Vec<String> { c.query(&q, &[]).unwrap().iter().map(|r| r.get(0)).collect() };
+    (get(t.src()), get(t.dst()))
+}
 
-    fn dst(&self) -> postgres::Client {
-        self.dest.connect_db(&self.db)
-    }
-
-    fn migrate(&self) -> Role {
-        Role::start(decant(), "migrate", &self.config, &self.dir.path().join("migrate.log"))
-    }
-
-    /// Runs `decant migrate` and waits until the stream runs.
-    fn migrate_until_streaming(&self) -> Role {
-        let mut m = self.migrate();
-        let mut dst = self.dest.connect_db(&self.db);
-        wait_for("the stream phase", Duration::from_secs(120), || {
-            assert!(m.is_running(), "decant migrate ended:\n{}", m.log());
-            dst.query_opt("SELECT phase FROM decant.task WHERE task_id = 'r'", &[])
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.get::<_, String>(0) == "incremental")
-        });
-        m
-    }
-
-    /// Runs `decant migrate` to its end (no incremental).
-    fn migrate_to_end(&self) {
-        let mut m = self.migrate();
-        assert_eq!(m.wait_exit(Duration::from_secs(180)), Some(0), "{}", m.log());
-    }
-
-    fn command(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(decant()).args(args).arg("--config").arg(&self.config).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-
-    /// `decant verify` after the destination caught up: every table equal.
-    fn assert_equal(&self) -> String {
-        let (ok, out) = self.command(&["verify", "--wait", "120"]);
-        assert!(ok, "verify failed:\n{out}");
-        out
-    }
-
-    /// The rows of `query` on both sides, as text.
-    fn rows(&self, query: &str) -> (Vec<String>, Vec<String>) {
-        let q = format!("SELECT t::text FROM ({query}) t ORDER BY 1");
-        let get = |mut c: postgres::Client| -> Vec<String> { c.query(&q, &[]).unwrap().iter().map(|r| r.get(0)).collect() };
-        (get(self.src()), get(self.dst()))
-    }
-
-    fn assert_same_rows(&self, query: &str) {
-        let (s, d) = self.rows(query);
-        assert_eq!(d, s, "{query}: the destination differs from the source");
-    }
+fn assert_same_rows(t: &Task, query: &str) {
+    let (s, d) = rows(t, query);
+    assert_eq!(d, s, "{query}: the destination differs from the source");
 }
 
 #[test]
 fn types_without_binary_io_are_copied_and_streamed_as_text() {
-    let t = Task::new("postgres", "", ALL);
+    let t = task("postgres", "", ALL);
     // A base type with text I/O only, the way PostgreSQL's regression tests
     // make one, a domain over it, and aclitem, a built-in type without
     // send/receive; with int columns beside them, which alone would be
@@ -142,7 +66,7 @@ fn types_without_binary_io_are_copied_and_streamed_as_text() {
              INSERT INTO custom SELECT g, ('v' || g)::textonly, ('d' || g)::textonly_d, g FROM generate_series(1, 50) g;",
         )
         .unwrap();
-    let mut m = t.migrate_until_streaming();
+    let mut m = migrate_until_streaming(&t);
     t.src()
         .batch_execute(
             "INSERT INTO grants VALUES (100, makeaclitem('postgres'::regrole, 'postgres'::regrole, 'DELETE', true), NULL, 1);
@@ -151,15 +75,15 @@ fn types_without_binary_io_are_copied_and_streamed_as_text() {
         )
         .unwrap();
     t.assert_equal();
-    t.assert_same_rows("SELECT id, acl::text, acls::text, n FROM grants");
-    t.assert_same_rows("SELECT id, v::text, d::text, n FROM custom");
+    assert_same_rows(&t, "SELECT id, acl::text, acls::text, n FROM grants");
+    assert_same_rows(&t, "SELECT id, v::text, d::text, n FROM custom");
     assert!(m.is_running(), "{}", m.log());
     assert_eq!(m.stop(), Some(0));
 }
 
 #[test]
 fn post_data_keeps_every_dependency_pg_dump_knows() {
-    let t = Task::new("postgres", "", "types = [\"schema\", \"full\"]\nworkers = 4");
+    let t = task("postgres", "", "types = [\"schema\", \"full\"]\nworkers = 4");
     t.src()
         .batch_execute(
             "CREATE TABLE parent (id int PRIMARY KEY, code text NOT NULL);
@@ -203,11 +127,11 @@ fn post_data_keeps_every_dependency_pg_dump_knows() {
              REFRESH MATERIALIZED VIEW parent_codes_count;",
         )
         .unwrap();
-    t.migrate_to_end();
+    migrate_to_end(&t);
     assert_eq!(t.dest.normalized_schema("postgres"), t.source.normalized_schema("postgres"), "schemas differ after migration");
     t.assert_equal();
-    t.assert_same_rows("SELECT n FROM parent_codes_count");
-    t.assert_same_rows(
+    assert_same_rows(&t, "SELECT n FROM parent_codes_count");
+    assert_same_rows(&t,
         "SELECT c.conname::text, obj_description(c.oid, 'pg_constraint') FROM pg_constraint c WHERE c.conrelid IN ('child'::regclass, 'parent'::regclass)",
     );
 }
@@ -227,7 +151,7 @@ const ENCODINGS: &[(&str, &str, &str, &str)] = &[
 #[test]
 fn sources_in_other_encodings_arrive_in_utf8_on_every_path() {
     for (db, encoding, text, fixed) in ENCODINGS {
-        let t = Task::new(db, &format!("ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"), ALL);
+        let t = task(db, &format!("ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"), ALL);
         // Non-ASCII names of table, column, schema and type, and values.
         let (table, column) = if *encoding == "EUC_JP" { ("表", "列") } else { ("tablé", "größe") };
         t.src()
@@ -239,7 +163,7 @@ fn sources_in_other_encodings_arrive_in_utf8_on_every_path() {
                    FROM generate_series(1, 20) g;"
             ))
             .unwrap();
-        let mut m = t.migrate_until_streaming();
+        let mut m = migrate_until_streaming(&t);
         t.src()
             .batch_execute(&format!(
                 "INSERT INTO \"schéma\".\"{table}\" VALUES (100, '{text} streamed', '{text}', '{text}', 'plain', '{{\"k\": \"{text}\"}}', ARRAY['{text}']);
@@ -250,7 +174,7 @@ fn sources_in_other_encodings_arrive_in_utf8_on_every_path() {
         let (verified, out) = t.command(&["verify", "--wait", "120"]);
         // The destination (UTF-8) holds the same characters.
         let query = format!("SELECT id, \"{column}\", v, c, h::text, j::text, a::text FROM \"schéma\".\"{table}\"");
-        let (s, d) = t.rows(&query);
+        let (s, d) = rows(&t, &query);
         assert_eq!(d, s, "{encoding}: the destination differs");
         assert!(verified && out.contains(&format!("schéma.{table}")), "{encoding}: {out}");
         assert!(d.iter().any(|r| r.contains(&format!("{text} streamed"))), "{encoding}: {d:?}");
@@ -266,9 +190,9 @@ fn a_value_without_a_utf8_equivalent_stops_the_task_naming_table_column_and_key(
     let bad = "convert_from('\\x4181'::bytea, 'WIN1252')";
 
     // In the stream: the task stops, nothing of the transaction is applied.
-    let t = Task::new("win", create, ALL);
+    let t = task("win", create, ALL);
     t.src().batch_execute("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'fine');").unwrap();
-    let mut m = t.migrate_until_streaming();
+    let mut m = migrate_until_streaming(&t);
     t.src()
         .batch_execute(&format!("BEGIN; INSERT INTO notes VALUES (2, 'also fine'); INSERT INTO notes VALUES (3, {bad}); COMMIT;"))
         .unwrap();
@@ -282,11 +206,11 @@ fn a_value_without_a_utf8_equivalent_stops_the_task_naming_table_column_and_key(
 
     // In the full copy: the task stops naming the table, and the table
     // holds nothing.
-    let t = Task::new("win", create, "types = [\"schema\", \"full\"]");
+    let t = task("win", create, "types = [\"schema\", \"full\"]");
     t.src()
         .batch_execute(&format!("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'fine'), (2, {bad});"))
         .unwrap();
-    let mut m = t.migrate();
+    let mut m = t.migrate("migrate.log");
     assert!(m.wait_exit(Duration::from_secs(60)).is_some_and(|c| c != 0), "the copy went on:\n{}", m.log());
     for expected in ["copy of public.notes", "0x81", "column \"body\" in the row with (id) = 2"] {
         assert!(m.log().contains(expected), "the error does not say {expected}:\n{}", m.log());
@@ -297,7 +221,7 @@ fn a_value_without_a_utf8_equivalent_stops_the_task_naming_table_column_and_key(
 
 #[test]
 fn unique_constraints_besides_the_key_see_changes_in_source_order() {
-    let t = Task::new("postgres", "", ALL);
+    let t = task("postgres", "", ALL);
     t.src()
         .batch_execute(
             "CREATE EXTENSION btree_gist;
@@ -319,7 +243,7 @@ fn unique_constraints_besides_the_key_see_changes_in_source_order() {
              INSERT INTO booking SELECT g, 1, int4range(g * 10, g * 10 + 5) FROM generate_series(1, 10) g;",
         )
         .unwrap();
-    let mut m = t.migrate_until_streaming();
+    let mut m = migrate_until_streaming(&t);
     // Each transaction passes through a state that a merge of its net rows
     // would reach in another order.
     t.src()
@@ -342,7 +266,7 @@ fn unique_constraints_besides_the_key_see_changes_in_source_order() {
         .unwrap();
     t.assert_equal();
     for table in ["uniq", "uniq_expr", "uniq_partial", "booking", "deferred_key", "deferred_unique"] {
-        t.assert_same_rows(&format!("SELECT * FROM {table}"));
+        assert_same_rows(&t, &format!("SELECT * FROM {table}"));
     }
     assert!(m.is_running(), "{}", m.log());
     assert_eq!(m.stop(), Some(0));
@@ -350,7 +274,7 @@ fn unique_constraints_besides_the_key_see_changes_in_source_order() {
 
 #[test]
 fn identity_columns_generated_always_that_are_not_the_key_are_updated() {
-    let t = Task::new("postgres", "", ALL);
+    let t = task("postgres", "", ALL);
     t.src()
         .batch_execute(
             "CREATE TABLE ticket (id int PRIMARY KEY, n int GENERATED ALWAYS AS IDENTITY, v text);
@@ -362,7 +286,7 @@ fn identity_columns_generated_always_that_are_not_the_key_are_updated() {
              INSERT INTO ticket_by_default (id, v) SELECT g, 'v' || g FROM generate_series(1, 20) g;",
         )
         .unwrap();
-    let mut m = t.migrate_until_streaming();
+    let mut m = migrate_until_streaming(&t);
     for table in ["ticket", "ticket_ordered", "ticket_by_default"] {
         t.src()
             .batch_execute(&format!(
@@ -376,17 +300,17 @@ fn identity_columns_generated_always_that_are_not_the_key_are_updated() {
     }
     t.assert_equal();
     for table in ["ticket", "ticket_ordered", "ticket_by_default"] {
-        t.assert_same_rows(&format!("SELECT * FROM {table}"));
+        assert_same_rows(&t, &format!("SELECT * FROM {table}"));
     }
     // The columns are GENERATED ALWAYS on the destination still.
-    t.assert_same_rows("SELECT attrelid::regclass::text, attname::text, attidentity::text FROM pg_attribute WHERE attidentity <> ''");
+    assert_same_rows(&t, "SELECT attrelid::regclass::text, attname::text, attidentity::text FROM pg_attribute WHERE attidentity <> ''");
     assert!(m.is_running(), "{}", m.log());
     assert_eq!(m.stop(), Some(0));
 }
 
 #[test]
 fn tables_without_replica_identity_are_refused_with_incremental_only() {
-    let t = Task::new("postgres", "", ALL);
+    let mut t = task("postgres", "", ALL);
     t.src()
         .batch_execute(
             "CREATE TABLE keyed (id int PRIMARY KEY);
@@ -400,7 +324,7 @@ fn tables_without_replica_identity_are_refused_with_incremental_only() {
         )
         .unwrap();
     // Refused before anything is written, with the fix for each table.
-    let mut m = t.migrate();
+    let mut m = t.migrate("migrate.log");
     assert!(m.wait_exit(Duration::from_secs(60)).is_some_and(|c| c != 0), "{}", m.log());
     let log = m.log();
     for expected in [
@@ -419,16 +343,16 @@ fn tables_without_replica_identity_are_refused_with_incremental_only() {
     assert_eq!(slots, 0, "a slot was created");
 
     // Schema and full copy alone need no replica identity.
-    t.configure("types = [\"schema\", \"full\"]");
-    t.migrate_to_end();
+    t.edit(|c| c.set("migrate.types", "[\"schema\", \"full\"]"));
+    migrate_to_end(&t);
     t.assert_equal();
 
     // Accepted as insert-only: inserts flow; an UPDATE stops the task.
-    let t = Task::new("postgres", "", &format!("{ALL}\ninsert_only_tables = [\"public.Log*\", \"public.nothing\"]"));
+    let t = task("postgres", "", &format!("{ALL}\ninsert_only_tables = [\"public.Log*\", \"public.nothing\"]"));
     t.src()
         .batch_execute("CREATE TABLE \"Log Lines\" (at timestamptz, line text); INSERT INTO \"Log Lines\" VALUES (now(), 'one');")
         .unwrap();
-    let mut m = t.migrate_until_streaming();
+    let mut m = migrate_until_streaming(&t);
     t.src().batch_execute("INSERT INTO \"Log Lines\" VALUES (now(), 'two')").unwrap();
     t.assert_equal();
     t.src().batch_execute("UPDATE \"Log Lines\" SET line = 'changed' WHERE line = 'one'").unwrap();
@@ -438,7 +362,7 @@ fn tables_without_replica_identity_are_refused_with_incremental_only() {
 
 #[test]
 fn tables_without_columns_keep_their_rows_on_every_path() {
-    let t = Task::new("postgres", "", ALL);
+    let t = task("postgres", "", ALL);
     t.src()
         .batch_execute(
             "CREATE TABLE nocols ();
@@ -450,7 +374,7 @@ fn tables_without_columns_keep_their_rows_on_every_path() {
              INSERT INTO grown VALUES (1);",
         )
         .unwrap();
-    let mut m = t.migrate_until_streaming();
+    let mut m = migrate_until_streaming(&t);
     let count = |mut c: postgres::Client| -> i64 { c.query_one("SELECT count(*) FROM nocols", &[]).unwrap().get(0) };
     assert_eq!(count(t.dst()), 3, "the copy lost the rows of a table without columns");
     t.src()
@@ -471,7 +395,7 @@ fn tables_without_columns_keep_their_rows_on_every_path() {
 
 #[test]
 fn truncate_empties_exactly_the_tables_the_source_truncated() {
-    let t = Task::new("postgres", "", ALL);
+    let t = task("postgres", "", ALL);
     t.src()
         .batch_execute(
             "CREATE TABLE account (id int PRIMARY KEY);
@@ -482,7 +406,7 @@ fn truncate_empties_exactly_the_tables_the_source_truncated() {
              INSERT INTO other SELECT generate_series(1, 10);",
         )
         .unwrap();
-    let mut m = t.migrate_until_streaming();
+    let mut m = migrate_until_streaming(&t);
     // A table only on the destination that references a truncated one, and
     // one that references a table the source did not truncate.
     t.dst()
@@ -505,10 +429,9 @@ fn truncate_empties_exactly_the_tables_the_source_truncated() {
 
 #[test]
 fn both_applier_sessions_mark_their_changes_with_an_origin() {
-    let t = Task::new("postgres", "", ALL);
-    run_ok(t.source.tool("pgbench").args(["-i", "-s", "1", "-q", "postgres"]));
-    t.src().batch_execute("ALTER TABLE pgbench_history REPLICA IDENTITY FULL").unwrap();
-    let mut m = t.migrate_until_streaming();
+    let t = task("postgres", "", ALL);
+    t.pgbench_init("1");
+    let mut m = migrate_until_streaming(&t);
     // A reverse stream would read the destination with origin = none: it
     // must see none of the applied changes.
     t.dst().batch_execute("SELECT pg_create_logical_replication_slot('reverse', 'decant')").unwrap();
@@ -516,14 +439,8 @@ fn both_applier_sessions_mark_their_changes_with_an_origin() {
     // both sessions (thousands of keys per group).
     assert_eq!(m.stop(), Some(0));
     run_ok(t.source.tool("pgbench").args(["-n", "-c", "4", "-j", "2", "-t", "2000", "postgres"]));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut m = Role::start_with(
-        decant(),
-        "migrate",
-        &t.config,
-        &[format!("agent.metrics_listen=127.0.0.1:{port}")],
-        &t.dir.path().join("migrate2.log"),
-    );
+    let port = decant_tests::process::free_port();
+    let mut m = t.start_with("migrate", &[format!("agent.metrics_listen=127.0.0.1:{port}")], "migrate2.log");
     t.assert_equal();
     let metrics = http_get(port, "/metrics");
     let split: f64 = metrics

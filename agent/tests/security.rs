@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use decant_tests::certs::Certs;
 use decant_tests::process::{expect, fails, free_port, wait_for, wait_port, Role};
+use decant_tests::task::{Config, Task};
 use decant_tests::Cluster;
 
 fn decant() -> &'static Path {
@@ -39,14 +40,12 @@ fn a_standalone_applier_serves_only_clients_it_can_authenticate_unless_told() {
     let dest = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = write(
-        dir.path(),
-        "task.toml",
-        &format!(
-            "task_id = \"s\"\n[destination]\ndsn = \"{}\"\n[applier]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n",
-            dest.conninfo("postgres")
-        ),
-    );
+    // An applier alone.
+    let config = Config::empty("s")
+        .set("destination.dsn", &format!("\"{}\"", dest.conninfo("postgres")))
+        .set("applier.listen", &format!("\"127.0.0.1:{port}\""))
+        .set("applier.metrics_listen", "\"\"")
+        .write(&dir.path().join("task.toml"));
     let log = |n: &str| dir.path().join(n);
     // The default (no token, no mutual TLS) is refused, naming the fixes.
     let out = fails(&mut Role::start(decant(), "applier", &config, &log("default.log")));
@@ -93,22 +92,16 @@ fn the_agent_sends_its_token_unencrypted_only_to_loopback_unless_told() {
     source.connect().batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100)").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = write(
-        dir.path(),
-        "task.toml",
-        &format!(
-            "task_id = \"s\"\n\
-             [source]\ndsn = \"{}\"\nslot = \"decant_s\"\n\
-             [destination]\ndsn = \"{}\"\n\
-             [agent]\napplier_url = \"http://{address}:{port}\"\nmetrics_listen = \"\"\n\
-             [applier]\nlisten = \"{address}:{port}\"\nmetrics_listen = \"\"\n\
-             [transport]\ntoken = \"s3cret\"\n\
-             [retry]\nconnection_minutes = 10\nother_minutes = 1\n\
-             [migrate]\ntypes = [\"schema\", \"full\"]\nprogress = \"log\"\n",
-            source.conninfo("postgres"),
-            dest.conninfo("postgres")
-        ),
-    );
+    // No heartbeats or status interval: a copy alone.
+    let config = Config::new("s")
+        .dsns(&source.conninfo("postgres"), &dest.conninfo("postgres"))
+        .unset("source.heartbeat_seconds")
+        .unset("agent.status_interval_seconds")
+        .set("agent.applier_url", &format!("\"http://{address}:{port}\""))
+        .set("applier.listen", &format!("\"{address}:{port}\""))
+        .set("transport.token", "\"s3cret\"")
+        .set("migrate.types", "[\"schema\", \"full\"]")
+        .write(&dir.path().join("task.toml"));
     let log = |n: &str| dir.path().join(n);
     let mut applier = Role::start(decant(), "applier", &config, &log("applier.log"));
     wait_for("the applier to listen", Duration::from_secs(30), || std::net::TcpStream::connect((address.as_str(), port)).is_ok());
@@ -197,23 +190,16 @@ fn passwords_appear_in_no_process_list_log_line_or_error() {
         Certs::KEY_PASSWORD.replace(' ', "%20")
     );
     let dest_dsn = format!("host=127.0.0.1 port={} user=migrator dbname=postgres password='{PASSWORD}'", dest.port());
+    // The test defaults, and every log line (debug) to look at.
     let task = |source_dsn: &str, dest_dsn: &str| {
-        format!(
-            "task_id = \"p\"\n\
-             [source]\ndsn = \"{source_dsn}\"\nslot = \"decant_p\"\nheartbeat_seconds = 1\n\
-             [destination]\ndsn = \"{dest_dsn}\"\n\
-             [agent]\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-             [applier]\nmetrics_listen = \"\"\n\
-             [retry]\nconnection_minutes = 10\nother_minutes = 1\n\
-             [log]\nlevel = \"debug\"\n\
-             [migrate]\ntypes = [\"schema\", \"full\", \"incremental\"]\nprogress = \"log\"\n"
-        )
+        Config::new("p")
+            .dsns(source_dsn, dest_dsn)
+            .set("log.level", "\"debug\"")
+            .set("migrate.types", "[\"schema\", \"full\", \"incremental\"]")
+            .render()
     };
     let config = write(dir.path(), "task.toml", &task(&source_dsn, &dest_dsn));
-    let command = |config: &Path, args: &[&str]| {
-        let out = Command::new(decant()).args(args).arg("--config").arg(config).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    };
+    let command = |config: &Path, args: &[&str]| decant_tests::task::command(decant(), config, args);
 
     let mut migrate = Role::start(decant(), "migrate", &config, &dir.path().join("migrate.log"));
     let stop = Arc::new(AtomicBool::new(false));
@@ -283,33 +269,21 @@ fn passwords_appear_in_no_process_list_log_line_or_error() {
 
 #[test]
 fn a_copy_range_read_back_from_the_destination_is_never_run_as_sql() {
-    let source = Cluster::start();
-    let dest = Cluster::start();
-    let mut src = source.connect();
+    // No slot name, heartbeats or status interval: a copy alone, slowly.
+    let t = Task::builder(decant(), "c")
+        .unset("source.slot")
+        .unset("source.heartbeat_seconds")
+        .unset("agent.status_interval_seconds")
+        .migrate("types = [\"schema\", \"full\"]\nsplit_tables_larger_than_mb = 2\nmax_mb_per_second = 1")
+        .build();
+    let mut src = t.source.connect();
     src.batch_execute(
         "CREATE TABLE big (id int PRIMARY KEY, v text);
          INSERT INTO big SELECT g, md5(g::text) || md5((g + 1)::text) FROM generate_series(1, 120000) g;
          CREATE FUNCTION evil() RETURNS bool LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'evil() ran on the source'; END$$;",
     )
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "task.toml",
-        &format!(
-            "task_id = \"c\"\n\
-             [source]\ndsn = \"{}\"\n\
-             [destination]\ndsn = \"{}\"\n\
-             [agent]\nmetrics_listen = \"\"\n\
-             [applier]\nmetrics_listen = \"\"\n\
-             [retry]\nconnection_minutes = 10\nother_minutes = 1\n\
-             [migrate]\ntypes = [\"schema\", \"full\"]\nprogress = \"log\"\nsplit_tables_larger_than_mb = 2\nmax_mb_per_second = 1\n",
-            source.conninfo("postgres"),
-            dest.conninfo("postgres")
-        ),
-    );
-    let log = |n: &str| dir.path().join(n);
-    let mut d = dest.connect();
+    let mut d = t.dest.connect();
     let ranges = |c: &mut postgres::Client| -> (i64, i64) {
         c.query_opt("SELECT count(*) FILTER (WHERE done_at IS NOT NULL), count(*) FROM decant.copy_range WHERE task_id = 'c'", &[])
             .ok()
@@ -317,7 +291,7 @@ fn a_copy_range_read_back_from_the_destination_is_never_run_as_sql() {
             .map(|r| (r.get(0), r.get(1)))
             .unwrap_or((0, 0))
     };
-    let mut m = Role::start(decant(), "migrate", &config, &log("migrate1.log"));
+    let mut m = t.migrate("migrate1.log");
     wait_for("part of the copy", Duration::from_secs(120), || {
         assert!(m.is_running(), "decant migrate ended:\n{}", m.log());
         let (done, total) = ranges(&mut d);
@@ -352,13 +326,13 @@ fn a_copy_range_read_back_from_the_destination_is_never_run_as_sql() {
     let (range, condition): (i32, String) = (row.get(0), row.get(1));
     assert!(condition.starts_with("ctid "), "{condition}");
     d.execute("UPDATE decant.copy_range SET condition = 'evil()' WHERE range_id = $1", &[&range]).unwrap();
-    let out = fails(&mut Role::start(decant(), "migrate", &config, &log("migrate2.log")));
+    let out = fails(&mut t.migrate("migrate2.log"));
     let refusal = format!("decant.copy_range holds a condition that is no page range for range {range} of table public.big");
     expect(&out, &[refusal.as_str(), "DROP SCHEMA decant CASCADE"]);
     assert!(!out.contains("evil() ran"), "{out}");
     // The old conditions, read as page numbers, finish the copy.
     d.execute("UPDATE decant.copy_range SET condition = $2 WHERE range_id = $1", &[&range, &condition]).unwrap();
-    let mut m = Role::start(decant(), "migrate", &config, &log("migrate3.log"));
+    let mut m = t.migrate("migrate3.log");
     assert_eq!(m.wait_exit(Duration::from_secs(180)), Some(0), "{}", m.log());
     let (done, total) = ranges(&mut d);
     assert!(total > 2 && done == total, "{done} of {total} ranges done");
@@ -368,9 +342,6 @@ fn a_copy_range_read_back_from_the_destination_is_never_run_as_sql() {
     };
     assert_eq!(count(&mut d), (120000, 120000));
     assert_eq!(count(&mut src), (120000, 120000));
-    let (ok, out) = {
-        let o = Command::new(decant()).args(["verify", "--config"]).arg(&config).output().unwrap();
-        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
-    };
+    let (ok, out) = t.command(&["verify"]);
     assert!(ok && out.contains("tables equal"), "{out}");
 }

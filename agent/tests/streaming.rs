@@ -1,10 +1,12 @@
 //! The incremental path end to end: source slot → agent → gRPC → applier →
 //! destination, with real clusters, real load, and crashes.
 
-use std::path::{Path, PathBuf};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::time::Duration;
 
 use decant_tests::process::{free_port, http_get, run_ok, table_digest, wait_for, Role};
+use decant_tests::task::Task;
 use decant_tests::Cluster;
 
 const TABLES: &[(&str, &str)] = &[
@@ -16,28 +18,36 @@ const TABLES: &[(&str, &str)] = &[
     ("typed", "id"),
 ];
 
-struct Pair {
-    source: Cluster,
-    dest: Cluster,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    port: u16,
+/// A task whose agent and applier run as separate roles.
+struct Pair(Task);
+
+impl Deref for Pair {
+    type Target = Task;
+    fn deref(&self) -> &Task {
+        &self.0
+    }
+}
+
+impl DerefMut for Pair {
+    fn deref_mut(&mut self) -> &mut Task {
+        &mut self.0
+    }
 }
 
 /// The shared token of a pair's agent and applier.
 const PAIR_TOKEN: &str = "streaming test";
 
 /// Two clusters with the same schema and data (pgbench scale 1 plus a
-/// mixed-type table with TOASTed values), and a task configuration.
-fn pair(extra_config: &str) -> Pair {
-    let source = Cluster::start();
-    let dest = Cluster::start();
-    run_ok(source.tool("pgbench").args(["-i", "-s", "1", "-q", "postgres"]));
+/// mixed-type table with TOASTed values), and task `t` (2 minutes of
+/// retries for errors other than connections; no `[migrate]`).
+fn pair() -> Pair {
+    let t = Task::builder(env!("CARGO_BIN_EXE_decant"), "t").transport(PAIR_TOKEN).set("retry.other_minutes", "2").unset("migrate").build();
+    let (source, dest) = (&t.source, &t.dest);
+    t.pgbench_init("1");
     source
         .connect()
         .batch_execute(
             "CREATE EXTENSION decant;
-             ALTER TABLE pgbench_history REPLICA IDENTITY FULL;
              CREATE TABLE mixed (id int PRIMARY KEY, n numeric, f float8, t text, b bytea, ts timestamptz, j jsonb, a int[], big text, c char(8));
              ALTER TABLE mixed ALTER big SET STORAGE EXTERNAL;
              INSERT INTO mixed SELECT g, g * 1.5, g / 3.0, 'row ' || g, int4send(g), '2024-01-01'::timestamptz + g * interval '1 hour',
@@ -66,25 +76,7 @@ fn pair(extra_config: &str) -> Pair {
     std::io::Write::write_all(psql.stdin.as_mut().unwrap(), &dump.stdout).unwrap();
     drop(psql.stdin.take());
     assert!(psql.wait().unwrap().success());
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("task.toml");
-    let port = free_port();
-    std::fs::write(
-        &config,
-        format!(
-            "task_id = \"t\"\n\
-             [source]\ndsn = \"{}\"\nslot = \"decant_t\"\nheartbeat_seconds = 1\n\
-             [destination]\ndsn = \"{}\"\n\
-             [agent]\napplier_url = \"http://127.0.0.1:{port}\"\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-             [applier]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n\
-             [transport]\ntoken = \"{PAIR_TOKEN}\"\n\
-             [retry]\nconnection_minutes = 10\nother_minutes = 2\n{extra_config}\n",
-            source.conninfo("postgres"),
-            dest.conninfo("postgres")
-        ),
-    )
-    .unwrap();
-    Pair { source, dest, dir, config, port }
+    Pair(t)
 }
 
 impl Pair {
@@ -105,12 +97,9 @@ impl Pair {
 
     /// Turns on the applier's metrics endpoint (its metrics_listen is the
     /// second one in the file); returns its port.
-    fn applier_metrics(&self) -> u16 {
+    fn applier_metrics(&mut self) -> u16 {
         let port = free_port();
-        let config = std::fs::read_to_string(&self.config).unwrap();
-        let at = config.rfind("metrics_listen = \"\"").unwrap();
-        let config = format!("{}metrics_listen = \"127.0.0.1:{port}\"{}", &config[..at], &config[at + "metrics_listen = \"\"".len()..]);
-        std::fs::write(&self.config, config).unwrap();
+        self.edit(|c| c.set("applier.metrics_listen", &format!("\"127.0.0.1:{port}\"")));
         port
     }
 
@@ -118,18 +107,13 @@ impl Pair {
     /// until its slot exists and streams (changes made before the slot is
     /// created are not in it, and the test would wait for them forever).
     fn role(&self, name: &str) -> Role {
-        let role = Role::start(Path::new(env!("CARGO_BIN_EXE_decant")), name, &self.config, &self.dir.path().join(format!("{name}.log")));
+        let log = format!("{name}.log");
         if name == "applier" {
-            decant_tests::process::wait_port(self.port);
+            return self.applier(&[], &log);
         }
+        let role = self.start(name, &log);
         if name == "agent" {
-            let mut c = self.source.connect();
-            wait_for("the agent's slot to stream", Duration::from_secs(60), || {
-                c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'decant_t' AND active", &[])
-                    .unwrap()
-                    .get::<_, i64>(0)
-                    == 1
-            });
+            self.wait_slot_active(Duration::from_secs(60));
         }
         role
     }
@@ -193,7 +177,7 @@ impl Pair {
             .collect();
         // The roles' logs: whether rows were lost or the stream stopped.
         let tail = |name: &str| {
-            let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+            let log = std::fs::read_to_string(self.path(format!("{name}.log"))).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
             lines[lines.len().saturating_sub(40)..].join("\n")
         };
@@ -285,7 +269,7 @@ impl Pair {
 
 #[test]
 fn streams_pgbench_and_mixed_types_exactly() {
-    let p = pair("");
+    let p = pair();
     let mut applier = p.role("applier");
     let mut agent = p.role("agent");
     p.pgbench(&["-t", "500"]);
@@ -326,7 +310,7 @@ fn pause(ms: u64) {
 
 #[test]
 fn survives_kill9_of_agent_and_applier_and_restarts_of_both_databases() {
-    let p = pair("");
+    let p = pair();
     p.audit_slot();
     let mut applier = p.role("applier");
     let mut agent = p.role("agent");
@@ -400,7 +384,7 @@ fn a_group_whose_commit_fails_is_applied_again_in_full() {
     // group's COMMIT, after the group's position was written in it. The
     // position must roll back with the changes, so that the applier, on
     // its next session, asks for them again.
-    let p = pair("");
+    let p = pair();
     at_destination_commit(
         &p,
         "CREATE SEQUENCE history_rows",
@@ -421,7 +405,7 @@ fn a_destination_session_ended_during_commit_loses_nothing() {
     // replication origin and the position last set with
     // pg_replication_origin_xact_setup: a position kept there would pass
     // the aborted group. decant.progress rolls back with the changes.
-    let p = pair("");
+    let p = pair();
     at_destination_commit(
         &p,
         "CREATE TABLE armed (); CREATE SEQUENCE waits",
@@ -451,7 +435,7 @@ fn a_destination_session_ended_during_commit_loses_nothing() {
 
 #[test]
 fn an_idle_source_keeps_advancing_the_slot() {
-    let p = pair("");
+    let p = pair();
     let _applier = p.role("applier");
     let _agent = p.role("agent");
     p.pgbench(&["-t", "10"]);
@@ -475,11 +459,8 @@ fn an_idle_source_keeps_advancing_the_slot() {
 fn a_source_shutting_down_while_the_plugin_holds_a_commit_stops_and_loses_nothing() {
     // Heartbeats so rare, and none when a commit may be held, that nothing
     // but the shutdown can end the hold.
-    let p = pair("");
-    let config = std::fs::read_to_string(&p.config)
-        .unwrap()
-        .replace("heartbeat_seconds = 1\n", "heartbeat_seconds = 3600\nheartbeat_when_held = false\n");
-    std::fs::write(&p.config, config).unwrap();
+    let mut p = pair();
+    p.edit(|c| c.set("source.heartbeat_seconds", "3600").set("source.heartbeat_when_held", "false"));
     let _applier = p.role("applier");
     let mut agent = p.role("agent");
     p.pgbench(&["-t", "10"]);
@@ -520,9 +501,8 @@ fn a_commit_held_by_the_plugin_arrives_without_waiting_for_the_heartbeat() {
     // The same hold as above, with heartbeat_when_held on (the default):
     // the agent sees the source's WAL far past the last COMMIT it received
     // and sends a heartbeat at once, which ends the hold.
-    let p = pair("");
-    let config = std::fs::read_to_string(&p.config).unwrap().replace("heartbeat_seconds = 1\n", "heartbeat_seconds = 3600\n");
-    std::fs::write(&p.config, config).unwrap();
+    let mut p = pair();
+    p.edit(|c| c.set("source.heartbeat_seconds", "3600"));
     let _applier = p.role("applier");
     let mut agent = p.role("agent");
     p.pgbench(&["-t", "10"]);
@@ -541,7 +521,7 @@ fn a_commit_held_by_the_plugin_arrives_without_waiting_for_the_heartbeat() {
 fn a_large_group_merged_on_two_connections_arrives_exactly() {
     // A backlog makes groups with thousands of pgbench_accounts keys, which
     // split_merges (on by default) merges half on each connection.
-    let p = pair("");
+    let mut p = pair();
     let metrics_port = p.applier_metrics();
     let mut applier = p.role("applier");
     let mut agent = p.role("agent");
@@ -569,7 +549,7 @@ fn a_destination_role_without_replication_origins_applies_exactly_once() {
     // An applier role that owns the tables but may not use replication
     // origins (superuser only): its changes carry no origin, and the
     // position is in decant.progress as always.
-    let p = pair("");
+    let mut p = pair();
     p.dest
         .connect()
         .batch_execute(
@@ -582,9 +562,8 @@ fn a_destination_role_without_replication_origins_applies_exactly_once() {
              ALTER TABLE mixed OWNER TO app; ALTER TABLE typed OWNER TO app;",
         )
         .unwrap();
-    let config = std::fs::read_to_string(&p.config).unwrap();
-    let admin_dsn = p.dest.conninfo("postgres");
-    std::fs::write(&p.config, config.replace(&admin_dsn, &admin_dsn.replace("user=postgres", "user=app"))).unwrap();
+    let app_dsn = p.dest.conninfo("postgres").replace("user=postgres", "user=app");
+    p.edit(|c| c.set("destination.dsn", &format!("\"{app_dsn}\"")));
     let mut applier = p.role("applier");
     let _agent = p.role("agent");
     let load = background_load(&p, 3);
@@ -614,7 +593,7 @@ fn a_destination_role_without_replication_origins_applies_exactly_once() {
 fn a_key_whose_equal_values_can_differ_as_text_is_not_split() {
     // numeric 1.0 and 1.00 are one key with two texts: split by text, the
     // two connections could both reach that key and wait on each other.
-    let p = pair("");
+    let mut p = pair();
     for c in [&p.source, &p.dest] {
         c.connect().batch_execute("CREATE TABLE nk (k numeric PRIMARY KEY, v int)").unwrap();
     }
@@ -633,7 +612,7 @@ fn a_key_whose_equal_values_can_differ_as_text_is_not_split() {
 
 #[test]
 fn metrics_endpoint_reports_progress() {
-    let p = pair("");
+    let mut p = pair();
     let metrics_port = p.applier_metrics();
     let _applier = p.role("applier");
     let _agent = p.role("agent");
@@ -663,41 +642,37 @@ fn metric(body: &str, name: &str) -> u64 {
 fn mutual_tls_token_and_compression_between_agent_and_applier() {
     use decant_tests::certs::Certs;
     let certs = Certs::new("decant-agent");
-    let p = pair("");
-    let config = std::fs::read_to_string(&p.config).unwrap().replace("applier_url = \"http://", "applier_url = \"https://");
+    let mut p = pair();
     let path = |p: &Path| p.display().to_string();
-    let config = config.replace(
-        &format!("[transport]\ntoken = \"{PAIR_TOKEN}\"\n"),
-        &format!(
-            "[transport]\ntoken = \"correct horse\"\ntls_ca = \"{}\"\ntls_domain = \"localhost\"\ncompression = \"zstd\"\n",
-            path(&certs.ca)
-        ),
-    );
-    std::fs::write(&p.config, config).unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_decant"));
-    let log = |n: &str| p.dir.path().join(n);
+    let url = p.config.get("agent.applier_url").unwrap().replace("\"http://", "\"https://");
+    p.edit(|c| {
+        c.set("agent.applier_url", &url)
+            .set("transport.token", "\"correct horse\"")
+            .set("transport.tls_ca", &format!("\"{}\"", path(&certs.ca)))
+            .set("transport.tls_domain", "\"localhost\"")
+            .set("transport.compression", "\"zstd\"")
+    });
     let applier_tls =
         [format!("transport.tls_cert=\"{}\"", path(&certs.server_cert)), format!("transport.tls_key=\"{}\"", path(&certs.server_key))];
     let agent_tls =
         [format!("transport.tls_cert=\"{}\"", path(&certs.client_cert)), format!("transport.tls_key=\"{}\"", path(&certs.client_key))];
-    let _applier = Role::start_with(bin, "applier", &p.config, &applier_tls, &log("applier.log"));
-    decant_tests::process::wait_port(p.port);
+    let _applier = p.applier(&applier_tls, "applier.log");
 
     // A wrong token is refused, and the agent stops with a clear error.
     let mut wrong: Vec<String> = agent_tls.to_vec();
     wrong.push("transport.token=\"wrong\"".into());
-    let mut agent = Role::start_with(bin, "agent", &p.config, &wrong, &log("agent-wrong-token.log"));
+    let mut agent = p.start_with("agent", &wrong, "agent-wrong-token.log");
     assert_ne!(agent.wait_exit(Duration::from_secs(30)), Some(0), "{}", agent.log());
     assert!(agent.log().contains("token does not match"), "{}", agent.log());
     // Without a client certificate the TLS handshake fails (mutual TLS).
-    let mut agent = Role::start_with(bin, "agent", &p.config, &["retry.connection_minutes=10".into()], &log("agent-no-cert.log"));
+    let mut agent = p.start_with("agent", &["retry.connection_minutes=10".into()], "agent-no-cert.log");
     p.pgbench(&["-t", "5"]);
     std::thread::sleep(Duration::from_secs(2));
     let dest_history = table_digest(&mut p.dest.connect(), "pgbench_history", "t::text");
     assert_eq!(dest_history.0, 0, "nothing may arrive without a client certificate");
     agent.kill9();
     // With both, data flows.
-    let _agent = Role::start_with(bin, "agent", &p.config, &agent_tls, &log("agent.log"));
+    let _agent = p.start_with("agent", &agent_tls, "agent.log");
     p.pgbench(&["-t", "50"]);
     p.wait_equal();
 }

@@ -27,13 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use decant_tests::process::{run_ok, Role};
+use decant_tests::task::Task;
 use decant_tests::Cluster;
 
 const ZOO_SQL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/zoo.sql");
-
-fn decant() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_decant"))
-}
 
 #[test]
 fn zoo_migrates_under_load_to_an_equal_database() {
@@ -54,10 +51,12 @@ fn zoo(task_id: &str, db: &str, create_options: &str) {
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
 
-    let source = Cluster::start();
-    let dest = Cluster::start();
-    source.connect().batch_execute(&format!("CREATE DATABASE {db} {create_options}")).unwrap();
-    dest.connect().batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    let t = Task::builder(env!("CARGO_BIN_EXE_decant"), task_id)
+        .database(db, create_options)
+        .migrate("types = [\"schema\", \"full\", \"incremental\"]")
+        .build();
+    t.config.write(&out_dir.join("task.toml"));
+    let (source, dest) = (&t.source, &t.dest);
     // With psql, as a user would: statement by statement (an enum value
     // added by ALTER TYPE must be committed before it is used).
     run_ok(source.tool("psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", ZOO_SQL]));
@@ -68,39 +67,22 @@ fn zoo(task_id: &str, db: &str, create_options: &str) {
     let control_db = format!("{db}_control");
     dest.connect().batch_execute(&format!("CREATE DATABASE {control_db}")).unwrap();
     let control_sql = out_dir.join("control-restore.sql");
-    std::fs::write(&control_sql, raw_dump(&source, db)).unwrap();
+    std::fs::write(&control_sql, raw_dump(source, db)).unwrap();
     run_ok(dest.tool("psql").args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &control_db, "-f"]).arg(&control_sql));
-    let source_before = normalized_schema(&source, db);
-    let control = normalized_schema(&dest, &control_db);
+    let source_before = normalized_schema(source, db);
+    let control = normalized_schema(dest, &control_db);
     if control != source_before {
         let diff = write_and_diff(&out_dir, "source-before", &source_before, "control", &control);
         panic!("test bug: `pg_dump | psql` changes the schema in ways the normalisation does not cover:\n{diff}");
     }
 
-    let config = out_dir.join("task.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "task_id = \"{task_id}\"\n\
-             [source]\ndsn = \"{}\"\nslot = \"decant_{task_id}\"\nheartbeat_seconds = 1\n\
-             [destination]\ndsn = \"{}\"\n\
-             [agent]\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-             [applier]\nmetrics_listen = \"\"\n\
-             [retry]\nconnection_minutes = 10\nother_minutes = 1\n\
-             [migrate]\nprogress = \"log\"\ntypes = [\"schema\", \"full\", \"incremental\"]\n",
-            source.conninfo(db),
-            dest.conninfo(db)
-        ),
-    )
-    .unwrap();
-
     // Changes run from before the migration starts until after it streams.
     let load = Load::start(source.conninfo(db));
     let log_path = out_dir.join("migrate.log");
-    let mut m = Role::start(decant(), "migrate", &config, &log_path);
+    let mut m = t.start("migrate", &log_path);
     let mut failures: Vec<String> = Vec::new();
 
-    let phase = wait_for_stream(&dest, db, task_id, &mut m, Duration::from_secs(180));
+    let phase = wait_for_stream(dest, db, task_id, &mut m, Duration::from_secs(180));
     let streaming = phase.as_deref() == Ok("incremental");
     if let Err(e) = &phase {
         failures.push(format!("the task never reached the stream: {e}\n{}", log_excerpt(&m.log())));
@@ -126,22 +108,21 @@ fn zoo(task_id: &str, db: &str, create_options: &str) {
     }
     // `verify --wait` needs a running task; without one, compare as is.
     let wait: &[&str] = if running { &["--wait", "120"] } else { &[] };
-    let out = Command::new(decant()).arg("verify").args(wait).arg("--config").arg(&config).output().unwrap();
-    let verify_out = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (verified, verify_out) = t.command(&[&["verify"], wait].concat());
     std::fs::write(out_dir.join("verify.out"), &verify_out).unwrap();
-    if !out.status.success() {
-        failures.push(format!("decant verify failed ({}):\n{}", out.status, only_differences(&verify_out)));
+    if !verified {
+        failures.push(format!("decant verify failed:\n{}", only_differences(&verify_out)));
     }
 
     // Every table and materialized view, compared here by column name.
-    let (compared, differing) = compare_rows(&source, &dest, db);
+    let (compared, differing) = compare_rows(source, dest, db);
     eprintln!("zoo {task_id}: {compared} tables and materialized views compared, {} differ", differing.len());
     if !differing.is_empty() {
         failures.push(format!("{} relations differ in their rows:\n{}", differing.len(), differing.join("\n")));
     }
 
-    let source_schema = normalized_schema(&source, db);
-    let dest_schema = normalized_schema(&dest, db);
+    let source_schema = normalized_schema(source, db);
+    let dest_schema = normalized_schema(dest, db);
     std::fs::write(out_dir.join("source.sql"), &source_schema).unwrap();
     std::fs::write(out_dir.join("destination.sql"), &dest_schema).unwrap();
     if source_schema != dest_schema {

@@ -45,16 +45,7 @@ impl Cluster {
 
     /// Same, with extra postgresql.conf lines appended (e.g. "max_wal_senders = 30").
     pub fn start_with(extra_conf: &[&str]) -> Cluster {
-        let bindir = bindir_default().to_path_buf();
-        let dir =
-            tempfile::Builder::new().prefix("decant-pg-").tempdir().unwrap_or_else(|e| panic!("decant-tests: cannot create temp dir: {e}"));
-        if is_root() {
-            let (uid, gid) = postgres_user();
-            chown(dir.path(), uid, gid);
-        }
-        let data_dir = dir.path().join("data");
-        let log_path = dir.path().join("server.log");
-        let mut cluster = Cluster { dir, data_dir, log_path, bindir, port: 0, running: false };
+        let mut cluster = Cluster::unstarted(bindir_default().to_path_buf());
         cluster.initdb();
         cluster.check_hba();
         cluster.launch(extra_conf);
@@ -64,6 +55,19 @@ impl Cluster {
     /// A hot standby of this cluster (`pg_basebackup -R`), started on a
     /// free port, with extra postgresql.conf lines.
     pub fn start_standby(&self, extra_conf: &[&str]) -> Cluster {
+        let mut standby = Cluster::unstarted(self.bindir.clone());
+        let mut cmd = standby.server_cmd("pg_basebackup");
+        cmd.args(["-h", HOST, "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"])
+            .arg(&standby.data_dir);
+        let out = run_capture(&mut cmd);
+        assert!(out.status.success(), "decant-tests: pg_basebackup failed\n{}", describe_output(&out));
+        standby.launch(extra_conf);
+        standby
+    }
+
+    /// A fresh temp dir (owned by the server's OS user) where `data/` is
+    /// still to be made; nothing runs yet.
+    fn unstarted(bindir: PathBuf) -> Cluster {
         let dir =
             tempfile::Builder::new().prefix("decant-pg-").tempdir().unwrap_or_else(|e| panic!("decant-tests: cannot create temp dir: {e}"));
         if is_root() {
@@ -72,13 +76,7 @@ impl Cluster {
         }
         let data_dir = dir.path().join("data");
         let log_path = dir.path().join("server.log");
-        let mut cmd = server_command(&self.bindir.join("pg_basebackup"), dir.path());
-        cmd.args(["-h", HOST, "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "--no-sync", "-D"]).arg(&data_dir);
-        let out = run_capture(&mut cmd);
-        assert!(out.status.success(), "decant-tests: pg_basebackup failed\n{}", describe_output(&out));
-        let mut standby = Cluster { dir, data_dir, log_path, bindir: self.bindir.clone(), port: 0, running: false };
-        standby.launch(extra_conf);
-        standby
+        Cluster { dir, data_dir, log_path, bindir, port: 0, running: false }
     }
 
     /// Starts the server of a prepared data directory on a free port.

@@ -7,3 +7,4 @@ pub use cluster::Cluster;
 pub mod certs;
 pub mod process;
 pub mod slot;
+pub mod task;

@@ -9,11 +9,11 @@
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::server::{connect_fix, Server};
+use super::server::{Connected, Server};
 use super::{Check, Findings, TaskState};
 use crate::config::{Config, MigrationType};
-use crate::connect::sql::{connect, quote_ident};
-use crate::connect::{ConnInfo, Host, ProcessEnv};
+use crate::connect::sql::quote_ident;
+use crate::connect::{ConnInfo, Host};
 
 pub(super) struct Destination {
     pub client: Client,
@@ -34,37 +34,8 @@ impl Destination {
     /// Connects as the applier will; a failure is the `destination.connect`
     /// error and ends the destination's checks.
     pub(super) async fn connect(config: &Config, f: &mut Findings) -> Option<Destination> {
-        let info = match ConnInfo::parse(&config.destination.dsn, &ProcessEnv) {
-            Ok(info) => info,
-            Err(e) => {
-                f.error(
-                    Check::DestinationConnect,
-                    "destination.dsn",
-                    format!("the connection string is not valid: {e}"),
-                    connect_fix("destination.dsn"),
-                );
-                return None;
-            }
-        };
-        let (client, connection) = match connect(&info, "decant precheck", "").await {
-            Ok(c) => c,
-            Err(e) => {
-                f.error(Check::DestinationConnect, "destination", crate::error::report(&e), connect_fix("destination.dsn"));
-                return None;
-            }
-        };
-        let server = match Server::read(&client).await {
-            Ok(s) => s,
-            Err(e) => {
-                f.query_failed(Check::DestinationConnect, &e);
-                return None;
-            }
-        };
-        f.pass(
-            Check::DestinationConnect,
-            "destination",
-            format!("connected to {}:{}/{} as {} ({})", info.host, info.port, info.dbname, server.user, server.tls_text()),
-        );
+        let Connected { client, connection, info, server } =
+            Connected::open(&config.destination.dsn, "destination.dsn", "destination", Check::DestinationConnect, f).await?;
         Some(Destination { client, _connection: connection, info, server })
     }
 

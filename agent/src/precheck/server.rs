@@ -1,9 +1,53 @@
-//! What a precheck reads of either server on connecting: the version,
-//! the session's user and privileges, the database's encoding and
-//! collation, and whether the connection uses TLS; and the fix for a
-//! connection that cannot be made.
+//! Connecting to either server as the task will, and what a precheck
+//! reads on connecting: the version, the session's user and privileges,
+//! the database's encoding and collation, and whether the connection uses
+//! TLS; and the fix for a connection that cannot be made.
 
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
+
+use super::{Check, Findings};
+use crate::connect::sql::connect;
+use crate::connect::{ConnInfo, ProcessEnv};
+
+/// A precheck's connection to one side.
+pub(super) struct Connected {
+    pub client: Client,
+    pub connection: JoinHandle<()>,
+    pub info: ConnInfo,
+    pub server: Server,
+}
+
+impl Connected {
+    /// Connects with the DSN of setting `key` (`source.dsn`…) as the task
+    /// will. A failure is the `check` error about `side`, and ends that
+    /// side's checks; a success is its pass line.
+    pub(super) async fn open(dsn: &str, key: &str, side: &str, check: Check, f: &mut Findings) -> Option<Connected> {
+        let info = match ConnInfo::parse(dsn, &ProcessEnv) {
+            Ok(info) => info,
+            Err(e) => {
+                f.error(check, key, format!("the connection string is not valid: {e}"), connect_fix(key));
+                return None;
+            }
+        };
+        let (client, connection) = match connect(&info, "decant precheck", "").await {
+            Ok(c) => c,
+            Err(e) => {
+                f.error(check, side, crate::error::report(&e), connect_fix(key));
+                return None;
+            }
+        };
+        let server = match Server::read(&client).await {
+            Ok(s) => s,
+            Err(e) => {
+                f.query_failed(check, &e);
+                return None;
+            }
+        };
+        f.pass(check, side, format!("connected to {}:{}/{} as {} ({})", info.host, info.port, info.dbname, server.user, server.tls_text()));
+        Some(Connected { client, connection, info, server })
+    }
+}
 
 /// The server and the session, from one query.
 pub(super) struct Server {
@@ -57,7 +101,7 @@ impl Server {
 }
 
 /// The fix for a connection that cannot be made, per side.
-pub(super) fn connect_fix(key: &str) -> String {
+fn connect_fix(key: &str) -> String {
     format!(
         "correct {key} (host, port, dbname, user; the password in it, PGPASSWORD or ~/.pgpass; sslmode, sslrootcert, \
          sslcert, sslkey) or the server's pg_hba.conf"

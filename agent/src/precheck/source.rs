@@ -11,12 +11,11 @@ use std::collections::HashMap;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::server::{connect_fix, Server};
+use super::server::{Connected, Server};
 use super::tables::{self, Selection};
 use super::{Check, Findings, TaskState};
 use crate::config::{Config, MigrationType};
-use crate::connect::sql::{connect, quote_ident, quote_literal};
-use crate::connect::{ConnInfo, ProcessEnv};
+use crate::connect::sql::{quote_ident, quote_literal};
 use crate::migrate::schema::PgDump;
 
 /// A transaction that writes and is older than this is reported: creating
@@ -33,32 +32,8 @@ impl Source {
     /// Connects as the task will; a failure is the `source.connect` error
     /// and ends the source's checks.
     pub(super) async fn connect(config: &Config, f: &mut Findings) -> Option<Source> {
-        let info = match ConnInfo::parse(&config.source.dsn, &ProcessEnv) {
-            Ok(info) => info,
-            Err(e) => {
-                f.error(Check::SourceConnect, "source.dsn", format!("the connection string is not valid: {e}"), connect_fix("source.dsn"));
-                return None;
-            }
-        };
-        let (client, connection) = match connect(&info, "decant precheck", "").await {
-            Ok(c) => c,
-            Err(e) => {
-                f.error(Check::SourceConnect, "source", crate::error::report(&e), connect_fix("source.dsn"));
-                return None;
-            }
-        };
-        let server = match Server::read(&client).await {
-            Ok(s) => s,
-            Err(e) => {
-                f.query_failed(Check::SourceConnect, &e);
-                return None;
-            }
-        };
-        f.pass(
-            Check::SourceConnect,
-            "source",
-            format!("connected to {}:{}/{} as {} ({})", info.host, info.port, info.dbname, server.user, server.tls_text()),
-        );
+        let Connected { client, connection, server, .. } =
+            Connected::open(&config.source.dsn, "source.dsn", "source", Check::SourceConnect, f).await?;
         Some(Source { client, _connection: connection, server })
     }
 
