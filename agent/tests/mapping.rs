@@ -4,77 +4,23 @@
 //! masked column, each through schema, full copy and stream under load,
 //! verified equal through the mapping.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use decant_tests::process::{wait_for, Role};
+use decant_tests::task::Task;
 use decant_tests::Cluster;
 
-fn decant() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_decant"))
+/// A task of all three types with `migrate.map = <map>`.
+fn task(map: &str) -> Task {
+    Task::builder(env!("CARGO_BIN_EXE_decant"), "map")
+        .migrate("types = [\"schema\", \"full\", \"incremental\"]")
+        .set("migrate.map", map)
+        .build()
 }
 
-struct Task {
-    source: Cluster,
-    dest: Cluster,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
-
-impl Task {
-    fn new(migrate: &str) -> Task {
-        let source = Cluster::start();
-        let dest = Cluster::start();
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("task.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "task_id = \"map\"\n\
-                 [source]\ndsn = \"{}\"\nslot = \"decant_map\"\nheartbeat_seconds = 1\n\
-                 [destination]\ndsn = \"{}\"\n\
-                 [agent]\nmetrics_listen = \"\"\nstatus_interval_seconds = 1\n\
-                 [applier]\nmetrics_listen = \"\"\n\
-                 [retry]\nconnection_minutes = 10\nother_minutes = 1\n\
-                 [migrate]\nprogress = \"log\"\ntypes = [\"schema\", \"full\", \"incremental\"]\n{migrate}\n",
-                source.conninfo("postgres"),
-                dest.conninfo("postgres")
-            ),
-        )
-        .unwrap();
-        Task { source, dest, dir, config }
-    }
-
-    fn migrate_until_streaming(&self) -> Role {
-        let mut m = Role::start(decant(), "migrate", &self.config, &self.dir.path().join("migrate.log"));
-        let mut dst = self.dest.connect();
-        wait_for("the stream phase", Duration::from_secs(120), || {
-            assert!(m.is_running(), "decant migrate ended:\n{}", m.log());
-            dst.query_opt("SELECT phase FROM decant.task WHERE task_id = 'map'", &[])
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.get::<_, String>(0) == "incremental")
-        });
-        m
-    }
-
-    fn command(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(decant()).args(args).arg("--config").arg(&self.config).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-
-    fn assert_equal(&self) -> String {
-        let (ok, out) = self.command(&["verify", "--wait", "120"]);
-        assert!(ok, "verify failed:\n{out}");
-        out
-    }
-
-    fn rows(client: &mut postgres::Client, query: &str) -> Vec<String> {
-        client.query(&format!("SELECT t::text FROM ({query}) t ORDER BY 1"), &[]).unwrap().iter().map(|r| r.get(0)).collect()
-    }
+fn rows(client: &mut postgres::Client, query: &str) -> Vec<String> {
+    client.query(&format!("SELECT t::text FROM ({query}) t ORDER BY 1"), &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
 
 /// Writes to the source until stopped: a stream of changes during the
@@ -96,8 +42,8 @@ fn load(source: &Cluster, sql: &'static str) -> (Arc<AtomicBool>, std::thread::J
 
 #[test]
 fn schemas_tables_and_columns_are_renamed_with_what_depends_on_them() {
-    let t = Task::new(
-        "map = [{ schema = \"sales\", to = \"shop\" },\n\
+    let t = task(
+        "[{ schema = \"sales\", to = \"shop\" },\n\
                 { table = \"sales.orders\", to = \"purchases\", columns = { note = \"remark\" } },\n\
                 { table = \"public.people\", to = \"crm.customers\", columns = { full_name = \"name\" } }]",
     );
@@ -125,7 +71,7 @@ fn schemas_tables_and_columns_are_renamed_with_what_depends_on_them() {
          DELETE FROM sales.items WHERE order_id = (SELECT min(order_id) FROM sales.items);
          UPDATE people SET full_name = full_name || '.' WHERE id = 1 + (random() * 199)::int;",
     );
-    let mut m = t.migrate_until_streaming();
+    let mut m = t.migrate_until_incremental("migrate.log", Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     assert!(writer.join().unwrap() > 0);
@@ -135,22 +81,18 @@ fn schemas_tables_and_columns_are_renamed_with_what_depends_on_them() {
     let mut dst = t.dest.connect();
     let mut src = t.source.connect();
     // The objects are there under their new names only.
-    let names = Task::rows(
+    let names = rows(
         &mut dst,
         "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
           WHERE n.nspname IN ('public', 'sales', 'shop', 'crm') AND c.relkind IN ('r', 'v')",
     );
     assert_eq!(names, ["(crm.customers)", "(shop.big_orders)", "(shop.items)", "(shop.purchases)"]);
     // The view follows the renames, and shows what the source's shows.
-    assert_eq!(
-        Task::rows(&mut dst, "SELECT * FROM shop.big_orders"),
-        Task::rows(&mut src, "SELECT * FROM sales.big_orders"),
-        "the view differs"
-    );
+    assert_eq!(rows(&mut dst, "SELECT * FROM shop.big_orders"), rows(&mut src, "SELECT * FROM sales.big_orders"), "the view differs");
     let view: String = dst.query_one("SELECT pg_get_viewdef('shop.big_orders')", &[]).unwrap().get(0);
     assert!(view.contains("purchases") && view.contains("customers") && view.contains("remark"), "{view}");
     // Indexes and foreign keys are on the renamed tables and columns.
-    let fks = Task::rows(&mut dst, "SELECT conrelid::regclass, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'f'");
+    let fks = rows(&mut dst, "SELECT conrelid::regclass, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'f'");
     assert_eq!(
         fks,
         [
@@ -175,9 +117,7 @@ fn schemas_tables_and_columns_are_renamed_with_what_depends_on_them() {
 
 #[test]
 fn a_row_filter_moves_rows_in_and_out_and_a_transform_masks_a_column() {
-    let t = Task::new(
-        "map = [{ table = \"public.users\", where = \"tenant = 1\", set = { email = \"regexp_replace(email, '^[^@]+', 'xxx')\" } }]",
-    );
+    let t = task("[{ table = \"public.users\", where = \"tenant = 1\", set = { email = \"regexp_replace(email, '^[^@]+', 'xxx')\" } }]");
     // bio is large and stored out of line (TOAST): updates that do not
     // touch it carry no value for it.
     t.source
@@ -192,7 +132,7 @@ fn a_row_filter_moves_rows_in_and_out_and_a_transform_masks_a_column() {
         )
         .unwrap();
     let (stop, writer) = load(&t.source, "UPDATE other SET v = v + 1 WHERE id = 1 + (random() * 99)::int;");
-    let mut m = t.migrate_until_streaming();
+    let mut m = t.migrate_until_incremental("migrate.log", Duration::from_secs(120));
     let mut src = t.source.connect();
     src.batch_execute(
         // In: tenant 2 -> 1, bio unchanged (from the old row).
@@ -219,11 +159,9 @@ fn a_row_filter_moves_rows_in_and_out_and_a_transform_masks_a_column() {
     // What verify compared, checked row by row: exactly the source's
     // tenant-1 rows, masked, with their whole bio.
     let mut dst = t.dest.connect();
-    let expected = Task::rows(
-        &mut src,
-        "SELECT id, tenant, regexp_replace(email, '^[^@]+', 'xxx'), md5(bio), length(bio) FROM users WHERE tenant = 1",
-    );
-    let arrived = Task::rows(&mut dst, "SELECT id, tenant, email, md5(bio), length(bio) FROM users");
+    let expected =
+        rows(&mut src, "SELECT id, tenant, regexp_replace(email, '^[^@]+', 'xxx'), md5(bio), length(bio) FROM users WHERE tenant = 1");
+    let arrived = rows(&mut dst, "SELECT id, tenant, email, md5(bio), length(bio) FROM users");
     assert_eq!(arrived, expected);
     assert!(arrived.iter().any(|r| r.starts_with("(1,1,xxx@example.com,")), "a row moved into the filter: {arrived:?}");
     assert!(arrived.iter().any(|r| r.starts_with("(1001,")) && !arrived.iter().any(|r| r.starts_with("(103,")));
