@@ -314,6 +314,29 @@ mod tests {
                 "ALTER TABLE ONLY \"s\".\"t\" ALTER COLUMN \"a\" SET GENERATED ALWAYS".into()
             ))
         );
+        // A row filter and a transform: the row goes in as typed
+        // parameters named after the source columns.
+        let mapping = crate::config::Mapping::parse(&[toml::from_str(
+            "table = \"s.t\"\ncolumns = { a = \"x\" }\nwhere = \"a <> ''\"\nset = { \"b\\\"q\" = \"upper(a)\" }",
+        )
+        .unwrap()])
+        .unwrap();
+        let projection = mapping.projection("s", "t", &["id".into(), "a".into(), "b\"q".into()]);
+        let projected = Target {
+            columns: projection.targets.clone(),
+            projected: Some(Arc::new(Projected {
+                source_columns: vec!["id".into(), "a".into(), "b\"q".into()],
+                projection,
+                types: vec!["integer".into(), "text".into(), "text".into()],
+            })),
+            ..target(vec![0])
+        };
+        assert_eq!(
+            projected.insert_sql(true),
+            "INSERT INTO \"s\".\"t\" (\"id\", \"x\", \"b\"\"q\") OVERRIDING SYSTEM VALUE SELECT \"id\", \"a\", (upper(a)) \
+             FROM (SELECT $1::integer AS \"id\", $2::text AS \"a\", $3::text AS \"b\"\"q\") AS decant_source_row WHERE (a <> '') \
+             ON CONFLICT (\"id\") DO UPDATE SET \"x\" = EXCLUDED.\"x\", \"b\"\"q\" = EXCLUDED.\"b\"\"q\""
+        );
         let empty = Target { columns: vec![], type_oids: vec![], ..target(vec![]) };
         assert_eq!(empty.insert_sql(true), "INSERT INTO \"s\".\"t\" DEFAULT VALUES");
         assert_eq!(empty.delete_sql(), "DELETE FROM \"s\".\"t\" WHERE ctid = (SELECT ctid FROM \"s\".\"t\" LIMIT 1)");
