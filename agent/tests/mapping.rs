@@ -169,3 +169,25 @@ fn a_row_filter_moves_rows_in_and_out_and_a_transform_masks_a_column() {
     assert!(m.is_running(), "{}", m.log());
     assert_eq!(m.stop(), Some(0));
 }
+
+#[test]
+fn precheck_refuses_what_the_mapping_could_not_do() {
+    let t = task(
+        "[{ schema = \"sales\", to = \"shop\" }, { table = \"sales.notes\", where = \"id > 0\" }, \
+          { table = \"sales.gone\", to = \"x\" }]",
+    );
+    t.src().batch_execute("CREATE SCHEMA sales; CREATE TABLE sales.notes (id int PRIMARY KEY, body text)").unwrap();
+    t.dst().batch_execute("CREATE SCHEMA shop").unwrap();
+    let (ok, out) = t.command(&["precheck"]);
+    assert!(!ok, "{out}");
+    // The renamed schema's new name is taken on the destination.
+    assert!(out.contains("destination.conflicts") && out.contains("renames schema sales to shop"), "{out}");
+    // A filtered table with a TOASTable column streams only with whole old rows.
+    assert!(out.contains("tables.mapping") && out.contains("ALTER TABLE \"sales\".\"notes\" REPLICA IDENTITY FULL;"), "{out}");
+    // An entry that names no selected table does nothing.
+    assert!(out.contains("sales.gone") && out.contains("the entry does nothing"), "{out}");
+    t.src().batch_execute("ALTER TABLE sales.notes REPLICA IDENTITY FULL").unwrap();
+    t.dst().batch_execute("DROP SCHEMA shop").unwrap();
+    let (_, out) = t.command(&["precheck"]);
+    assert!(!out.contains("REPLICA IDENTITY FULL;") && !out.contains("renames schema"), "{out}");
+}

@@ -182,6 +182,13 @@ impl Mapping {
         }
     }
 
+    /// The schemas renamed, as (source, destination), in order.
+    pub fn schemas(&self) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = self.schemas.iter().filter(|(f, t)| f != t).map(|(f, t)| (f.as_str(), t.as_str())).collect();
+        out.sort();
+        out
+    }
+
     /// The tables with an entry, as (schema, table, has a filter or
     /// transforms), in order.
     pub fn tables(&self) -> Vec<(&str, &str, bool)> {

@@ -117,6 +117,9 @@ async fn conflicts(
         );
         return Ok(());
     }
+    if config.migrate.has(MigrationType::Schema) {
+        renamed_schemas(config, d, f).await?;
+    }
     let found = existing(config, d, sel).await?;
     if config.migrate.conflicts == ConflictMode::Ignore {
         f.pass(
@@ -145,6 +148,26 @@ async fn conflicts(
     }
     if found.is_empty() {
         f.pass(Check::DestinationConflicts, "destination", "no selected table exists in the destination");
+    }
+    Ok(())
+}
+
+/// A schema that `migrate.map` renames is renamed on the destination at
+/// the end of the schema phase: its new name must be free there.
+async fn renamed_schemas(config: &Config, d: &Destination, f: &mut Findings) -> Result<(), tokio_postgres::Error> {
+    let mapping = config.mapping().unwrap_or_default();
+    for (from, to) in mapping.schemas() {
+        if d.client.query_opt("SELECT FROM pg_namespace WHERE nspname = $1", &[&to]).await?.is_some() {
+            f.error(
+                Check::DestinationConflicts,
+                format!("schema {to}"),
+                format!(
+                    "migrate.map renames schema {from} to {to} at the end of the schema phase, and the destination already has \
+                     a schema {to}"
+                ),
+                format!("drop schema {to} in the destination, or map the tables of {from} one by one (to = \"{to}.name\")"),
+            );
+        }
     }
     Ok(())
 }

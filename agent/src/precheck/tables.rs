@@ -227,7 +227,9 @@ async fn mapping(
             f.error(
                 Check::TablesMapping,
                 &shown,
-                "has a row filter or transforms (migrate.map), so the stream rewrites its rows whole, and a column whose values                  can be TOASTed: an UPDATE that leaves such a value unchanged carries it only in the old row, which the WAL                  holds whole only with REPLICA IDENTITY FULL",
+                "has a row filter or transforms (migrate.map), so the stream rewrites its rows whole, and a column whose values \
+                 can be TOASTed: an UPDATE that leaves such a value unchanged carries it only in the old row, which the WAL \
+                 holds whole only with REPLICA IDENTITY FULL",
                 format!("ALTER TABLE {} REPLICA IDENTITY FULL;", qualified(s, t)),
             );
         }
