@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use decant_proto::grpc::{CopyDone, HealthReport, Hello, MigrationPlan, SequenceValue, TaskState};
+use decant_proto::grpc::{Claim, CopyDone, HealthReport, Hello, MigrationPlan, SequenceValue, TaskState};
 use decant_proto::Lsn;
 use tonic::Status;
 
@@ -51,6 +51,13 @@ impl Service {
                 self.task_id, c.at, c.source_lsn
             ))),
         }
+    }
+
+    /// Records what the task takes in the destination; an overlap with
+    /// another task is a precondition the agent cannot retry past.
+    async fn claim(&self, claim: &Claim) -> Result<(), Status> {
+        let mut client = self.session().await?;
+        migration::claim(&mut client, &self.task_id, claim).await.map_err(migration_status)
     }
 
     async fn record_health(&self, state: &str, reason: &str, retry_seconds_left: Option<u64>) -> Result<(), Status> {
@@ -117,7 +124,10 @@ impl Destination for Service {
         &self.task_id
     }
 
-    async fn plan(&self, plan: Option<MigrationPlan>) -> Result<TaskState, Status> {
+    async fn plan(&self, plan: Option<MigrationPlan>, claim: Option<Claim>) -> Result<TaskState, Status> {
+        if let Some(claim) = &claim {
+            self.claim(claim).await?;
+        }
         let state = match plan {
             Some(plan) => migration::plan(&self.destination, &self.task_id, plan).await,
             None => migration::state(&self.destination, &self.task_id).await,
@@ -145,8 +155,11 @@ impl Destination for Service {
         migration::resnapshot(&self.destination, &self.task_id, lsn).await.map_err(migration_status)
     }
 
-    async fn open_stream(&self, _hello: &Hello) -> Result<Stream, Status> {
+    async fn open_stream(&self, hello: &Hello) -> Result<Stream, Status> {
         self.admit_stream().await?;
+        if let Some(claim) = &hello.claim {
+            self.claim(claim).await?;
+        }
         let applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| apply_status(&e))?;
         Ok(Stream { applier, metrics: self.metrics.clone() })
     }

@@ -14,7 +14,7 @@ use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
 use decant_proto::grpc::applier_server::{Applier as ApplierRpc, ApplierServer};
 use decant_proto::grpc::{
-    Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, HealthAck, HealthReport, Hello, MigrationPlan, PlanRequest, ResnapshotRequest,
+    Ack, AgentMessage, ApplierMessage, Claim, CopyChunk, CopyDone, HealthAck, HealthReport, Hello, MigrationPlan, PlanRequest, ResnapshotRequest,
     SchemaRequest, SequenceValue, TaskState, Welcome,
 };
 use decant_proto::{Lsn, FORMAT_VERSION};
@@ -40,8 +40,9 @@ pub trait Destination: Send + Sync + 'static {
     type Stream: ApplyStream;
     /// The task this destination serves; calls for another are refused.
     fn task_id(&self) -> &str;
-    /// Stores `plan` (once), or with `None` reads the task's state.
-    async fn plan(&self, plan: Option<MigrationPlan>) -> Result<TaskState, Status>;
+    /// Records the task's `claim` (refused when it overlaps another task's),
+    /// then stores `plan` (once), or with `None` reads the task's state.
+    async fn plan(&self, plan: Option<MigrationPlan>, claim: Option<Claim>) -> Result<TaskState, Status>;
     /// Runs a schema section ("pre-data" or "post-data").
     async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status>;
     /// Loads one copied range.
@@ -136,7 +137,7 @@ impl<D: Destination> ApplierRpc for Service<D> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
         check_format(req.format_version)?;
-        guarded(self.destination.plan(req.plan)).await.map(Response::new)
+        guarded(self.destination.plan(req.plan, req.claim)).await.map(Response::new)
     }
 
     async fn schema(&self, request: Request<SchemaRequest>) -> Result<Response<TaskState>, Status> {

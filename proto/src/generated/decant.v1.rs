@@ -9,6 +9,35 @@ pub struct PlanRequest {
     /// Absent: only read the state.
     #[prost(message, optional, tag = "3")]
     pub plan: ::core::option::Option<MigrationPlan>,
+    /// What the task takes in the destination, claimed before the state is
+    /// read or the plan stored (absent from agents older than claims).
+    #[prost(message, optional, tag = "4")]
+    pub claim: ::core::option::Option<Claim>,
+}
+/// What one task takes in a destination shared by several tasks: its
+/// tables, the schemas whose other objects its schema phase creates, and
+/// its slot. The applier refuses a claim that overlaps another live task's.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Claim {
+    #[prost(message, repeated, tag = "1")]
+    pub tables: ::prost::alloc::vec::Vec<TableName>,
+    /// Whole schemas (`app.*`, or every schema) the schema phase dumps.
+    #[prost(string, repeated, tag = "2")]
+    pub schemas: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "3")]
+    pub slot: ::prost::alloc::string::String,
+    /// The source cluster's system identifier (slot names are per cluster).
+    #[prost(string, tag = "4")]
+    pub source_system_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TableName {
+    #[prost(string, tag = "1")]
+    pub schema: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -215,7 +244,7 @@ pub struct ResnapshotRequest {
     pub lsn: u64,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentMessage {
     #[prost(oneof = "agent_message::Body", tags = "1, 2")]
     pub body: ::core::option::Option<agent_message::Body>,
@@ -223,7 +252,7 @@ pub struct AgentMessage {
 /// Nested message and enum types in `AgentMessage`.
 pub mod agent_message {
     #[allow(clippy::all)]
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Body {
         #[prost(message, tag = "1")]
         Hello(super::Hello),
@@ -232,7 +261,7 @@ pub mod agent_message {
     }
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Hello {
     /// Both sides must be configured for the same task.
     #[prost(string, tag = "1")]
@@ -247,6 +276,10 @@ pub struct Hello {
     pub source_system_id: ::prost::alloc::string::String,
     #[prost(string, tag = "5")]
     pub source_database: ::prost::alloc::string::String,
+    /// The task's claim, made again at every stream start (a task without
+    /// phases before the stream claims here first).
+    #[prost(message, optional, tag = "6")]
+    pub claim: ::core::option::Option<Claim>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
