@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
-use decant_proto::grpc::{AgentMessage, Claim, Hello, RecordBatch};
+use decant_proto::grpc::{AgentMessage, Hello, RecordBatch};
 use decant_proto::options::PACKING_BACKLOG_BYTES;
 use decant_proto::{decode, peek_kind, DecodeError, Lsn, Record, RecordKind, FORMAT_VERSION};
 use tokio::sync::{watch, Notify};
@@ -119,14 +119,11 @@ pub struct Session<'c> {
     nudged_for: Lsn,
     /// Both ends connected and the stream started.
     pub streaming: bool,
-    /// What the task takes in the destination, claimed at the stream's start.
-    claim: Claim,
 }
 
 impl<'c> Session<'c> {
-    pub fn new(config: &'c Config, metrics: &'c Metrics, claim: Claim) -> Self {
+    pub fn new(config: &'c Config, metrics: &'c Metrics) -> Self {
         Session {
-            claim,
             config,
             metrics,
             batch: BytesMut::new(),
@@ -168,7 +165,6 @@ impl<'c> Session<'c> {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             source_system_id: system.system_id.clone(),
             source_database: system.database.clone().unwrap_or_default(),
-            claim: Some(self.claim.clone()),
         };
         let mut applier = open(&config.agent.applier_url, transport, hello, config.agent.max_batches_in_flight).await?;
         self.committed = applier.resume_lsn;

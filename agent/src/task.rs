@@ -186,10 +186,14 @@ async fn drive_sessions(
         // Read again for every session: tables created on the source since
         // are claimed with the rest. Failing to read it fails the session.
         let claim = migrate::claim::claim(config, source).await;
+        let claim = match claim {
+            Ok(claim) if migrated => migrate::claim::record(config, transport, claim.clone()).await.map(|()| claim),
+            claim => claim,
+        };
         let result = match claim {
             Err(e) => Err(TaskError::Migrate(e)),
-            Ok(claim) if migrated => {
-                let mut session = stream::Session::new(config, metrics, claim);
+            Ok(_) if migrated => {
+                let mut session = stream::Session::new(config, metrics);
                 // The stream succeeding again resolves the failure alerts.
                 let result = {
                     let run = session.run(source, transport, &mut retry, shutdown);

@@ -155,11 +155,8 @@ impl Destination for Service {
         migration::resnapshot(&self.destination, &self.task_id, lsn).await.map_err(migration_status)
     }
 
-    async fn open_stream(&self, hello: &Hello) -> Result<Stream, Status> {
+    async fn open_stream(&self, _hello: &Hello) -> Result<Stream, Status> {
         self.admit_stream().await?;
-        if let Some(claim) = &hello.claim {
-            self.claim(claim).await?;
-        }
         let applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| apply_status(&e))?;
         Ok(Stream { applier, metrics: self.metrics.clone() })
     }

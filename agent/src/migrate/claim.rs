@@ -10,6 +10,17 @@ use super::MigrateError;
 use crate::config::{Config, MigrationType};
 use crate::connect::sql::connect;
 use crate::connect::ConnInfo;
+use crate::transport::client::connect as connect_applier;
+use crate::transport::TransportSettings;
+
+/// Records `claim` through the applier, before a stream session (the
+/// phases before the stream send it with their first call, in `drive`):
+/// the slot is not created, nor anything written, for a task refused.
+pub async fn record(config: &Config, transport: &TransportSettings, claim: Claim) -> Result<(), MigrateError> {
+    let mut applier = connect_applier(&config.agent.applier_url, transport).await?;
+    super::plan(&mut applier, &config.task_id, None, Some(claim)).await?;
+    Ok(())
+}
 
 /// The task's claim, read on the source now.
 pub async fn claim(config: &Config, source: &ConnInfo) -> Result<Claim, MigrateError> {

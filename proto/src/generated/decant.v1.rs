@@ -10,7 +10,8 @@ pub struct PlanRequest {
     #[prost(message, optional, tag = "3")]
     pub plan: ::core::option::Option<MigrationPlan>,
     /// What the task takes in the destination, claimed before the state is
-    /// read or the plan stored (absent from agents older than claims).
+    /// read or the plan stored; agents send it before every session, the
+    /// stream's too (absent from agents older than claims).
     #[prost(message, optional, tag = "4")]
     pub claim: ::core::option::Option<Claim>,
 }
@@ -244,7 +245,7 @@ pub struct ResnapshotRequest {
     pub lsn: u64,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AgentMessage {
     #[prost(oneof = "agent_message::Body", tags = "1, 2")]
     pub body: ::core::option::Option<agent_message::Body>,
@@ -252,7 +253,7 @@ pub struct AgentMessage {
 /// Nested message and enum types in `AgentMessage`.
 pub mod agent_message {
     #[allow(clippy::all)]
-    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
     pub enum Body {
         #[prost(message, tag = "1")]
         Hello(super::Hello),
@@ -261,7 +262,7 @@ pub mod agent_message {
     }
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Hello {
     /// Both sides must be configured for the same task.
     #[prost(string, tag = "1")]
@@ -276,10 +277,6 @@ pub struct Hello {
     pub source_system_id: ::prost::alloc::string::String,
     #[prost(string, tag = "5")]
     pub source_database: ::prost::alloc::string::String,
-    /// The task's claim, made again at every stream start (a task without
-    /// phases before the stream claims here first).
-    #[prost(message, optional, tag = "6")]
-    pub claim: ::core::option::Option<Claim>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
