@@ -51,7 +51,7 @@ pub async fn claim(client: &mut Client, task_id: &str, claim: &Claim) -> Result<
                FROM decant.claim c
                JOIN unnest($2::text[], $3::text[], $4::text[]) AS n(kind, schema_name, name) USING (kind, schema_name, name)
               WHERE c.task_id <> $1 AND NOT EXISTS (SELECT FROM decant.cutover x WHERE x.task_id = c.task_id)
-              ORDER BY c.task_id, c.kind DESC, c.schema_name, c.name",
+              ORDER BY c.task_id, c.kind, c.schema_name, c.name",
             &[&task_id, &kinds, &schemas, &names],
         )
         .await?;
