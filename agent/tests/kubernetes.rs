@@ -31,7 +31,7 @@ fn overlap(p: &str, q: &str) -> bool {
 fn the_kubernetes_example_runs_each_task_apart() {
     let text = std::fs::read_to_string(EXAMPLE).unwrap();
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect();
-    let of_kind = |kind: &str| docs.iter().filter(move |d| s(&d["kind"]) == kind);
+    let of_kind = |kind: &'static str| docs.iter().filter(move |d| s(&d["kind"]) == kind);
     let dir = tempfile::tempdir().unwrap();
 
     // Each ConfigMap's task.toml is a task configuration.
