@@ -107,8 +107,14 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct CutoverArgs {
-    #[command(flatten)]
-    pub role: RoleArgs,
+    /// The task's TOML configuration; repeat it to cut over several tasks
+    /// together (tasks split by tables): none is fenced unless all are
+    /// caught up and equal.
+    #[arg(long, short = 'c', value_name = "FILE", required = true)]
+    pub config: Vec<PathBuf>,
+    /// Override a setting of every task: section.key=value (TOML value syntax), repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
     /// Wait up to this many seconds for the destination to apply everything
     /// the source has written (incremental tasks).
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
@@ -157,14 +163,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             one_shot(&config, crate::status::run(config.clone(), args.json))
         }
         Command::Cutover(args) => {
-            let config = Config::load(Some(&args.role.config), &args.role.overrides)?;
+            let configs = args.config.iter().map(|c| Config::load(Some(c), &args.overrides)).collect::<Result<Vec<_>, _>>()?;
             let options = crate::cutover::Options {
                 wait: std::time::Duration::from_secs(args.wait),
                 freeze_source: args.freeze_source,
                 sequence_margin: args.sequence_margin,
                 dry_run: args.dry_run,
             };
-            one_shot(&config, crate::cutover::run(config.clone(), options))
+            one_shot(&configs[0], crate::cutover::run(configs.clone(), options))
         }
         Command::Verify(args) => {
             let config = Config::load(Some(&args.role.config), &args.role.overrides)?;

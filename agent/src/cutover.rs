@@ -43,70 +43,124 @@ pub struct Options {
     pub dry_run: bool,
 }
 
-pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
-    let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).context("source.dsn")?;
-    let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).context("destination.dsn")?;
-    let (src, _c1) = connect(&source, "decant cutover", "").await.context("source")?;
-    let (dest, _c2) = connect(&destination, "decant cutover", "").await.context("destination")?;
+/// One task to cut over, with its two sessions.
+struct Pending {
+    config: Config,
+    destination: ConnInfo,
+    src: Client,
+    dest: Client,
+}
+
+/// Cuts over every task of `configs` together: nothing is fenced unless
+/// every one of them is caught up, its sequences set and its tables equal.
+/// Tasks that share a source database (tasks split by tables) are cut over
+/// at once, the source frozen once for all of them.
+pub async fn run(configs: Vec<Config>, options: Options) -> anyhow::Result<()> {
+    let mut pending = Vec::new();
+    for config in configs {
+        let task = config.task_id.clone();
+        let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).with_context(|| format!("task {task}: source.dsn"))?;
+        let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).with_context(|| format!("task {task}: destination.dsn"))?;
+        let (src, _) = connect(&source, "decant cutover", "").await.with_context(|| format!("task {task}: source"))?;
+        let (dest, _) = connect(&destination, "decant cutover", "").await.with_context(|| format!("task {task}: destination"))?;
+        if let Some(done) = cut_over(&dest, &task).await? {
+            println!(
+                "task {task} was cut over at {} (source position {}, {} sequences set): nothing to do",
+                done.at, done.source_lsn, done.sequences
+            );
+            print_next_steps(&config, &destination, None);
+            continue;
+        }
+        pending.push(Pending { config, destination, src, dest });
+    }
+    let mut frozen: Vec<(String, String)> = Vec::new();
+    if options.freeze_source {
+        for p in &pending {
+            if !frozen.iter().any(|(dsn, _)| *dsn == p.config.source.dsn) {
+                frozen.push((p.config.source.dsn.clone(), freeze_source(&p.src, options.dry_run).await?));
+            }
+        }
+    }
+    let mut ready = Vec::new();
+    for p in &pending {
+        let task = &p.config.task_id;
+        let prepared = prepare(p, &options).await;
+        ready.push(match prepared {
+            Ok(r) => r,
+            Err(e) if pending.len() > 1 => return Err(e.context(format!("task {task}: none of the {} tasks was cut over", pending.len()))),
+            Err(e) => return Err(e),
+        });
+    }
+    for (p, (position, raised)) in pending.iter().zip(ready) {
+        let task = p.config.task_id.as_str();
+        if options.dry_run {
+            println!("cutover: would mark task {task} cut over at source position {position}, and end its applier's sessions");
+            continue;
+        }
+        mark_cut_over(&p.dest, task, position, raised).await?;
+        let ended = end_applier_sessions(&p.dest, task).await?;
+        println!("cutover: task {task} is cut over at source position {position}; its applier takes no more changes ({ended} applier sessions ended)");
+        let undo = frozen.iter().find(|(dsn, _)| *dsn == p.config.source.dsn).map(|(_, undo)| undo.as_str());
+        print_next_steps(&p.config, &p.destination, undo);
+    }
+    Ok(())
+}
+
+/// Everything before the fence, for one task: waits until its destination
+/// caught up, sets its sequences, puts back identity kinds, compares its
+/// tables. Returns the source position it is cut over at, and how many
+/// sequences were set.
+async fn prepare(p: &Pending, options: &Options) -> anyhow::Result<(Lsn, i32)> {
+    let (config, src, dest) = (&p.config, &p.src, &p.dest);
     let task = config.task_id.as_str();
     let would = if options.dry_run { "would " } else { "" };
-    if let Some(done) = cut_over(&dest, task).await? {
-        println!(
-            "task {task} was cut over at {} (source position {}, {} sequences set): nothing to do",
-            done.at, done.source_lsn, done.sequences
-        );
-        print_next_steps(&config, &destination, None);
-        return Ok(());
-    }
-    let frozen = if options.freeze_source { Some(freeze_source(&src, options.dry_run).await?) } else { None };
-
     let position = if config.migrate.has(MigrationType::Incremental) {
         if options.dry_run {
             println!(
-                "cutover: would wait up to {}s until slot {} confirms the source's current position",
+                "cutover: task {task}: would wait up to {}s until slot {} confirms the source's current position",
                 options.wait.as_secs(),
                 config.source.slot
             );
-            current_position(&src).await?
+            current_position(src).await?
         } else {
             println!(
-                "cutover: waiting up to {}s until the destination has applied everything the source has written",
+                "cutover: task {task}: waiting up to {}s until the destination has applied everything the source has written",
                 options.wait.as_secs()
             );
-            let lsn = crate::verify::wait_caught_up(&src, &config.source.slot, options.wait).await?;
-            println!("cutover: the destination holds everything up to source position {lsn}");
+            let lsn = crate::verify::wait_caught_up(src, &config.source.slot, options.wait).await?;
+            println!("cutover: task {task}: the destination holds everything up to source position {lsn}");
             lsn
         }
     } else {
-        current_position(&src).await?
+        current_position(src).await?
     };
 
-    let sequences = crate::migrate::tables::sequence_values(&src, &config).await?;
+    let sequences = crate::migrate::tables::sequence_values(src, config).await?;
     let mapping = config.mapping()?;
     let mut raised = 0;
     for s in &sequences {
         let owner = (!s.owner_name.is_empty()).then_some((s.owner_schema.as_str(), s.owner_name.as_str()));
         let (to_schema, to_name) = mapping.sequence(&s.schema, &s.name, owner);
         let to = format!("{}.{}", quote_ident(&to_schema), quote_ident(&to_name));
-        if let Some(change) = sync_sequence(&src, &dest, s, &to, options.sequence_margin, options.dry_run).await? {
+        if let Some(change) = sync_sequence(src, dest, s, &to, options.sequence_margin, options.dry_run).await? {
             println!("cutover: {would}set sequence {to_schema}.{to_name} {change}");
             raised += 1;
         }
     }
     println!(
-        "cutover: {} sequences checked, {raised} {}set to the source's value",
+        "cutover: task {task}: {} sequences checked, {raised} {}set to the source's value",
         sequences.len(),
         if options.dry_run { "would be " } else { "" }
     );
 
-    for fix in identity_fixes(&src, &dest, &config).await? {
+    for fix in identity_fixes(src, dest, config).await? {
         println!("cutover: {would}run on the destination: {fix}");
         if !options.dry_run {
             dest.batch_execute(&fix).await.with_context(|| format!("destination: {fix}"))?;
         }
     }
 
-    let checks = crate::verify::compare(&config, &src, &dest).await?;
+    let checks = crate::verify::compare(config, src, dest).await?;
     print!("{}", crate::verify::render(&checks));
     let differ: Vec<&str> = checks.iter().filter(|c| !c.equal()).map(|c| c.table.as_str()).collect();
     if !differ.is_empty() {
@@ -117,17 +171,8 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
             differ.join(", ")
         );
     }
-    println!("cutover: all {} tables equal", checks.len());
-
-    if options.dry_run {
-        println!("cutover: would mark task {task} cut over at source position {position}, and end its applier's sessions");
-        return Ok(());
-    }
-    mark_cut_over(&dest, task, position, raised).await?;
-    let ended = end_applier_sessions(&dest, task).await?;
-    println!("cutover: task {task} is cut over at source position {position}; its applier takes no more changes ({ended} applier sessions ended)");
-    print_next_steps(&config, &destination, frozen.as_deref());
-    Ok(())
+    println!("cutover: task {task}: all {} tables equal", checks.len());
+    Ok((position, raised))
 }
 
 async fn current_position(src: &Client) -> anyhow::Result<Lsn> {

@@ -1,5 +1,6 @@
 //! `decant status`: where a task is — its phase, each table's copy state,
-//! the incremental lag, and rates measured over one second.
+//! the incremental lag, and rates measured over one second — and every
+//! other task writing into the same destination, in brief.
 
 use std::time::Duration;
 
@@ -35,6 +36,21 @@ pub struct Status {
     pub cut_over_at: Option<String>,
     /// The source position it was cut over at.
     pub cut_over_lsn: Option<String>,
+    /// Every task the destination knows, this one first.
+    pub tasks: Vec<TaskSummary>,
+}
+
+/// One task of the destination, in brief.
+#[derive(Debug, Serialize)]
+pub struct TaskSummary {
+    pub task_id: String,
+    /// The task of the configuration `decant status` was given.
+    pub this: bool,
+    pub state: String,
+    pub phase: String,
+    /// The tables it claims (`decant.claim`).
+    pub tables: i64,
+    pub applied_lsn: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,7 +76,9 @@ pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     let first = sample(&dest, &config.task_id).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let second = sample(&dest, &config.task_id).await?;
-    let mut status = read(&dest, &config).await?;
+    let types = config.migrate.types.iter().map(|t| t.name().to_owned()).collect();
+    let mut status = read(&dest, &config.task_id, types, !config.migrate.has_phases_before_stream()).await?;
+    status.tasks = summaries(&dest, &status).await?;
     status.copy_rows_per_s = (second.rows - first.rows).max(0) as f64;
     status.copy_mb_per_s = (second.bytes - first.bytes).max(0) as f64 / 1048576.0;
     if let (Some(a), Some(b)) = (first.applied, second.applied) {
@@ -117,13 +135,43 @@ async fn applied_lsn(dest: &Client, task_id: &str) -> Option<Lsn> {
     row.get::<_, String>(0).parse().ok()
 }
 
-async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
-    let task_id = config.task_id.as_str();
+/// Every task of the destination: `this` first, then the others by id.
+async fn summaries(dest: &Client, this: &Status) -> anyhow::Result<Vec<TaskSummary>> {
+    let known = crate::applier::migration::tasks(dest).await?;
+    let claimed = |id: &str| known.iter().find(|(t, _)| t == id).map_or(0, |(_, n)| *n);
+    let mut out = vec![TaskSummary {
+        task_id: this.task_id.clone(),
+        this: true,
+        state: this.state.clone(),
+        phase: this.phase.clone(),
+        tables: claimed(&this.task_id),
+        applied_lsn: this.applied_lsn.clone(),
+    }];
+    for (id, tables) in known.iter().filter(|(t, _)| *t != this.task_id) {
+        // Their types are not in this configuration: a task without a plan
+        // is taken for a stream-only one.
+        let other = read(dest, id, Vec::new(), true).await?;
+        let applied = applied_lsn(dest, id).await.map(|l| l.to_string());
+        out.push(TaskSummary {
+            task_id: id.clone(),
+            this: false,
+            state: other.state,
+            phase: other.phase,
+            tables: *tables,
+            applied_lsn: applied,
+        });
+    }
+    Ok(out)
+}
+
+/// The state of `task_id`, configured with `types` (a task not planned
+/// yet); `stream_only`: it has no phases before the stream.
+async fn read(dest: &Client, task_id: &str, types: Vec<String>, stream_only: bool) -> anyhow::Result<Status> {
     let mut status = Status {
         task_id: task_id.to_owned(),
         state: "Not started".into(),
         phase: "new".into(),
-        types: config.migrate.types.iter().map(|t| t.name().to_owned()).collect(),
+        types,
         tables: Vec::new(),
         applied_lsn: None,
         source_lsn: None,
@@ -137,6 +185,7 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
         retry_seconds_left: None,
         cut_over_at: None,
         cut_over_lsn: None,
+        tasks: Vec::new(),
     };
     let planned: bool = dest.query_one("SELECT to_regclass('decant.task') IS NOT NULL", &[]).await?.get(0);
     let task = if planned { dest.query_opt("SELECT phase, types FROM decant.task WHERE task_id = $1", &[&task_id]).await? } else { None };
@@ -175,7 +224,7 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
                 });
             }
         }
-        None if !config.migrate.has_phases_before_stream() && applied_lsn(dest, task_id).await.is_some() => {
+        None if stream_only && applied_lsn(dest, task_id).await.is_some() => {
             status.state = "Running".into();
             status.phase = "incremental".into();
         }
@@ -241,5 +290,15 @@ pub fn render(s: &Status) -> String {
         "rates: copy {:.0} rows/s, {:.1} MB/s; apply {:.2} MB/s of source WAL",
         s.copy_rows_per_s, s.copy_mb_per_s, s.apply_wal_mb_per_s
     );
+    if s.tasks.len() > 1 {
+        let _ = writeln!(out, "tasks in this destination ({}; * this one):", s.tasks.len());
+        let width = s.tasks.iter().map(|t| t.task_id.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(out, "    {:width$}  {:11}  {:11}  {:>6}  APPLIED", "TASK", "STATE", "PHASE", "TABLES");
+        for t in &s.tasks {
+            let mark = if t.this { '*' } else { ' ' };
+            let applied = t.applied_lsn.as_deref().unwrap_or("-");
+            let _ = writeln!(out, "  {mark} {:width$}  {:11}  {:11}  {:>6}  {applied}", t.task_id, t.state, t.phase, t.tables);
+        }
+    }
     out
 }

@@ -183,38 +183,49 @@ async fn drive_sessions(
     // Schema and full copy first, when the task has them.
     let mut migrated = !config.migrate.has_phases_before_stream();
     loop {
-        let result = if migrated {
-            let mut session = stream::Session::new(config, metrics);
-            // The stream succeeding again resolves the failure alerts.
-            let result = {
-                let run = session.run(source, transport, &mut retry, shutdown);
-                tokio::pin!(run);
-                loop {
-                    tokio::select! {
-                        result = &mut run => break result.map_err(TaskError::Stream),
-                        _ = recovered.notified() => resolve(alerter, &mut episode),
+        // Read again for every session: tables created on the source since
+        // are claimed with the rest. Failing to read it fails the session.
+        let claim = migrate::claim::claim(config, source).await;
+        let claim = match claim {
+            Ok(claim) if migrated => migrate::claim::record(config, transport, claim.clone()).await.map(|()| claim),
+            claim => claim,
+        };
+        let result = match claim {
+            Err(e) => Err(TaskError::Migrate(e)),
+            Ok(_) if migrated => {
+                let mut session = stream::Session::new(config, metrics);
+                // The stream succeeding again resolves the failure alerts.
+                let result = {
+                    let run = session.run(source, transport, &mut retry, shutdown);
+                    tokio::pin!(run);
+                    loop {
+                        tokio::select! {
+                            result = &mut run => break result.map_err(TaskError::Stream),
+                            _ = recovered.notified() => resolve(alerter, &mut episode),
+                        }
                     }
+                };
+                streamed_once |= session.streaming;
+                result
+            }
+            Ok(claim) => {
+                // A stop request ends the phase at once: every step is its own
+                // destination transaction, so one cut short is simply redone.
+                let mut stop = shutdown.clone();
+                let driven = tokio::select! {
+                    r = migrate::drive(config, source, &claim, transport, metrics, shutdown, &mut streamed_once) => r,
+                    _ = stop.changed() => Ok(false),
+                };
+                match driven {
+                    Ok(true) if !*shutdown.borrow() => {
+                        migrated = true;
+                        retry.succeeded();
+                        resolve(alerter, &mut episode);
+                        continue;
+                    }
+                    Ok(_) => return Ok(()),
+                    Err(e) => Err(TaskError::Migrate(e)),
                 }
-            };
-            streamed_once |= session.streaming;
-            result
-        } else {
-            // A stop request ends the phase at once: every step is its own
-            // destination transaction, so one cut short is simply redone.
-            let mut stop = shutdown.clone();
-            let driven = tokio::select! {
-                r = migrate::drive(config, source, transport, metrics, shutdown, &mut streamed_once) => r,
-                _ = stop.changed() => Ok(false),
-            };
-            match driven {
-                Ok(true) if !*shutdown.borrow() => {
-                    migrated = true;
-                    retry.succeeded();
-                    resolve(alerter, &mut episode);
-                    continue;
-                }
-                Ok(_) => return Ok(()),
-                Err(e) => Err(TaskError::Migrate(e)),
             }
         };
         match result {

@@ -664,6 +664,10 @@ fn mutual_tls_token_and_compression_between_agent_and_applier() {
     let mut agent = p.start_with("agent", &wrong, "agent-wrong-token.log");
     assert_ne!(agent.wait_exit(Duration::from_secs(30)), Some(0), "{}", agent.log());
     assert!(agent.log().contains("token does not match"), "{}", agent.log());
+    // The slot exists from here on: the changes below are all to arrive,
+    // though the agents that fail create none (a task's slot is created once
+    // its applier accepted the task's claim).
+    p.source.connect().batch_execute("SELECT pg_create_logical_replication_slot('decant_t', 'decant')").unwrap();
     // Without a client certificate the TLS handshake fails (mutual TLS).
     let mut agent = p.start_with("agent", &["retry.connection_minutes=10".into()], "agent-no-cert.log");
     p.pgbench(&["-t", "5"]);
@@ -673,6 +677,10 @@ fn mutual_tls_token_and_compression_between_agent_and_applier() {
     agent.kill9();
     // With both, data flows.
     let _agent = p.start_with("agent", &agent_tls, "agent.log");
+    let mut c = p.source.connect();
+    wait_for("the agent's slot to stream", Duration::from_secs(60), || {
+        c.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'decant_t' AND active", &[]).unwrap().get::<_, i64>(0) == 1
+    });
     p.pgbench(&["-t", "50"]);
     p.wait_equal();
 }

@@ -48,6 +48,22 @@ CREATE TABLE IF NOT EXISTS decant.progress (
 );
 COMMENT ON TABLE decant.progress IS 'decant: last source commit applied per task, written with the data'";
 
+/// Runs `ddl`, which creates decant's objects if missing, holding a lock
+/// that every task sharing the destination takes for it: two sessions
+/// running `CREATE … IF NOT EXISTS` at the same moment can both find the
+/// object missing, and the second then fails on a duplicate key.
+pub async fn create_decant_objects(client: &Client, ddl: &str) -> Result<(), tokio_postgres::Error> {
+    let result = client.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({DDL_LOCK}); {ddl}; COMMIT")).await;
+    if result.is_err() {
+        // Leaves no failed transaction open on a session that goes on.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
+
+/// The advisory lock key of [`create_decant_objects`] ('decant' in ASCII).
+const DDL_LOCK: i64 = 0x6465_6361_6e74;
+
 /// Errors that mean the destination does not let this session use
 /// replication origins.
 const ORIGINS_UNAVAILABLE: &[tokio_postgres::error::SqlState] = &[
@@ -63,7 +79,7 @@ impl ProgressStore {
     /// Sets up the store on `client` (once per connection) and returns it
     /// with the last source LSN the destination has committed.
     pub async fn open(client: &Client, task_id: &str) -> Result<(ProgressStore, Lsn), ProgressError> {
-        client.batch_execute(CREATE_TABLE).await.map_err(err("creating decant.progress"))?;
+        create_decant_objects(client, CREATE_TABLE).await.map_err(err("creating decant.progress"))?;
         let origin = Self::use_origin(client, &format!("decant_{task_id}")).await?;
         let position: Option<String> = client
             .query_opt("SELECT source_lsn::text FROM decant.progress WHERE task_id = $1", &[&task_id])
@@ -80,7 +96,9 @@ impl ProgressStore {
     /// skips changes with any origin (`origin = none`) then skips these too.
     /// Call only when the main session's origin is in use (`self.origin`).
     pub async fn mark_second_session(&self, client: &Client) -> Result<(), ProgressError> {
-        let name = format!("decant_{}_second", self.task_id);
+        // Not `decant_<task>_second`: that is the main origin of a task named
+        // `<task>_second` (task ids are letters, digits and underscores).
+        let name = format!("decant_{}.second", self.task_id);
         Self::setup_origin_waiting(client, &name).await.map_err(err("setting up the second session's replication origin"))
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use decant_proto::grpc::{CopyDone, HealthReport, Hello, MigrationPlan, SequenceValue, TaskState};
+use decant_proto::grpc::{Claim, CopyDone, HealthReport, Hello, MigrationPlan, SequenceValue, TaskState};
 use decant_proto::Lsn;
 use tonic::Status;
 
@@ -51,6 +51,13 @@ impl Service {
                 self.task_id, c.at, c.source_lsn
             ))),
         }
+    }
+
+    /// Records what the task takes in the destination; an overlap with
+    /// another task is a precondition the agent cannot retry past.
+    async fn claim(&self, claim: &Claim) -> Result<(), Status> {
+        let mut client = self.session().await?;
+        migration::claim(&mut client, &self.task_id, claim).await.map_err(migration_status)
     }
 
     async fn record_health(&self, state: &str, reason: &str, retry_seconds_left: Option<u64>) -> Result<(), Status> {
@@ -120,11 +127,14 @@ impl Destination for Service {
         &self.task_id
     }
 
-    async fn plan(&self, plan: Option<MigrationPlan>, mapping: &str) -> Result<TaskState, Status> {
+    async fn plan(&self, plan: Option<MigrationPlan>, claim: Option<Claim>, mapping: &str) -> Result<TaskState, Status> {
         if mapping != self.settings.mapping.fingerprint() {
             return Err(Status::failed_precondition(
                 "the agent's migrate.map entries differ from the applier's: give both roles the same migrate.map, then restart them",
             ));
+        }
+        if let Some(claim) = &claim {
+            self.claim(claim).await?;
         }
         let state = match plan {
             Some(plan) => migration::plan(&self.destination, &self.task_id, plan, &self.settings.mapping).await,

@@ -9,6 +9,7 @@
 //! starts at the slot's consistent point, so the handover neither loses nor
 //! repeats a change.
 
+pub mod claim;
 pub mod copy;
 pub mod display;
 pub mod encoding;
@@ -17,7 +18,7 @@ pub mod tables;
 
 use std::sync::Arc;
 
-use decant_proto::grpc::{MigrationPlan, PlanRequest, ResnapshotRequest, SchemaRequest, TaskState};
+use decant_proto::grpc::{Claim, MigrationPlan, PlanRequest, ResnapshotRequest, SchemaRequest, TaskState};
 use decant_proto::{Lsn, FORMAT_VERSION};
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -119,10 +120,13 @@ pub async fn snapshot_session(source: &ConnInfo, snapshot: &str, name: &str) -> 
 
 /// Runs the phases that are not done yet. Returns whether the task goes
 /// on with the incremental stream. `connected` turns true once both ends
-/// answered (from then on lost connections are retried).
+/// answered (from then on lost connections are retried). The task's
+/// `claim` is recorded first: an overlap with another task refuses it
+/// before anything is written.
 pub async fn drive(
     config: &Config,
     source: &ConnInfo,
+    claim: &Claim,
     transport: &TransportSettings,
     metrics: &Arc<Metrics>,
     shutdown: &watch::Receiver<bool>,
@@ -132,7 +136,7 @@ pub async fn drive(
     let mut applier = connect_applier(&config.agent.applier_url, transport).await?;
     let mapping = config.mapping().map_err(|e| MigrateError::Invalid(e.to_string()))?;
     let mapping = mapping.fingerprint();
-    let mut state = plan(&mut applier, &task_id, None, mapping).await?;
+    let mut state = plan(&mut applier, &task_id, None, Some(claim.clone()), mapping).await?;
     *connected = true;
     check_types(config, &state)?;
     let incremental = config.migrate.has(MigrationType::Incremental);
@@ -140,7 +144,7 @@ pub async fn drive(
     if state.phase == "new" {
         let snap = take_snapshot(config, source, SnapshotKind::Initial).await?;
         let plan_body = build_plan(config, source, &snap).await?;
-        state = plan(&mut applier, &task_id, Some(plan_body), mapping).await?;
+        state = plan(&mut applier, &task_id, Some(plan_body), None, mapping).await?;
         tracing::info!(tables = state.tables.len(), snapshot_lsn = %Lsn(state.snapshot_lsn), "task planned");
         snapshot = Some(snap);
     }
@@ -201,12 +205,16 @@ pub async fn drive(
     Ok(state.phase == "incremental")
 }
 
-async fn plan(applier: &mut ApplierClient, task_id: &str, plan: Option<MigrationPlan>, mapping: &str) -> Result<TaskState, MigrateError> {
-    Ok(applier
-        .plan(PlanRequest { task_id: task_id.to_owned(), format_version: u32::from(FORMAT_VERSION), plan, mapping: mapping.to_owned() })
-        .await
-        .map_err(status)?
-        .into_inner())
+async fn plan(
+    applier: &mut ApplierClient,
+    task_id: &str,
+    plan: Option<MigrationPlan>,
+    claim: Option<Claim>,
+    mapping: &str,
+) -> Result<TaskState, MigrateError> {
+    let request =
+        PlanRequest { task_id: task_id.to_owned(), format_version: u32::from(FORMAT_VERSION), plan, claim, mapping: mapping.to_owned() };
+    Ok(applier.plan(request).await.map_err(status)?.into_inner())
 }
 
 /// A task keeps the types it was planned with.

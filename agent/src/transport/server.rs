@@ -14,8 +14,8 @@ use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
 use decant_proto::grpc::applier_server::{Applier as ApplierRpc, ApplierServer};
 use decant_proto::grpc::{
-    Ack, AgentMessage, ApplierMessage, CopyChunk, CopyDone, HealthAck, HealthReport, Hello, MigrationPlan, PlanRequest, ResnapshotRequest,
-    SchemaRequest, SequenceValue, TaskState, Welcome,
+    Ack, AgentMessage, ApplierMessage, Claim, CopyChunk, CopyDone, HealthAck, HealthReport, Hello, MigrationPlan, PlanRequest,
+    ResnapshotRequest, SchemaRequest, SequenceValue, TaskState, Welcome,
 };
 use decant_proto::{Lsn, FORMAT_VERSION};
 use futures_util::FutureExt;
@@ -40,9 +40,10 @@ pub trait Destination: Send + Sync + 'static {
     type Stream: ApplyStream;
     /// The task this destination serves; calls for another are refused.
     fn task_id(&self) -> &str;
-    /// Stores `plan` (once), or with `None` reads the task's state.
+    /// Records the task's `claim` (refused when it overlaps another task's),
+    /// then stores `plan` (once), or with `None` reads the task's state.
     /// `mapping`: the agent's `migrate.map` in canonical form.
-    async fn plan(&self, plan: Option<MigrationPlan>, mapping: &str) -> Result<TaskState, Status>;
+    async fn plan(&self, plan: Option<MigrationPlan>, claim: Option<Claim>, mapping: &str) -> Result<TaskState, Status>;
     /// Runs a schema section ("pre-data" or "post-data").
     async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status>;
     /// Loads one copied range.
@@ -137,7 +138,7 @@ impl<D: Destination> ApplierRpc for Service<D> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
         check_format(req.format_version)?;
-        guarded(self.destination.plan(req.plan, &req.mapping)).await.map(Response::new)
+        guarded(self.destination.plan(req.plan, req.claim, &req.mapping)).await.map(Response::new)
     }
 
     async fn schema(&self, request: Request<SchemaRequest>) -> Result<Response<TaskState>, Status> {

@@ -9,10 +9,40 @@ pub struct PlanRequest {
     /// Absent: only read the state.
     #[prost(message, optional, tag = "3")]
     pub plan: ::core::option::Option<MigrationPlan>,
+    /// What the task takes in the destination, claimed before the state is
+    /// read or the plan stored; agents send it before every session, the
+    /// stream's too (absent from agents older than claims).
+    #[prost(message, optional, tag = "4")]
+    pub claim: ::core::option::Option<Claim>,
     /// The agent's migrate.map entries in canonical form (empty: none); the
     /// applier refuses a task whose entries differ from its own.
-    #[prost(string, tag = "4")]
+    #[prost(string, tag = "5")]
     pub mapping: ::prost::alloc::string::String,
+}
+/// What one task takes in a destination shared by several tasks: its
+/// tables, the schemas whose other objects its schema phase creates, and
+/// its slot. The applier refuses a claim that overlaps another live task's.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Claim {
+    #[prost(message, repeated, tag = "1")]
+    pub tables: ::prost::alloc::vec::Vec<TableName>,
+    /// Whole schemas (`app.*`, or every schema) the schema phase dumps.
+    #[prost(string, repeated, tag = "2")]
+    pub schemas: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "3")]
+    pub slot: ::prost::alloc::string::String,
+    /// The source cluster's system identifier (slot names are per cluster).
+    #[prost(string, tag = "4")]
+    pub source_system_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TableName {
+    #[prost(string, tag = "1")]
+    pub schema: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -8,10 +8,12 @@
 //! schema steps, `copy` loads copied ranges; this module holds what they
 //! share: the error type and the task's destination sessions.
 
+mod claim;
 mod copy;
 mod schema;
 mod store;
 
+pub use claim::{claim, tasks};
 pub use copy::{copy_range, skip_before};
 pub use schema::run_schema;
 pub use store::{cut_over, health, mark_cut_over, plan, record_health, resnapshot, state, CutOver, Health};
@@ -51,6 +53,13 @@ pub enum MigrationError {
     Copy { table: String, source: tokio_postgres::Error },
     #[error("copy of {table}: the agent's stream failed: {message}")]
     Stream { table: String, message: String },
+    #[error(
+        "task {task} overlaps task {other} in this destination: {}; nothing was written. Each table (and each schema \
+         selected whole, and each slot) belongs to one task: change source.include_tables / source.exclude_tables (or \
+         source.slot) of one of them, or finish task {other} first (decant cutover --config <its file>)",
+        claim::overlap_list(.overlap)
+    )]
+    Overlap { task: String, other: String, overlap: Vec<String> },
 }
 
 impl MigrationError {
@@ -68,7 +77,11 @@ impl MigrationError {
     pub fn is_precondition(&self) -> bool {
         matches!(
             self,
-            MigrationError::Conflicts(_) | MigrationError::MissingTables(_) | MigrationError::Sequence(..) | MigrationError::State(..)
+            MigrationError::Conflicts(_)
+                | MigrationError::Overlap { .. }
+                | MigrationError::MissingTables(_)
+                | MigrationError::Sequence(..)
+                | MigrationError::State(..)
         ) || matches!(self, MigrationError::Step { source, .. } if source.as_db_error().is_some() && !self.is_connection_loss())
     }
 }
@@ -221,9 +234,20 @@ CREATE TABLE IF NOT EXISTS decant.cutover (
     source_lsn pg_lsn NOT NULL,
     sequences int NOT NULL
 );
+-- What each task takes: its tables ('table', schema, name), the schemas
+-- its schema phase creates whole ('schema', schema, ''), its slot ('slot',
+-- the source's system identifier, slot name). One task per object.
+CREATE TABLE IF NOT EXISTS decant.claim (
+    task_id text NOT NULL,
+    kind text NOT NULL,
+    schema_name text NOT NULL,
+    name text NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, schema_name, name)
+);
 COMMENT ON TABLE decant.task IS 'decant: migration tasks, their plan and phase';";
 
 /// Creates decant's tables in the destination when missing.
 pub async fn ensure_tables(client: &Client) -> Result<(), tokio_postgres::Error> {
-    client.batch_execute(CREATE_TABLES).await
+    crate::applier::progress::create_decant_objects(client, CREATE_TABLES).await
 }
