@@ -81,7 +81,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<()> {
         current_position(&src).await?
     };
 
-    let sequences = crate::migrate::tables::sequence_values(&src, &config).await?;
+    let sequences = crate::migrate::tables::sequence_values(&src, &config, &crate::throttle::SharedPace::unlimited()).await?;
     let mut raised = 0;
     for s in &sequences {
         if let Some(change) = sync_sequence(&src, &dest, s, options.sequence_margin, options.dry_run).await? {

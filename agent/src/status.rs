@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use decant_proto::Lsn;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -35,6 +35,30 @@ pub struct Status {
     pub cut_over_at: Option<String>,
     /// The source position it was cut over at.
     pub cut_over_lsn: Option<String>,
+    /// The throttle in force (0 = unlimited; null: not reported yet).
+    pub throttle: Throttle,
+    /// The alerts firing now (fired and not resolved).
+    pub alerts: Vec<AlertStatus>,
+}
+
+/// The throttle in force: the copy's as the agent reported it, the
+/// stream's as the applier applies it.
+#[derive(Debug, Default, Serialize)]
+pub struct Throttle {
+    pub copy_max_rows_per_second: Option<u64>,
+    pub copy_max_mb_per_second: Option<u64>,
+    pub copy_max_source_queries_per_second: Option<u64>,
+    pub apply_max_rows_per_second: Option<u64>,
+    pub apply_max_mb_per_second: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AlertStatus {
+    /// "lag", "failure" or "retries_exhausted".
+    pub kind: String,
+    pub message: String,
+    /// When it fired, RFC 3339 UTC.
+    pub since: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,6 +161,8 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
         retry_seconds_left: None,
         cut_over_at: None,
         cut_over_lsn: None,
+        throttle: Throttle::default(),
+        alerts: Vec::new(),
     };
     let planned: bool = dest.query_one("SELECT to_regclass('decant.task') IS NOT NULL", &[]).await?.get(0);
     let task = if planned { dest.query_opt("SELECT phase, types FROM decant.task WHERE task_id = $1", &[&task_id]).await? } else { None };
@@ -188,6 +214,16 @@ async fn read(dest: &Client, config: &Config) -> anyhow::Result<Status> {
             status.since = Some(h.since);
             status.retry_seconds_left = h.retry_seconds_left;
         }
+    }
+    if let Some(c) = crate::applier::migration::controls(dest, task_id).await? {
+        let t = &mut status.throttle;
+        if let Some([rows, mb, queries]) = c.copy {
+            (t.copy_max_rows_per_second, t.copy_max_mb_per_second, t.copy_max_source_queries_per_second) = (Some(rows), Some(mb), Some(queries));
+        }
+        if let Some([rows, mb]) = c.apply {
+            (t.apply_max_rows_per_second, t.apply_max_mb_per_second) = (Some(rows), Some(mb));
+        }
+        status.alerts = serde_json::from_str(&c.alerts).unwrap_or_default();
     }
     if let Some(c) = crate::applier::migration::cut_over(dest, task_id).await? {
         status.state = "Completed".into();
@@ -241,5 +277,29 @@ pub fn render(s: &Status) -> String {
         "rates: copy {:.0} rows/s, {:.1} MB/s; apply {:.2} MB/s of source WAL",
         s.copy_rows_per_s, s.copy_mb_per_s, s.apply_wal_mb_per_s
     );
+    let t = &s.throttle;
+    let _ = writeln!(
+        out,
+        "throttle: copy {}, {}, {}; stream {}, {}",
+        limit(t.copy_max_rows_per_second, "rows/s"),
+        limit(t.copy_max_mb_per_second, "MB/s"),
+        limit(t.copy_max_source_queries_per_second, "source queries/s"),
+        limit(t.apply_max_rows_per_second, "rows/s"),
+        limit(t.apply_max_mb_per_second, "MB/s"),
+    );
+    if s.alerts.is_empty() {
+        let _ = writeln!(out, "alerts: none firing");
+    }
+    for a in &s.alerts {
+        let _ = writeln!(out, "alert firing since {}: {}: {}", a.since, a.kind, a.message);
+    }
     out
+}
+
+fn limit(v: Option<u64>, unit: &str) -> String {
+    match v {
+        None => format!("? {unit} (not reported yet)"),
+        Some(0) => format!("unlimited {unit}"),
+        Some(v) => format!("{v} {unit}"),
+    }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use decant_proto::grpc::{CopyChunk, RangeState, TaskState};
@@ -20,6 +19,7 @@ use crate::connect::sql::{column_list, quote_ident};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 use crate::retry::ErrorClass;
+use crate::throttle::SharedPace;
 use crate::transport::client::{Client as ApplierClient, StreamError};
 
 /// COPY data is sent in messages of about this size.
@@ -119,41 +119,9 @@ fn page_condition(first: Option<u64>, end: Option<u64>) -> Option<String> {
     (!bounds.is_empty()).then(|| bounds.join(" AND "))
 }
 
-/// Paces the copy to the configured rows/s and MB/s (0 = unlimited).
-pub struct Pace {
-    rows_per_second: u64,
-    bytes_per_second: u64,
-    started: Instant,
-    rows: u64,
-    bytes: u64,
-}
-
-impl Pace {
-    pub fn new(rows_per_second: u64, mb_per_second: u64) -> Self {
-        Pace { rows_per_second, bytes_per_second: mb_per_second.saturating_mul(1 << 20), started: Instant::now(), rows: 0, bytes: 0 }
-    }
-
-    /// Counts what was just read and returns how long to wait so that the
-    /// totals stay within the limits.
-    pub fn take(&mut self, rows: u64, bytes: u64) -> Duration {
-        self.take_at(rows, bytes, self.started.elapsed())
-    }
-
-    fn take_at(&mut self, rows: u64, bytes: u64, elapsed: Duration) -> Duration {
-        self.rows += rows;
-        self.bytes += bytes;
-        let mut due = Duration::ZERO;
-        if self.rows_per_second > 0 {
-            due = due.max(Duration::from_secs_f64(self.rows as f64 / self.rows_per_second as f64));
-        }
-        if self.bytes_per_second > 0 {
-            due = due.max(Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_second as f64));
-        }
-        due.saturating_sub(elapsed)
-    }
-}
-
 /// Copies every pending range. Returns false when stopped by `shutdown`.
+/// Every worker paces its reads and queries at the shared `pace`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &Config,
     source: &ConnInfo,
@@ -161,6 +129,7 @@ pub async fn run(
     state: &TaskState,
     snapshot: Snapshot,
     metrics: &Arc<Metrics>,
+    pace: &SharedPace,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<bool, MigrateError> {
     let work = pending_work(state)?;
@@ -174,12 +143,11 @@ pub async fn run(
     let workers = config.migrate.workers.min(work.len());
     let mut sessions = Vec::with_capacity(workers);
     for i in 0..workers {
-        sessions.push(snapshot_session(source, &snapshot.id, &format!("decant copy {}", i + 1)).await?);
+        sessions.push(snapshot_session(source, &snapshot.id, &format!("decant copy {}", i + 1), pace).await?);
     }
     drop(snapshot);
     tracing::info!(ranges = work.len(), workers, "copying");
     let queue = Arc::new(Mutex::new(VecDeque::from(work)));
-    let pace = Arc::new(Mutex::new(Pace::new(config.migrate.max_rows_per_second, config.migrate.max_mb_per_second)));
     let mut handles = Vec::new();
     for session in sessions {
         let (queue, pace, progress, applier, metrics) = (queue.clone(), pace.clone(), progress.clone(), applier.clone(), metrics.clone());
@@ -216,7 +184,7 @@ async fn copy_range(
     mut applier: ApplierClient,
     task_id: &str,
     work: &Work,
-    pace: &Mutex<Pace>,
+    pace: &SharedPace,
     progress: &CopyProgress,
     metrics: &Metrics,
 ) -> Result<(), MigrateError> {
@@ -239,6 +207,7 @@ async fn copy_range(
     // the source fails, so the applier commits only whole ranges.
     let call = tokio::spawn(async move { applier.copy(ReceiverStream::new(rx)).await });
     let result = async {
+        pace.query().await;
         let stream = source.copy_out(work.sql.as_str()).await.map_err(source_err)?;
         futures_util::pin_mut!(stream);
         let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 64 * 1024);
@@ -260,17 +229,17 @@ async fn copy_range(
                 let sent = buf.len() as u64;
                 send(&tx, work, &mut buf, false).await?;
                 progress.add(&bar, rows_in_buf, sent);
-                let wait = pace.lock().await.take(rows_in_buf, sent);
+                // Waiting here stops the reading: the source's COPY waits
+                // on its socket, nothing piles up in memory.
+                pace.take(rows_in_buf, sent).await;
                 rows_in_buf = 0;
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
             }
         }
         let tail = buf.len() as u64;
         let trailer = u64::from(work.binary && messages > 0);
         send(&tx, work, &mut buf, true).await?;
         progress.add(&bar, rows_in_buf.saturating_sub(trailer), tail);
+        pace.take(rows_in_buf.saturating_sub(trailer), tail).await;
         Ok::<(), MigrateError>(())
     }
     .await;
@@ -335,17 +304,6 @@ fn closed(work: &Work) -> MigrateError {
 mod tests {
     use super::*;
     use decant_proto::grpc::{RangeState, TableState};
-
-    #[test]
-    fn pace_spreads_work_over_time() {
-        let mut p = Pace::new(1000, 0);
-        assert_eq!(p.take_at(500, 0, Duration::ZERO), Duration::from_millis(500));
-        assert_eq!(p.take_at(500, 0, Duration::from_millis(1500)), Duration::ZERO);
-        let mut p = Pace::new(0, 1);
-        assert_eq!(p.take_at(1, 2 << 20, Duration::from_millis(500)), Duration::from_millis(1500));
-        let mut p = Pace::new(0, 0);
-        assert_eq!(p.take_at(1 << 40, 1 << 40, Duration::ZERO), Duration::ZERO);
-    }
 
     #[test]
     fn work_is_the_unfinished_ranges_largest_first() {
