@@ -209,13 +209,10 @@ impl SharedPace {
         SharedPace::new(Side::Copy, fixed(Limits::default()))
     }
 
-    /// Counts rows and bytes just read, and waits as long as the limits ask.
-    pub async fn take(&self, rows: u64, bytes: u64) {
-        let (ready, changes) = {
-            let mut pace = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            (pace.take(rows, bytes), pace.subscribe())
-        };
-        wait(ready, changes).await;
+    /// Counts rows and bytes just read; the answer says how long to wait.
+    pub fn take(&self, rows: u64, bytes: u64) -> Wait {
+        let mut pace = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Wait { ready: pace.take(rows, bytes), changes: pace.subscribe() }
     }
 
     /// Waits until one more query may be sent to the source.
@@ -225,6 +222,24 @@ impl SharedPace {
             (pace.query(), pace.subscribe())
         };
         wait(ready, changes).await;
+    }
+}
+
+/// A wait the limits ask for.
+pub struct Wait {
+    ready: Instant,
+    changes: LiveLimits,
+}
+
+impl Wait {
+    /// Whether there is anything to wait for.
+    pub fn is_needed(&self) -> bool {
+        self.ready > Instant::now()
+    }
+
+    /// Waits until the pace allows the next step, or the limits change.
+    pub async fn done(self) {
+        wait(self.ready, self.changes).await;
     }
 }
 

@@ -25,6 +25,10 @@ use crate::transport::client::{Client as ApplierClient, StreamError};
 /// COPY data is sent in messages of about this size.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// The copy's throttle counts what was read in steps of about this size,
+/// so that the rate holds over short spans too.
+const PACE_BYTES: usize = 64 << 10;
+
 /// One range to copy.
 #[derive(Clone, Debug)]
 pub struct Work {
@@ -199,6 +203,9 @@ async fn copy_range(
         },
         message: crate::error::report(&e),
     };
+    // The range's COPY is a source query: its turn comes before the
+    // applier's side of the copy opens.
+    pace.query().await;
     let (tx, rx) = mpsc::channel::<CopyChunk>(4);
     tx.send(CopyChunk { table_id: work.table_id, range_id: work.range_id, task_id: task_id.to_owned(), data: Bytes::new(), last: false })
         .await
@@ -207,11 +214,12 @@ async fn copy_range(
     // the source fails, so the applier commits only whole ranges.
     let call = tokio::spawn(async move { applier.copy(ReceiverStream::new(rx)).await });
     let result = async {
-        pace.query().await;
         let stream = source.copy_out(work.sql.as_str()).await.map_err(source_err)?;
         futures_util::pin_mut!(stream);
         let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 64 * 1024);
         let mut rows_in_buf = 0u64;
+        // Read but not yet counted by the pace.
+        let (mut unpaced_rows, mut unpaced_bytes) = (0u64, 0usize);
         // COPY TO STDOUT sends one CopyData message per row (in binary
         // format the header rides with the first and the trailer is one
         // more message).
@@ -225,13 +233,26 @@ async fn copy_range(
             buf.extend_from_slice(&message);
             rows_in_buf += 1;
             messages += 1;
+            unpaced_rows += 1;
+            unpaced_bytes += message.len();
+            if unpaced_bytes >= PACE_BYTES {
+                let wait = pace.take(unpaced_rows, unpaced_bytes as u64);
+                (unpaced_rows, unpaced_bytes) = (0, 0);
+                if wait.is_needed() {
+                    // What was read goes to the applier before the pause;
+                    // waiting stops the reading: the source's COPY waits on
+                    // its socket, nothing piles up in memory.
+                    let sent = buf.len() as u64;
+                    send(&tx, work, &mut buf, false).await?;
+                    progress.add(&bar, rows_in_buf, sent);
+                    rows_in_buf = 0;
+                    wait.done().await;
+                }
+            }
             if buf.len() >= CHUNK_BYTES {
                 let sent = buf.len() as u64;
                 send(&tx, work, &mut buf, false).await?;
                 progress.add(&bar, rows_in_buf, sent);
-                // Waiting here stops the reading: the source's COPY waits
-                // on its socket, nothing piles up in memory.
-                pace.take(rows_in_buf, sent).await;
                 rows_in_buf = 0;
             }
         }
@@ -239,7 +260,7 @@ async fn copy_range(
         let trailer = u64::from(work.binary && messages > 0);
         send(&tx, work, &mut buf, true).await?;
         progress.add(&bar, rows_in_buf.saturating_sub(trailer), tail);
-        pace.take(rows_in_buf.saturating_sub(trailer), tail).await;
+        pace.take(unpaced_rows.saturating_sub(trailer), unpaced_bytes as u64).done().await;
         Ok::<(), MigrateError>(())
     }
     .await;
