@@ -185,7 +185,9 @@ impl Pace {
         if self.limits.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
-        self.refresh();
+        // changed() marked the new limits seen: refresh() would skip them.
+        let current = *self.limits.borrow_and_update();
+        self.set(&current);
     }
 
     /// A receiver that reports the next change of limits.
@@ -295,6 +297,11 @@ mod tests {
         assert!(copy.query() <= Instant::now());
         assert!(copy.query() >= now + Duration::from_millis(490), "two queries per second");
         assert!(apply.take(1 << 40, 1 << 40) <= Instant::now());
+        // A pace waiting for new limits applies them.
+        tx.send(Limits { apply_max_mb_per_second: 1, ..Default::default() }).unwrap();
+        apply.changed().await;
+        let now = Instant::now();
+        assert!(apply.take(1 << 40, MB) >= now + Duration::from_millis(990), "1 MB/s after the change");
         assert_eq!(
             Limits::default().changes(&Limits { apply_max_mb_per_second: 5, ..Default::default() }),
             vec!["applier.max_mb_per_second: unlimited -> 5".to_owned()]
