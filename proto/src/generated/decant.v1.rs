@@ -573,7 +573,8 @@ pub mod applier_client {
         /// The agent's word on the task's health when a session failed (it is
         /// retried, or the agent gave up), kept in the destination for
         /// `decant status`. The applier itself marks the task running again when
-        /// an agent's calls succeed.
+        /// an agent's calls succeed. Also, at start and on each change, the
+        /// agent's throttle and the alerts firing.
         pub async fn report(
             &mut self,
             request: impl tonic::IntoRequest<super::HealthReport>,
@@ -650,7 +651,8 @@ pub mod applier_server {
         /// The agent's word on the task's health when a session failed (it is
         /// retried, or the agent gave up), kept in the destination for
         /// `decant status`. The applier itself marks the task running again when
-        /// an agent's calls succeed.
+        /// an agent's calls succeed. Also, at start and on each change, the
+        /// agent's throttle and the alerts firing.
         async fn report(
             &self,
             request: tonic::Request<super::HealthReport>,
