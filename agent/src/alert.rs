@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Alert as AlertConfig;
 use crate::metrics::Metrics;
@@ -167,6 +167,15 @@ impl FailureEpisode {
     }
 }
 
+/// An alert fired and not resolved yet, as `decant status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Firing {
+    pub kind: Kind,
+    pub message: String,
+    /// When it fired, RFC 3339 UTC.
+    pub since: String,
+}
+
 /// Delivers alerts per `[alert]`, in order, from a task of its own (so
 /// a slow receiver never holds up the stream); cheap to clone.
 #[derive(Clone)]
@@ -175,6 +184,8 @@ pub struct Alerter {
     config: Arc<AlertConfig>,
     /// To the delivery task; `None` when no action is configured.
     queue: Option<mpsc::UnboundedSender<Queued>>,
+    /// The alerts firing now (the agent reports them to the applier).
+    firing: Arc<watch::Sender<Vec<Firing>>>,
 }
 
 enum Queued {
@@ -187,7 +198,12 @@ impl Alerter {
     /// Starts the delivery task when an action is configured (in a Tokio
     /// runtime).
     pub fn start(task_id: &str, config: &AlertConfig) -> Alerter {
-        let mut alerter = Alerter { task_id: task_id.into(), config: Arc::new(config.clone()), queue: None };
+        let mut alerter = Alerter {
+            task_id: task_id.into(),
+            config: Arc::new(config.clone()),
+            queue: None,
+            firing: Arc::new(watch::channel(Vec::new()).0),
+        };
         if !config.command.is_empty() || !config.url.is_empty() {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let config = alerter.config.clone();
@@ -220,8 +236,19 @@ impl Alerter {
         if let Some(queue) = &self.queue {
             let alert = self.alert(kind, state, message, value, threshold);
             tracing::info!(kind = kind.name(), state = state.name(), message = %alert.message, "alert");
+            self.firing.send_modify(|firing| {
+                firing.retain(|f| f.kind != kind);
+                if state == State::Firing {
+                    firing.push(Firing { kind, message: alert.message.clone(), since: alert.at.clone() });
+                }
+            });
             let _ = queue.send(Queued::Alert(alert));
         }
+    }
+
+    /// The alerts firing now, and each change of them.
+    pub fn firing(&self) -> watch::Receiver<Vec<Firing>> {
+        self.firing.subscribe()
     }
 
     /// Waits until every alert queued so far is delivered (or failed):
@@ -384,6 +411,20 @@ mod tests {
         assert_eq!(e.succeeded(), vec![Kind::Failure, Kind::RetriesExhausted]);
         assert_eq!(e.succeeded(), vec![]);
         assert_eq!(e.failed(), Some(Kind::Failure));
+    }
+
+    #[tokio::test]
+    async fn firing_alerts_are_listed_until_resolved() {
+        let a = Alerter::start("t1", &AlertConfig { command: "true".into(), ..AlertConfig::default() });
+        let firing = a.firing();
+        a.notify(Kind::Lag, State::Firing, "lag is 5 bytes".into(), 5.0, 1.0);
+        a.notify(Kind::Failure, State::Firing, "a session failed".into(), 0.0, 0.0);
+        let kinds: Vec<Kind> = firing.borrow().iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, vec![Kind::Lag, Kind::Failure]);
+        a.notify(Kind::Lag, State::Resolved, "back under".into(), 0.0, 1.0);
+        assert_eq!(firing.borrow().len(), 1);
+        assert_eq!(firing.borrow()[0].message, "a session failed");
+        a.flush().await;
     }
 
     #[test]

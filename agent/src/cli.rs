@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, DEFAULT_CONFIG};
 use crate::metrics::Metrics;
+use crate::throttle::{Limits, LiveLimits};
 
 #[derive(Debug, Parser)]
 #[command(name = "decant", version, about = "Zero-downtime PostgreSQL migration: schema, full copy, then change capture")]
@@ -141,10 +142,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate(args) => {
             let config = args.config()?;
-            serve_role(config, |config, metrics, shutdown| async move {
+            serve_role(config, args, |config, metrics, limits, shutdown| async move {
                 let listen = config.agent.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
-                crate::task::run_migrate(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+                crate::task::run_migrate(config, metrics, limits, shutdown).await.map_err(anyhow::Error::from)
             })
         }
         Command::Precheck(args) => {
@@ -178,18 +179,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agent(args) => {
             let config = args.config()?;
-            serve_role(config, |config, metrics, shutdown| async move {
+            serve_role(config, args, |config, metrics, limits, shutdown| async move {
                 let listen = config.agent.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
-                crate::task::run_agent(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+                crate::task::run_agent(config, metrics, limits, shutdown).await.map_err(anyhow::Error::from)
             })
         }
         Command::Applier(args) => {
             let config = args.config()?;
-            serve_role(config, |config, metrics, shutdown| async move {
+            serve_role(config, args, |config, metrics, limits, shutdown| async move {
                 let listen = config.applier.metrics_listen.clone();
                 let _metrics_server = start_metrics(&listen, metrics.clone()).await?;
-                crate::task::run_applier(config, metrics, shutdown).await.map_err(anyhow::Error::from)
+                crate::task::run_applier(config, metrics, limits, shutdown).await.map_err(anyhow::Error::from)
             })
         }
     }
@@ -210,15 +211,24 @@ fn one_shot(config: &Config, work: impl std::future::Future<Output = anyhow::Res
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work)
 }
 
-/// Sets up logging, a runtime and signal handling, then runs a role.
-fn serve_role<F, Fut>(config: Config, role: F) -> anyhow::Result<()>
+/// Sets up logging, a runtime and signal handling (SIGINT and SIGTERM
+/// stop, SIGHUP reloads the configuration), then runs a role.
+fn serve_role<F, Fut>(config: Config, args: TaskArgs, role: F) -> anyhow::Result<()>
 where
-    F: FnOnce(Config, Arc<Metrics>, tokio::sync::watch::Receiver<bool>) -> Fut,
+    F: FnOnce(Config, Arc<Metrics>, LiveLimits, tokio::sync::watch::Receiver<bool>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     init_logging(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        let metrics = Arc::new(Metrics::default());
+        let limits = Limits::from_config(&config);
+        set_throttle_gauges(&metrics, &limits);
+        let (limits_tx, limits_rx) = tokio::sync::watch::channel(limits);
+        // Registered before the role starts: a SIGHUP from then on reloads,
+        // never kills the process.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(reload_on_hangup(hangup, config.clone(), args, limits_tx, metrics.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -229,8 +239,80 @@ where
             tracing::info!("stopping");
             let _ = stop_tx.send(true);
         });
-        role(config, Arc::new(Metrics::default()), stop_rx).await
+        role(config, metrics, limits_rx, stop_rx).await
     })
+}
+
+fn set_throttle_gauges(metrics: &Metrics, limits: &Limits) {
+    for (gauge, (_, value)) in metrics.throttle.iter().zip(limits.settings()) {
+        gauge.set(value);
+    }
+}
+
+/// On each SIGHUP: reads the configuration file again (with the same
+/// `--set` and `--accept`), puts the new throttle in force at once, and
+/// warns of every other changed setting, which takes effect only when the
+/// role is restarted.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    started: Config,
+    args: TaskArgs,
+    limits: tokio::sync::watch::Sender<Limits>,
+    metrics: Arc<Metrics>,
+) {
+    while hangup.recv().await.is_some() {
+        let config = match args.config() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the configuration cannot be read; nothing changed");
+                continue;
+            }
+        };
+        let new = Limits::from_config(&config);
+        let changes = limits.borrow().changes(&new);
+        if changes.is_empty() {
+            tracing::info!("SIGHUP: configuration read again; the throttle is unchanged");
+        } else {
+            tracing::info!(changes = %changes.join(", "), "SIGHUP: new throttle in force");
+            set_throttle_gauges(&metrics, &new);
+            limits.send_replace(new);
+        }
+        let restart = changed_settings(&started, &config);
+        if !restart.is_empty() {
+            tracing::warn!(
+                settings = %restart.join(", "),
+                "SIGHUP: these settings differ from the ones this process started with and take effect only after a restart"
+            );
+        }
+    }
+}
+
+/// The settings ("section.key") that differ between `a` and `b`, except
+/// the throttle's (values are not shown: some are secrets).
+fn changed_settings(a: &Config, b: &Config) -> Vec<String> {
+    fn flat(config: &Config) -> std::collections::BTreeMap<String, toml::Value> {
+        let mut out = std::collections::BTreeMap::new();
+        if let Ok(toml::Value::Table(t)) = toml::Value::try_from(config) {
+            for (key, value) in t {
+                match value {
+                    toml::Value::Table(section) => {
+                        out.extend(section.into_iter().map(|(k, v)| (format!("{key}.{k}"), v)));
+                    }
+                    v => {
+                        out.insert(key, v);
+                    }
+                }
+            }
+        }
+        out
+    }
+    let (a, b) = (flat(a), flat(b));
+    let throttle = Limits::default().settings().map(|(name, _)| name);
+    let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| !throttle.contains(&k.as_str())).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    keys.retain(|k| a.get(k) != b.get(k));
+    keys
 }
 
 fn init_logging(config: &Config) {

@@ -73,6 +73,7 @@ pub struct Migrate {
     pub split_tables_larger_than_mb: u64,
     pub max_rows_per_second: u64,
     pub max_mb_per_second: u64,
+    pub max_source_queries_per_second: u64,
     pub pg_dump: String,
     pub progress: ProgressDisplay,
     pub insert_only_tables: Vec<String>,
@@ -138,6 +139,7 @@ impl Default for Migrate {
             split_tables_larger_than_mb: 256,
             max_rows_per_second: 0,
             max_mb_per_second: 0,
+            max_source_queries_per_second: 0,
             pg_dump: String::new(),
             progress: ProgressDisplay::Auto,
             insert_only_tables: Vec::new(),
@@ -200,6 +202,8 @@ pub struct Applier {
     pub operations: Vec<OperationsRule>,
     pub apply_messages: bool,
     pub split_merges: bool,
+    pub max_rows_per_second: u64,
+    pub max_mb_per_second: u64,
     pub metrics_listen: String,
 }
 
@@ -303,6 +307,8 @@ impl Default for Applier {
             operations: vec![],
             apply_messages: false,
             split_merges: true,
+            max_rows_per_second: 0,
+            max_mb_per_second: 0,
             metrics_listen: "127.0.0.1:9632".into(),
         }
     }

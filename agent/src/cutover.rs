@@ -135,7 +135,7 @@ async fn prepare(p: &Pending, options: &Options) -> anyhow::Result<(Lsn, i32)> {
         current_position(src).await?
     };
 
-    let sequences = crate::migrate::tables::sequence_values(src, config).await?;
+    let sequences = crate::migrate::tables::sequence_values(src, config, &crate::throttle::SharedPace::unlimited()).await?;
     let mapping = config.mapping()?;
     let mut raised = 0;
     for s in &sequences {

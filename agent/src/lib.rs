@@ -17,5 +17,6 @@ pub mod secrets;
 pub mod status;
 pub mod stream;
 pub mod task;
+pub mod throttle;
 pub mod transport;
 pub mod verify;

@@ -66,7 +66,22 @@ pub struct Metrics {
     // both
     pub errors: Counter,
     pub retries: Counter,
+    /// The throttle in force, in the order of [`THROTTLE_GAUGES`] (0 =
+    /// unlimited).
+    pub throttle: [Gauge; 5],
 }
+
+/// The throttle gauges: name and help, in the order of `Metrics::throttle`.
+pub const THROTTLE_GAUGES: [(&str, &str); 5] = [
+    ("throttle_copy_max_rows_per_second", "migrate.max_rows_per_second in force (0 = unlimited): rows/s the full copy reads."),
+    ("throttle_copy_max_mb_per_second", "migrate.max_mb_per_second in force (0 = unlimited): MB/s of COPY data the full copy reads."),
+    (
+        "throttle_copy_max_source_queries_per_second",
+        "migrate.max_source_queries_per_second in force (0 = unlimited): queries/s the migration phases send to the source.",
+    ),
+    ("throttle_apply_max_rows_per_second", "applier.max_rows_per_second in force (0 = unlimited): changes/s the applier applies."),
+    ("throttle_apply_max_mb_per_second", "applier.max_mb_per_second in force (0 = unlimited): MB/s of change records the applier applies."),
+];
 
 impl Metrics {
     pub fn render(&self) -> String {
@@ -102,6 +117,9 @@ impl Metrics {
         gauge("lag_seconds", "Age, in whole seconds, of the last source commit when the destination committed it.", self.lag_seconds.get());
         gauge("applied_lsn", "End LSN of the last source transaction committed on the destination.", self.applied_lsn.get());
         gauge("last_group_transactions", "Source transactions in the last destination transaction.", self.group_size.get());
+        for ((name, help), g) in THROTTLE_GAUGES.iter().zip(&self.throttle) {
+            gauge(name, help, g.get());
+        }
         out
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use decant_proto::Lsn;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -38,6 +38,10 @@ pub struct Status {
     pub cut_over_lsn: Option<String>,
     /// Every task the destination knows, this one first.
     pub tasks: Vec<TaskSummary>,
+    /// The throttle in force (0 = unlimited; null: not reported yet).
+    pub throttle: Throttle,
+    /// The alerts firing now (fired and not resolved).
+    pub alerts: Vec<AlertStatus>,
 }
 
 /// One task of the destination, in brief.
@@ -51,6 +55,26 @@ pub struct TaskSummary {
     /// The tables it claims (`decant.claim`).
     pub tables: i64,
     pub applied_lsn: Option<String>,
+}
+
+/// The throttle in force: the copy's as the agent reported it, the
+/// stream's as the applier applies it.
+#[derive(Debug, Default, Serialize)]
+pub struct Throttle {
+    pub copy_max_rows_per_second: Option<u64>,
+    pub copy_max_mb_per_second: Option<u64>,
+    pub copy_max_source_queries_per_second: Option<u64>,
+    pub apply_max_rows_per_second: Option<u64>,
+    pub apply_max_mb_per_second: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AlertStatus {
+    /// "lag", "failure" or "retries_exhausted".
+    pub kind: String,
+    pub message: String,
+    /// When it fired, RFC 3339 UTC.
+    pub since: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -186,6 +210,8 @@ async fn read(dest: &Client, task_id: &str, types: Vec<String>, stream_only: boo
         cut_over_at: None,
         cut_over_lsn: None,
         tasks: Vec::new(),
+        throttle: Throttle::default(),
+        alerts: Vec::new(),
     };
     let planned: bool = dest.query_one("SELECT to_regclass('decant.task') IS NOT NULL", &[]).await?.get(0);
     let task = if planned { dest.query_opt("SELECT phase, types FROM decant.task WHERE task_id = $1", &[&task_id]).await? } else { None };
@@ -237,6 +263,17 @@ async fn read(dest: &Client, task_id: &str, types: Vec<String>, stream_only: boo
             status.since = Some(h.since);
             status.retry_seconds_left = h.retry_seconds_left;
         }
+    }
+    if let Some(c) = crate::applier::migration::controls(dest, task_id).await? {
+        let t = &mut status.throttle;
+        if let Some([rows, mb, queries]) = c.copy {
+            (t.copy_max_rows_per_second, t.copy_max_mb_per_second, t.copy_max_source_queries_per_second) =
+                (Some(rows), Some(mb), Some(queries));
+        }
+        if let Some([rows, mb]) = c.apply {
+            (t.apply_max_rows_per_second, t.apply_max_mb_per_second) = (Some(rows), Some(mb));
+        }
+        status.alerts = serde_json::from_str(&c.alerts).unwrap_or_default();
     }
     if let Some(c) = crate::applier::migration::cut_over(dest, task_id).await? {
         status.state = "Completed".into();
@@ -300,5 +337,29 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(out, "  {mark} {:width$}  {:11}  {:11}  {:>6}  {applied}", t.task_id, t.state, t.phase, t.tables);
         }
     }
+    let t = &s.throttle;
+    let _ = writeln!(
+        out,
+        "throttle: copy {}, {}, {}; stream {}, {}",
+        limit(t.copy_max_rows_per_second, "rows/s"),
+        limit(t.copy_max_mb_per_second, "MB/s"),
+        limit(t.copy_max_source_queries_per_second, "source queries/s"),
+        limit(t.apply_max_rows_per_second, "rows/s"),
+        limit(t.apply_max_mb_per_second, "MB/s"),
+    );
+    if s.alerts.is_empty() {
+        let _ = writeln!(out, "alerts: none firing");
+    }
+    for a in &s.alerts {
+        let _ = writeln!(out, "alert firing since {}: {}: {}", a.since, a.kind, a.message);
+    }
     out
+}
+
+fn limit(v: Option<u64>, unit: &str) -> String {
+    match v {
+        None => format!("? {unit} (not reported yet)"),
+        Some(0) => format!("unlimited {unit}"),
+        Some(v) => format!("{v} {unit}"),
+    }
 }

@@ -25,7 +25,7 @@
 
 use std::sync::Arc;
 
-use decant_proto::grpc::HealthReport;
+use decant_proto::grpc::{FiringAlert, HealthReport};
 use tokio::sync::watch;
 
 use crate::alert::{Alerter, FailureEpisode, Kind, State};
@@ -37,6 +37,7 @@ use crate::migrate::{self, MigrateError};
 use crate::precheck::{self, PrecheckError, Sides};
 use crate::retry::{ErrorClass, Retry};
 use crate::stream::{self, SessionError};
+use crate::throttle::{LiveLimits, SharedPace, Side};
 use crate::transport::client::StreamError;
 use crate::transport::{server, TransportError, TransportSettings};
 
@@ -88,13 +89,18 @@ impl TaskError {
 
 /// `decant agent`: runs the task's phases on the source side until
 /// `shutdown` turns true, retrying per the policy.
-pub async fn run_agent(config: Config, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+pub async fn run_agent(
+    config: Config,
+    metrics: Arc<Metrics>,
+    limits: LiveLimits,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), TaskError> {
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let transport = TransportSettings::from_config(&config)?;
     transport.check_client(&config.agent.applier_url)?;
     let alerter = Alerter::start(&config.task_id, &config.alert);
     let result = match check_or_alert(&config, Sides::Source, &alerter).await {
-        Ok(()) => drive(&config, source, &transport, metrics, alerter, shutdown).await,
+        Ok(()) => drive(&config, source, &transport, metrics, limits, alerter, shutdown).await,
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
@@ -111,8 +117,43 @@ async fn report_health(config: &Config, transport: &TransportSettings, state: &s
         state: state.to_owned(),
         reason: crate::error::report(error),
         retry_seconds_left: left.map_or(0, |l| l.as_secs()),
+        ..Default::default()
     };
     crate::transport::client::report(&config.agent.applier_url, transport, report).await;
+}
+
+/// Keeps the applier told (for `decant status`) of the copy's throttle in
+/// force and the alerts firing: at start, on each change, and every 30 s
+/// (an applier that restarted, or was not reachable, learns them then).
+async fn report_controls(
+    config: Config,
+    transport: TransportSettings,
+    mut limits: LiveLimits,
+    mut firing: watch::Receiver<Vec<crate::alert::Firing>>,
+) {
+    loop {
+        let l = *limits.borrow_and_update();
+        let alerts = firing
+            .borrow_and_update()
+            .iter()
+            .map(|f| FiringAlert { kind: f.kind.name().to_owned(), message: f.message.clone(), since: f.since.clone() })
+            .collect();
+        let report = HealthReport {
+            task_id: config.task_id.clone(),
+            has_controls: true,
+            copy_max_rows_per_second: l.copy_max_rows_per_second,
+            copy_max_mb_per_second: l.copy_max_mb_per_second,
+            copy_max_source_queries_per_second: l.copy_max_source_queries_per_second,
+            alerts,
+            ..Default::default()
+        };
+        crate::transport::client::report(&config.agent.applier_url, &transport, report).await;
+        tokio::select! {
+            Ok(()) = limits.changed() => {}
+            Ok(()) = firing.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+    }
 }
 
 /// [`check`], alerting when the task cannot start.
@@ -143,11 +184,17 @@ async fn drive(
     source: ConnInfo,
     transport: &TransportSettings,
     metrics: Arc<Metrics>,
+    limits: LiveLimits,
     alerter: Alerter,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TaskError> {
     let lag_watch = alerter.watch_lag(metrics.clone());
-    let result = drive_sessions(config, &source, transport, &metrics, &alerter, &mut shutdown).await;
+    let controls = tokio::spawn(report_controls(config.clone(), transport.clone(), limits.clone(), alerter.firing()));
+    // One pace for the whole process: a session retried goes on at the
+    // same rate.
+    let pace = SharedPace::new(Side::Copy, limits);
+    let result = drive_sessions(config, &source, transport, &metrics, &pace, &alerter, &mut shutdown).await;
+    controls.abort();
     if let Some(watch) = lag_watch {
         watch.abort();
     }
@@ -168,6 +215,7 @@ async fn drive_sessions(
     source: &ConnInfo,
     transport: &TransportSettings,
     metrics: &Arc<Metrics>,
+    pace: &SharedPace,
     alerter: &Alerter,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), TaskError> {
@@ -213,7 +261,7 @@ async fn drive_sessions(
                 // destination transaction, so one cut short is simply redone.
                 let mut stop = shutdown.clone();
                 let driven = tokio::select! {
-                    r = migrate::drive(config, source, &claim, transport, metrics, shutdown, &mut streamed_once) => r,
+                    r = migrate::drive(config, source, &claim, transport, metrics, pace, shutdown, &mut streamed_once) => r,
                     _ = stop.changed() => Ok(false),
                 };
                 match driven {
@@ -274,7 +322,12 @@ async fn drive_sessions(
 
 /// `decant applier`: serves the task's destination until `shutdown` turns
 /// true.
-pub async fn run_applier(config: Config, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+pub async fn run_applier(
+    config: Config,
+    metrics: Arc<Metrics>,
+    limits: LiveLimits,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), TaskError> {
     let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).map_err(TaskError::DestinationConnInfo)?;
     let listen: std::net::SocketAddr = config
         .applier
@@ -285,7 +338,7 @@ pub async fn run_applier(config: Config, metrics: Arc<Metrics>, mut shutdown: wa
     transport.check_server(&config.applier.listen)?;
     check(&config, Sides::Destination).await?;
     tracing::info!(task = %config.task_id, destination = %destination, "applier starting");
-    let service = crate::applier::Service::open(&config, destination, metrics).await?;
+    let service = crate::applier::Service::open(&config, destination, metrics, limits).await?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| TaskError::Listen(config.applier.listen.clone(), e.to_string()))?;
     server::serve(listener, service, &transport, async move {
@@ -297,7 +350,12 @@ pub async fn run_applier(config: Config, metrics: Arc<Metrics>, mut shutdown: wa
 
 /// `decant migrate`: the applier served in this process on a loopback
 /// port with a one-time token, and the agent driving the task through it.
-pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Result<(), TaskError> {
+pub async fn run_migrate(
+    mut config: Config,
+    metrics: Arc<Metrics>,
+    limits: LiveLimits,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), TaskError> {
     let source = ConnInfo::parse(&config.source.dsn, &ProcessEnv).map_err(TaskError::SourceConnInfo)?;
     let destination = ConnInfo::parse(&config.destination.dsn, &ProcessEnv).map_err(TaskError::DestinationConnInfo)?;
     // Before the applier opens the destination, which creates its schema.
@@ -308,7 +366,7 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
     config.agent.applier_url = format!("http://127.0.0.1:{port}");
     config.transport = crate::config::Transport { token: one_time_token()?, ..Default::default() };
     let transport = TransportSettings::from_config(&config)?;
-    let service = crate::applier::Service::open(&config, destination, metrics.clone()).await?;
+    let service = crate::applier::Service::open(&config, destination, metrics.clone(), limits.clone()).await?;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let transport = transport.clone();
@@ -319,7 +377,7 @@ pub async fn run_migrate(mut config: Config, metrics: Arc<Metrics>, shutdown: wa
             .await
         }
     });
-    let result = drive(&config, source, &transport, metrics, alerter, shutdown).await;
+    let result = drive(&config, source, &transport, metrics, limits, alerter, shutdown).await;
     if let Err(e) = &result {
         report_health(&config, &transport, "failed", e, None).await;
     }

@@ -46,7 +46,7 @@ pub async fn run(config: Config, wait_seconds: u64) -> anyhow::Result<()> {
 /// Row count and checksum of every selected table on both sides.
 pub async fn compare(config: &Config, src: &Client, dest: &Client) -> anyhow::Result<Vec<TableCheck>> {
     let version: i32 = src.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
-    let tables = crate::migrate::tables::list_tables(src, config, version as u32).await?;
+    let tables = crate::migrate::tables::list_tables(src, config, version as u32, &crate::throttle::SharedPace::unlimited()).await?;
     let mapping = config.mapping()?;
     let mut checks = Vec::new();
     for t in &tables {

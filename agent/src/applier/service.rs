@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::connect::sql::connect;
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
+use crate::throttle::{LiveLimits, Pace, Side};
 use crate::transport::cut_over_status;
 use crate::transport::server::{Acks, ApplyStream, Batches, CopyChunks, Destination};
 
@@ -25,16 +26,48 @@ pub struct Service {
     destination: ConnInfo,
     settings: ApplySettings,
     metrics: Arc<Metrics>,
+    /// The stream's throttle, as the role's reload handler changes it.
+    limits: LiveLimits,
 }
 
 impl Service {
     /// The destination is checked once here, so a wrong password or
     /// database is reported at start instead of on the first agent
     /// connection.
-    pub async fn open(config: &Config, destination: ConnInfo, metrics: Arc<Metrics>) -> Result<Service, ApplyError> {
+    pub async fn open(config: &Config, destination: ConnInfo, metrics: Arc<Metrics>, limits: LiveLimits) -> Result<Service, ApplyError> {
         let settings = settings(config);
         drop(Applier::open(&destination, settings.clone(), metrics.clone()).await?);
-        Ok(Service { task_id: config.task_id.clone(), destination, settings, metrics })
+        tokio::spawn(record_throttle(destination.clone(), config.task_id.clone(), limits.clone()));
+        Ok(Service { task_id: config.task_id.clone(), destination, settings, metrics, limits })
+    }
+}
+
+/// Keeps the stream's throttle in force recorded in the destination for
+/// `decant status`: at start and after each change (retried every 10 s
+/// while the destination cannot be reached).
+async fn record_throttle(destination: ConnInfo, task_id: String, mut limits: LiveLimits) {
+    loop {
+        let current = *limits.borrow_and_update();
+        let apply = [current.apply_max_rows_per_second, current.apply_max_mb_per_second];
+        let recorded = async {
+            let (client, _conn) = connect(&destination, "decant applier", "").await.map_err(|e| crate::error::report(&e))?;
+            migration::record_applier_controls(&client, &task_id, apply).await.map_err(|e| crate::error::report(&e))
+        }
+        .await;
+        match recorded {
+            Ok(()) => {
+                if limits.changed().await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not record the stream's throttle in the destination; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = limits.changed() => {}
+                }
+            }
+        }
     }
 }
 
@@ -147,6 +180,20 @@ impl Destination for Service {
     }
 
     async fn report(&self, report: &HealthReport) -> Result<(), Status> {
+        if report.has_controls {
+            let copy = [report.copy_max_rows_per_second, report.copy_max_mb_per_second, report.copy_max_source_queries_per_second];
+            let alerts: Vec<serde_json::Value> = report
+                .alerts
+                .iter()
+                .map(|a| serde_json::json!({"kind": a.kind, "message": crate::secrets::redact(&a.message), "since": a.since}))
+                .collect();
+            let alerts = serde_json::Value::Array(alerts).to_string();
+            let client = self.session().await?;
+            migration::record_agent_controls(&client, &self.task_id, copy, &alerts).await.map_err(|e| unavailable(&e))?;
+        }
+        if report.state.is_empty() {
+            return Ok(());
+        }
         let left = (report.state == "retrying").then_some(report.retry_seconds_left);
         self.record_health(&report.state, &crate::secrets::redact(&report.reason), left).await
     }
@@ -170,7 +217,7 @@ impl Destination for Service {
     async fn open_stream(&self, _hello: &Hello) -> Result<Stream, Status> {
         self.admit_stream().await?;
         let applier = Applier::open(&self.destination, self.settings.clone(), self.metrics.clone()).await.map_err(|e| apply_status(&e))?;
-        Ok(Stream { applier, metrics: self.metrics.clone() })
+        Ok(Stream { applier, metrics: self.metrics.clone(), pace: Pace::new(Side::Apply, self.limits.clone()) })
     }
 }
 
@@ -178,6 +225,7 @@ impl Destination for Service {
 pub struct Stream {
     applier: Applier,
     metrics: Arc<Metrics>,
+    pace: Pace,
 }
 
 #[tonic::async_trait]
@@ -189,23 +237,42 @@ impl ApplyStream for Stream {
     /// Applies batches as they come; a group is committed when no input is
     /// waiting (or by the applier's own bounds), and the durable position
     /// is read back every 50 ms while commits are not yet known durable.
+    /// Throttled (applier.max_rows_per_second, max_mb_per_second), it takes
+    /// no batch until the pace allows: the agent's window fills and it
+    /// stops reading the slot, so nothing piles up on either side.
     async fn run(&mut self, mut batches: Batches, acks: &Acks) -> Result<(), Status> {
         let applier = &mut self.applier;
+        let pace = &mut self.pace;
         let mut applied_sequence = 0;
         let mut durable = applier.resume_lsn();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let commit_ended = applier.commit_ended();
+        let mut paused_until: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
-                next = batches.recv() => {
+                next = batches.recv(), if paused_until.is_none() => {
                     let Some(next) = next else { return Ok(()) };
                     let (sequence, records) = next?;
+                    let changes = self.metrics.changes.get();
                     applier.apply_batch(sequence, &records).await.map_err(|e| apply_status(&e))?;
                     applied_sequence = sequence;
-                    if batches.is_empty() {
+                    let ready = pace.take(self.metrics.changes.get() - changes, records.len() as u64);
+                    if ready > std::time::Instant::now() {
+                        // What was applied is committed before the pause,
+                        // not held in an open transaction through it.
+                        paused_until = Some(ready);
+                        applier.flush().await.map_err(|e| apply_status(&e))?;
+                    } else if batches.is_empty() {
                         applier.flush().await.map_err(|e| apply_status(&e))?;
                     }
                     acks.send(durable, applied_sequence);
+                }
+                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(std::time::Instant::now).into()), if paused_until.is_some() => {
+                    paused_until = None;
+                }
+                // New limits start afresh: the pause ends at once.
+                _ = pace.changed(), if paused_until.is_some() => {
+                    paused_until = None;
                 }
                 // A group kept open while the previous one committed is
                 // committed now if no input is waiting.

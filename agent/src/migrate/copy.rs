@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use decant_proto::grpc::{CopyChunk, RangeState, TaskState};
@@ -20,10 +19,15 @@ use crate::connect::sql::{column_list, quote_ident};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 use crate::retry::ErrorClass;
+use crate::throttle::SharedPace;
 use crate::transport::client::{Client as ApplierClient, StreamError};
 
 /// COPY data is sent in messages of about this size.
 const CHUNK_BYTES: usize = 1 << 20;
+
+/// The copy's throttle counts what was read in steps of about this size,
+/// so that the rate holds over short spans too.
+const PACE_BYTES: usize = 64 << 10;
 
 /// One range to copy.
 #[derive(Clone, Debug)]
@@ -124,41 +128,9 @@ fn page_condition(first: Option<u64>, end: Option<u64>) -> Option<String> {
     (!bounds.is_empty()).then(|| bounds.join(" AND "))
 }
 
-/// Paces the copy to the configured rows/s and MB/s (0 = unlimited).
-pub struct Pace {
-    rows_per_second: u64,
-    bytes_per_second: u64,
-    started: Instant,
-    rows: u64,
-    bytes: u64,
-}
-
-impl Pace {
-    pub fn new(rows_per_second: u64, mb_per_second: u64) -> Self {
-        Pace { rows_per_second, bytes_per_second: mb_per_second.saturating_mul(1 << 20), started: Instant::now(), rows: 0, bytes: 0 }
-    }
-
-    /// Counts what was just read and returns how long to wait so that the
-    /// totals stay within the limits.
-    pub fn take(&mut self, rows: u64, bytes: u64) -> Duration {
-        self.take_at(rows, bytes, self.started.elapsed())
-    }
-
-    fn take_at(&mut self, rows: u64, bytes: u64, elapsed: Duration) -> Duration {
-        self.rows += rows;
-        self.bytes += bytes;
-        let mut due = Duration::ZERO;
-        if self.rows_per_second > 0 {
-            due = due.max(Duration::from_secs_f64(self.rows as f64 / self.rows_per_second as f64));
-        }
-        if self.bytes_per_second > 0 {
-            due = due.max(Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_second as f64));
-        }
-        due.saturating_sub(elapsed)
-    }
-}
-
 /// Copies every pending range. Returns false when stopped by `shutdown`.
+/// Every worker paces its reads and queries at the shared `pace`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &Config,
     source: &ConnInfo,
@@ -166,6 +138,7 @@ pub async fn run(
     state: &TaskState,
     snapshot: Snapshot,
     metrics: &Arc<Metrics>,
+    pace: &SharedPace,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<bool, MigrateError> {
     let work = pending_work(state, &config.mapping().map_err(|e| MigrateError::Invalid(e.to_string()))?)?;
@@ -179,12 +152,11 @@ pub async fn run(
     let workers = config.migrate.workers.min(work.len());
     let mut sessions = Vec::with_capacity(workers);
     for i in 0..workers {
-        sessions.push(snapshot_session(source, &snapshot.id, &format!("decant copy {}", i + 1)).await?);
+        sessions.push(snapshot_session(source, &snapshot.id, &format!("decant copy {}", i + 1), pace).await?);
     }
     drop(snapshot);
     tracing::info!(ranges = work.len(), workers, "copying");
     let queue = Arc::new(Mutex::new(VecDeque::from(work)));
-    let pace = Arc::new(Mutex::new(Pace::new(config.migrate.max_rows_per_second, config.migrate.max_mb_per_second)));
     let mut handles = Vec::new();
     for session in sessions {
         let (queue, pace, progress, applier, metrics) = (queue.clone(), pace.clone(), progress.clone(), applier.clone(), metrics.clone());
@@ -221,7 +193,7 @@ async fn copy_range(
     mut applier: ApplierClient,
     task_id: &str,
     work: &Work,
-    pace: &Mutex<Pace>,
+    pace: &SharedPace,
     progress: &CopyProgress,
     metrics: &Metrics,
 ) -> Result<(), MigrateError> {
@@ -236,6 +208,9 @@ async fn copy_range(
         },
         message: crate::error::report(&e),
     };
+    // The range's COPY is a source query: its turn comes before the
+    // applier's side of the copy opens.
+    pace.query().await;
     let (tx, rx) = mpsc::channel::<CopyChunk>(4);
     tx.send(CopyChunk { table_id: work.table_id, range_id: work.range_id, task_id: task_id.to_owned(), data: Bytes::new(), last: false })
         .await
@@ -248,6 +223,8 @@ async fn copy_range(
         futures_util::pin_mut!(stream);
         let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 64 * 1024);
         let mut rows_in_buf = 0u64;
+        // Read but not yet counted by the pace.
+        let (mut unpaced_rows, mut unpaced_bytes) = (0u64, 0usize);
         // COPY TO STDOUT sends one CopyData message per row (in binary
         // format the header rides with the first and the trailer is one
         // more message).
@@ -261,21 +238,34 @@ async fn copy_range(
             buf.extend_from_slice(&message);
             rows_in_buf += 1;
             messages += 1;
+            unpaced_rows += 1;
+            unpaced_bytes += message.len();
+            if unpaced_bytes >= PACE_BYTES {
+                let wait = pace.take(unpaced_rows, unpaced_bytes as u64);
+                (unpaced_rows, unpaced_bytes) = (0, 0);
+                if wait.is_needed() {
+                    // What was read goes to the applier before the pause;
+                    // waiting stops the reading: the source's COPY waits on
+                    // its socket, nothing piles up in memory.
+                    let sent = buf.len() as u64;
+                    send(&tx, work, &mut buf, false).await?;
+                    progress.add(&bar, rows_in_buf, sent);
+                    rows_in_buf = 0;
+                    wait.done().await;
+                }
+            }
             if buf.len() >= CHUNK_BYTES {
                 let sent = buf.len() as u64;
                 send(&tx, work, &mut buf, false).await?;
                 progress.add(&bar, rows_in_buf, sent);
-                let wait = pace.lock().await.take(rows_in_buf, sent);
                 rows_in_buf = 0;
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
             }
         }
         let tail = buf.len() as u64;
         let trailer = u64::from(work.binary && messages > 0);
         send(&tx, work, &mut buf, true).await?;
         progress.add(&bar, rows_in_buf.saturating_sub(trailer), tail);
+        pace.take(unpaced_rows.saturating_sub(trailer), unpaced_bytes as u64).done().await;
         Ok::<(), MigrateError>(())
     }
     .await;
@@ -340,17 +330,6 @@ fn closed(work: &Work) -> MigrateError {
 mod tests {
     use super::*;
     use decant_proto::grpc::{RangeState, TableState};
-
-    #[test]
-    fn pace_spreads_work_over_time() {
-        let mut p = Pace::new(1000, 0);
-        assert_eq!(p.take_at(500, 0, Duration::ZERO), Duration::from_millis(500));
-        assert_eq!(p.take_at(500, 0, Duration::from_millis(1500)), Duration::ZERO);
-        let mut p = Pace::new(0, 1);
-        assert_eq!(p.take_at(1, 2 << 20, Duration::from_millis(500)), Duration::from_millis(1500));
-        let mut p = Pace::new(0, 0);
-        assert_eq!(p.take_at(1 << 40, 1 << 40, Duration::ZERO), Duration::ZERO);
-    }
 
     #[test]
     fn work_is_the_unfinished_ranges_largest_first() {

@@ -30,6 +30,7 @@ use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 use crate::replication::{ReplicationClient, ReplicationError};
 use crate::retry::ErrorClass;
+use crate::throttle::SharedPace;
 use crate::transport::client::{connect as connect_applier, Client as ApplierClient, StreamError};
 use crate::transport::TransportSettings;
 use schema::{PgDump, SchemaError};
@@ -109,9 +110,10 @@ enum Holder {
     Sql(Client),
 }
 
-/// Opens a source session inside `snapshot`.
-pub async fn snapshot_session(source: &ConnInfo, snapshot: &str, name: &str) -> Result<Client, MigrateError> {
+/// Opens a source session inside `snapshot` (one query, paced).
+pub async fn snapshot_session(source: &ConnInfo, snapshot: &str, name: &str, pace: &SharedPace) -> Result<Client, MigrateError> {
     let (client, _conn) = connect(source, name, "").await?;
+    pace.query().await;
     client
         .batch_execute(&format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
         .await?;
@@ -122,13 +124,16 @@ pub async fn snapshot_session(source: &ConnInfo, snapshot: &str, name: &str) -> 
 /// on with the incremental stream. `connected` turns true once both ends
 /// answered (from then on lost connections are retried). The task's
 /// `claim` is recorded first: an overlap with another task refuses it
-/// before anything is written.
+/// before anything is written. Every SQL statement sent to the source
+/// waits its turn at `pace`.
+#[allow(clippy::too_many_arguments)] // the task's context, handed through from `task`
 pub async fn drive(
     config: &Config,
     source: &ConnInfo,
     claim: &Claim,
     transport: &TransportSettings,
     metrics: &Arc<Metrics>,
+    pace: &SharedPace,
     shutdown: &watch::Receiver<bool>,
     connected: &mut bool,
 ) -> Result<bool, MigrateError> {
@@ -142,8 +147,8 @@ pub async fn drive(
     let incremental = config.migrate.has(MigrationType::Incremental);
     let mut snapshot = None;
     if state.phase == "new" {
-        let snap = take_snapshot(config, source, SnapshotKind::Initial).await?;
-        let plan_body = build_plan(config, source, &snap).await?;
+        let snap = take_snapshot(config, source, SnapshotKind::Initial, pace).await?;
+        let plan_body = build_plan(config, source, &snap, pace).await?;
         state = plan(&mut applier, &task_id, Some(plan_body), None, mapping).await?;
         tracing::info!(tables = state.tables.len(), snapshot_lsn = %Lsn(state.snapshot_lsn), "task planned");
         snapshot = Some(snap);
@@ -168,7 +173,7 @@ pub async fn drive(
             None => {
                 // The first snapshot ended with the process that took it:
                 // unfinished tables are copied again from a new one.
-                let snap = take_snapshot(config, source, SnapshotKind::Resume).await?;
+                let snap = take_snapshot(config, source, SnapshotKind::Resume, pace).await?;
                 tracing::info!(lsn = %snap.lsn, "copy resumes from a new snapshot");
                 state = applier
                     .resnapshot(ResnapshotRequest { task_id: task_id.clone(), lsn: if incremental { snap.lsn.0 } else { 0 } })
@@ -178,14 +183,14 @@ pub async fn drive(
                 snap
             }
         };
-        if !copy::run(config, source, &applier, &state, snap, metrics, shutdown.clone()).await? {
+        if !copy::run(config, source, &applier, &state, snap, metrics, pace, shutdown.clone()).await? {
             return Ok(false);
         }
     }
     if state.phase == "copy" || state.phase == "post-data" {
         let sequences = if config.migrate.has(MigrationType::Full) {
             let (client, _conn) = connect(source, "decant migrate", "").await?;
-            tables::sequence_values(&client, config).await?
+            tables::sequence_values(&client, config, pace).await?
         } else {
             Vec::new()
         };
@@ -243,11 +248,13 @@ enum SnapshotKind {
     Resume,
 }
 
-async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind) -> Result<Snapshot, MigrateError> {
+async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind, pace: &SharedPace) -> Result<Snapshot, MigrateError> {
     if !config.migrate.has(MigrationType::Incremental) {
         // No stream to hand over to: an ordinary exported snapshot.
         let (client, _conn) = connect(source, "decant snapshot", "").await?;
+        pace.query().await;
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+        pace.query().await;
         let id: String = client.query_one("SELECT pg_export_snapshot()", &[]).await?.get(0);
         return Ok(Snapshot { id, lsn: Lsn(0), _holder: Holder::Sql(client) });
     }
@@ -294,8 +301,9 @@ async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind) -
 }
 
 /// Reads the schema and the tables to copy, inside the snapshot.
-async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> Result<MigrationPlan, MigrateError> {
-    let client = snapshot_session(source, &snapshot.id, "decant migrate").await?;
+async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot, pace: &SharedPace) -> Result<MigrationPlan, MigrateError> {
+    let client = snapshot_session(source, &snapshot.id, "decant migrate", pace).await?;
+    pace.query().await;
     let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
     let version = version as u32;
     let mut plan = MigrationPlan {
@@ -304,7 +312,7 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot) -> 
         snapshot_lsn: snapshot.lsn.0,
         ..Default::default()
     };
-    let tables = tables::list_tables(&client, config, version).await?;
+    let tables = tables::list_tables(&client, config, version, pace).await?;
     check_selection(config, &tables)?;
     if config.migrate.has(MigrationType::Schema) {
         let pg_dump = PgDump::locate(&config.migrate.pg_dump, version / 10000)?;

@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::connect::sql::quote_ident;
 use crate::connect::sql::BINARY_IO;
+use crate::throttle::SharedPace;
 
 /// Schemas that are never migrated: the catalogs, and the decant
 /// extension's own schema.
@@ -22,7 +23,13 @@ pub const NOT_EXTENSION_MEMBER: &str =
 
 /// The tables to copy: ordinary tables and partitions (a partitioned
 /// table holds no rows of its own), not extension members, not temporary.
-pub async fn list_tables(client: &Client, config: &Config, server_version: u32) -> Result<Vec<TablePlan>, tokio_postgres::Error> {
+/// Each query waits its turn at `pace` (migrate.max_source_queries_per_second).
+pub async fn list_tables(
+    client: &Client,
+    config: &Config,
+    server_version: u32,
+    pace: &SharedPace,
+) -> Result<Vec<TablePlan>, tokio_postgres::Error> {
     let not_generated = if server_version >= 120000 { "a.attgenerated = ''" } else { "true" };
     // LEFT JOIN: a table without columns still holds rows.
     let sql = format!(
@@ -41,8 +48,10 @@ pub async fn list_tables(client: &Client, config: &Config, server_version: u32) 
     );
     let selected = selector(config);
     let split_bytes = config.migrate.split_tables_larger_than_mb.saturating_mul(1 << 20);
+    pace.query().await;
     let block: i64 = client.query_one("SELECT current_setting('block_size')::int8", &[]).await?.get(0);
     let mut tables = Vec::new();
+    pace.query().await;
     for row in client.query(&sql, &[]).await? {
         let (schema, name): (String, String) = (row.get(0), row.get(1));
         if !selected.table_selected(schema.as_bytes(), name.as_bytes()) {
@@ -141,7 +150,8 @@ pub const SEQUENCE_OWNER: &str = "LEFT JOIN pg_depend d ON d.classid = 'pg_class
 /// matching a pattern, and those owned by a selected table (serial and
 /// identity columns). Values are read now, not from the snapshot:
 /// sequences are not transactional.
-pub async fn sequence_values(client: &Client, config: &Config) -> Result<Vec<SequenceValue>, tokio_postgres::Error> {
+/// Each query waits its turn at `pace`.
+pub async fn sequence_values(client: &Client, config: &Config, pace: &SharedPace) -> Result<Vec<SequenceValue>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT n.nspname::text, c.relname::text, tn.nspname::text, t.relname::text
            FROM pg_class c
@@ -153,6 +163,7 @@ pub async fn sequence_values(client: &Client, config: &Config) -> Result<Vec<Seq
     );
     let selected = selector(config);
     let mut out = Vec::new();
+    pace.query().await;
     for row in client.query(&sql, &[]).await? {
         let (schema, name): (String, String) = (row.get(0), row.get(1));
         let owner: Option<(String, String)> = row.get::<_, Option<String>>(2).zip(row.get::<_, Option<String>>(3));
@@ -161,6 +172,7 @@ pub async fn sequence_values(client: &Client, config: &Config) -> Result<Vec<Seq
         if !chosen {
             continue;
         }
+        pace.query().await;
         let value =
             client.query_one(&format!("SELECT last_value, is_called FROM {}.{}", quote_ident(&schema), quote_ident(&name)), &[]).await?;
         let (owner_schema, owner_name) = owner.unwrap_or_default();

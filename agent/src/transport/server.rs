@@ -167,7 +167,8 @@ impl<D: Destination> ApplierRpc for Service<D> {
     async fn report(&self, request: Request<HealthReport>) -> Result<Response<HealthAck>, Status> {
         let req = request.into_inner();
         self.check_task(&req.task_id)?;
-        if req.state != "retrying" && req.state != "failed" {
+        // "": the report carries only the agent's controls.
+        if !matches!(req.state.as_str(), "retrying" | "failed" | "") {
             return Err(Status::invalid_argument(format!("unknown task state {:?}", req.state)));
         }
         guarded(self.destination.report(&req)).await.map(|()| Response::new(HealthAck {}))

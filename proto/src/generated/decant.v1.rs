@@ -228,11 +228,11 @@ pub struct CopyDone {
     pub bytes: u64,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HealthReport {
     #[prost(string, tag = "1")]
     pub task_id: ::prost::alloc::string::String,
-    /// "retrying" or "failed".
+    /// "retrying" or "failed"; "" when the report carries only controls.
     #[prost(string, tag = "2")]
     pub state: ::prost::alloc::string::String,
     /// The error, as the agent reports it (no secrets).
@@ -241,6 +241,30 @@ pub struct HealthReport {
     /// While retrying: seconds left of the retry window.
     #[prost(uint64, tag = "4")]
     pub retry_seconds_left: u64,
+    /// The agent's controls in force, for decant status: set when
+    /// has_controls (a report with state "" carries only them).
+    #[prost(bool, tag = "5")]
+    pub has_controls: bool,
+    #[prost(uint64, tag = "6")]
+    pub copy_max_rows_per_second: u64,
+    #[prost(uint64, tag = "7")]
+    pub copy_max_mb_per_second: u64,
+    #[prost(uint64, tag = "8")]
+    pub copy_max_source_queries_per_second: u64,
+    #[prost(message, repeated, tag = "9")]
+    pub alerts: ::prost::alloc::vec::Vec<FiringAlert>,
+}
+/// An alert fired and not resolved yet.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FiringAlert {
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
+    /// When it fired, RFC 3339 UTC.
+    #[prost(string, tag = "3")]
+    pub since: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -588,7 +612,8 @@ pub mod applier_client {
         /// The agent's word on the task's health when a session failed (it is
         /// retried, or the agent gave up), kept in the destination for
         /// `decant status`. The applier itself marks the task running again when
-        /// an agent's calls succeed.
+        /// an agent's calls succeed. Also, at start and on each change, the
+        /// agent's throttle and the alerts firing.
         pub async fn report(
             &mut self,
             request: impl tonic::IntoRequest<super::HealthReport>,
@@ -665,7 +690,8 @@ pub mod applier_server {
         /// The agent's word on the task's health when a session failed (it is
         /// retried, or the agent gave up), kept in the destination for
         /// `decant status`. The applier itself marks the task running again when
-        /// an agent's calls succeed.
+        /// an agent's calls succeed. Also, at start and on each change, the
+        /// agent's throttle and the alerts firing.
         async fn report(
             &self,
             request: tonic::Request<super::HealthReport>,

@@ -16,7 +16,10 @@ mod store;
 pub use claim::{claim, tasks};
 pub use copy::{copy_range, skip_before};
 pub use schema::run_schema;
-pub use store::{cut_over, health, mark_cut_over, plan, record_health, resnapshot, state, CutOver, Health};
+pub use store::{
+    controls, cut_over, health, mark_cut_over, plan, record_agent_controls, record_applier_controls, record_health, resnapshot, state,
+    Controls, CutOver, Health,
+};
 
 use decant_proto::grpc::SchemaStep;
 use tokio_postgres::error::SqlState;
@@ -225,6 +228,19 @@ CREATE TABLE IF NOT EXISTS decant.health (
     reason text NOT NULL DEFAULT '',
     retry_until timestamptz,
     since timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+-- The controls in force, for decant status: the copy's throttle and the
+-- alerts firing as the agent reported them, the stream's throttle as the
+-- applier applies it (NULL: not reported yet; 0: unlimited).
+CREATE TABLE IF NOT EXISTS decant.controls (
+    task_id text PRIMARY KEY,
+    copy_max_rows_per_second int8,
+    copy_max_mb_per_second int8,
+    copy_max_source_queries_per_second int8,
+    apply_max_rows_per_second int8,
+    apply_max_mb_per_second int8,
+    alerts text NOT NULL DEFAULT '[]',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 -- A task that was cut over: its applier takes no stream any more.

@@ -430,3 +430,80 @@ pub async fn health(client: &Client, task_id: &str) -> Result<Option<Health>, to
         retry_seconds_left: r.get::<_, Option<i64>>(3).map(|s| s as u64),
     }))
 }
+
+/// The controls in force as recorded for `decant status`; `None` where a
+/// side has not reported them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Controls {
+    /// rows/s, MB/s, source queries/s of the full copy (agent).
+    pub copy: Option<[u64; 3]>,
+    /// rows/s, MB/s of the stream (applier).
+    pub apply: Option<[u64; 2]>,
+    /// The alerts firing, as JSON: [{kind, message, since}].
+    pub alerts: String,
+}
+
+fn int8(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Records the agent's controls; writes only what changed (see
+/// [`record_health`]).
+pub async fn record_agent_controls(client: &Client, task_id: &str, copy: [u64; 3], alerts: &str) -> Result<(), tokio_postgres::Error> {
+    ensure_tables(client).await?;
+    client
+        .execute(
+            "INSERT INTO decant.controls AS c (task_id, copy_max_rows_per_second, copy_max_mb_per_second,
+                                               copy_max_source_queries_per_second, alerts)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (task_id) DO UPDATE SET copy_max_rows_per_second = EXCLUDED.copy_max_rows_per_second,
+                    copy_max_mb_per_second = EXCLUDED.copy_max_mb_per_second,
+                    copy_max_source_queries_per_second = EXCLUDED.copy_max_source_queries_per_second,
+                    alerts = EXCLUDED.alerts, updated_at = now()
+             WHERE (c.copy_max_rows_per_second, c.copy_max_mb_per_second, c.copy_max_source_queries_per_second, c.alerts)
+                   IS DISTINCT FROM (EXCLUDED.copy_max_rows_per_second, EXCLUDED.copy_max_mb_per_second,
+                                     EXCLUDED.copy_max_source_queries_per_second, EXCLUDED.alerts)",
+            &[&task_id, &int8(copy[0]), &int8(copy[1]), &int8(copy[2]), &alerts],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records the stream's throttle the applier applies.
+pub async fn record_applier_controls(client: &Client, task_id: &str, apply: [u64; 2]) -> Result<(), tokio_postgres::Error> {
+    ensure_tables(client).await?;
+    client
+        .execute(
+            "INSERT INTO decant.controls AS c (task_id, apply_max_rows_per_second, apply_max_mb_per_second) VALUES ($1, $2, $3)
+             ON CONFLICT (task_id) DO UPDATE SET apply_max_rows_per_second = EXCLUDED.apply_max_rows_per_second,
+                    apply_max_mb_per_second = EXCLUDED.apply_max_mb_per_second, updated_at = now()
+             WHERE (c.apply_max_rows_per_second, c.apply_max_mb_per_second)
+                   IS DISTINCT FROM (EXCLUDED.apply_max_rows_per_second, EXCLUDED.apply_max_mb_per_second)",
+            &[&task_id, &int8(apply[0]), &int8(apply[1])],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The task's recorded controls; reads only.
+pub async fn controls(client: &Client, task_id: &str) -> Result<Option<Controls>, tokio_postgres::Error> {
+    if client.query_one("SELECT to_regclass('decant.controls') IS NULL", &[]).await?.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT copy_max_rows_per_second, copy_max_mb_per_second, copy_max_source_queries_per_second,
+                    apply_max_rows_per_second, apply_max_mb_per_second, alerts
+               FROM decant.controls WHERE task_id = $1",
+            &[&task_id],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let v = |i: usize| r.get::<_, Option<i64>>(i).map(|v| v.max(0) as u64);
+        Controls {
+            copy: v(0).zip(v(1)).zip(v(2)).map(|((a, b), c)| [a, b, c]),
+            apply: v(3).zip(v(4)).map(|(a, b)| [a, b]),
+            alerts: r.get(5),
+        }
+    }))
+}
