@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod migrate;
 pub mod precheck;
+pub mod quote;
 pub mod replication;
 pub mod retry;
 pub mod secrets;

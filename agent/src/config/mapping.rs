@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::connect::sql::quote_ident;
+use crate::quote::quote_ident;
 
 /// One entry of `migrate.map`, as written in the configuration: either a
 /// schema (`schema`, `to`) or a table (`table` and any of `to`, `columns`,

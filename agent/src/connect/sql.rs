@@ -32,15 +32,7 @@ impl ConnectError {
     }
 }
 
-/// A double-quoted identifier, for replication commands and SQL alike.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// A single-quoted literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
+pub use crate::quote::{quote_ident, quote_literal};
 
 /// ` ("a", "b")`: a column list for COPY and INSERT, or nothing for a table
 /// without columns (legal, and it holds rows: `()` is not).
