@@ -15,6 +15,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use decant_tests::process::{expect, fails};
 use decant_tests::task::Task;
 use decant_tests::versions::pg_versions;
 use decant_tests::Cluster;
@@ -90,4 +91,29 @@ fn migrate_into(major: u32) {
     let rows: i64 = t.dst().query_one("SELECT count(*) FROM many_types WHERE big LIKE 'zzz%'", &[]).unwrap().get(0);
     assert_eq!(rows, 1, "the row inserted while streaming");
     assert_eq!(m.stop(), Some(0), "decant migrate did not stop cleanly:\n{}", m.log());
+}
+
+/// A schema an older destination cannot run: a multirange column (new in
+/// PostgreSQL 14) into the oldest destination major of the matrix below 14.
+/// The trial run of the pre-data steps finds the step the destination
+/// refuses before anything is written: decant exits with an error naming
+/// the object and the server's reason, and the table dumped before it is
+/// not on the destination.
+#[test]
+fn a_schema_step_an_older_destination_cannot_run_is_reported_clearly() {
+    let Some(major) = pg_versions().into_iter().filter(|&m| m < 14).min() else {
+        eprintln!("versions: no destination major below 14 in DECANT_PG_VERSIONS; nothing to check");
+        return;
+    };
+    let t = Task::builder(env!("CARGO_BIN_EXE_decant"), &format!("old{major}"))
+        .destination(Cluster::start_version(major))
+        .migrate("types = [\"schema\", \"full\"]")
+        .build();
+    t.src().batch_execute("CREATE TABLE before_it (id int PRIMARY KEY); CREATE TABLE spans (id int PRIMARY KEY, r int4multirange)").unwrap();
+    let mut m = t.migrate("migrate.log");
+    let log = fails(&mut m);
+    expect(&log, &["pre-data step TABLE public.spans cannot run on the destination", "int4multirange", "nothing was written"]);
+    let written: i64 =
+        t.dst().query_one("SELECT count(*) FROM pg_class WHERE relname IN ('before_it', 'spans')", &[]).unwrap().get(0);
+    assert_eq!(written, 0, "the trial run wrote tables:\n{log}");
 }
