@@ -8,7 +8,7 @@
 //! the server programs are run as the `postgres` OS user via `runuser`, and
 //! the temp dir is chowned to that user.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs;
@@ -46,6 +46,21 @@ impl Cluster {
     /// Same, with extra postgresql.conf lines appended (e.g. "max_wal_senders = 30").
     pub fn start_with(extra_conf: &[&str]) -> Cluster {
         let mut cluster = Cluster::unstarted(bindir_default().to_path_buf());
+        cluster.initdb();
+        cluster.check_hba();
+        cluster.launch(extra_conf);
+        cluster
+    }
+
+    /// initdb + pg_ctl start of a server of PostgreSQL `major` (bin
+    /// directory from [`crate::versions::bindir_of`]), with the same settings as [`Cluster::start`].
+    pub fn start_version(major: u32) -> Cluster {
+        Cluster::start_version_with(major, &[])
+    }
+
+    /// Same, with extra postgresql.conf lines.
+    pub fn start_version_with(major: u32, extra_conf: &[&str]) -> Cluster {
+        let mut cluster = Cluster::unstarted(crate::versions::bindir_of(major));
         cluster.initdb();
         cluster.check_hba();
         cluster.launch(extra_conf);
@@ -419,10 +434,12 @@ fn bindir_default() -> &'static Path {
 }
 
 /// Whether this server build has the `output_plugin_libraries` GUC
-/// (`postgres --describe-config`), detected once per process.
+/// (`postgres --describe-config`), detected once per bin directory: only
+/// some builds have it, and a server refuses a setting it does not know.
 fn server_knows_output_plugin_libraries(bindir: &Path) -> bool {
-    static KNOWN: OnceLock<bool> = OnceLock::new();
-    *KNOWN.get_or_init(|| {
+    static KNOWN: OnceLock<Mutex<HashMap<PathBuf, bool>>> = OnceLock::new();
+    let mut known = KNOWN.get_or_init(|| Mutex::new(HashMap::new())).lock().unwrap_or_else(|p| p.into_inner());
+    *known.entry(bindir.to_path_buf()).or_insert_with(|| {
         let mut cmd = server_command(&bindir.join("postgres"), Path::new("/"));
         cmd.arg("--describe-config");
         let out = run_capture(&mut cmd);

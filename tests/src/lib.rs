@@ -8,3 +8,4 @@ pub mod certs;
 pub mod process;
 pub mod slot;
 pub mod task;
+pub mod versions;

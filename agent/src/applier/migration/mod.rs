@@ -48,6 +48,11 @@ pub enum MigrationError {
     MissingTables(Vec<String>),
     #[error("{section} step {kind} {name} failed on the destination: {source}")]
     Step { section: String, kind: String, name: String, source: tokio_postgres::Error },
+    #[error(
+        "pre-data step {step} cannot run on the destination: {source} (found by the trial run of the pre-data steps; \
+         nothing was written)"
+    )]
+    Trial { step: String, source: tokio_postgres::Error },
     #[error("sequence {0} does not exist in the destination: {1}")]
     Sequence(String, tokio_postgres::Error),
     #[error("task {0}: {1}")]
@@ -69,7 +74,10 @@ impl MigrationError {
     pub fn is_connection_loss(&self) -> bool {
         let pg = match self {
             MigrationError::Connect(e) => return e.postgres().is_none_or(|e| e.as_db_error().is_none()),
-            MigrationError::Session(e) | MigrationError::Copy { source: e, .. } | MigrationError::Step { source: e, .. } => e,
+            MigrationError::Session(e)
+            | MigrationError::Copy { source: e, .. }
+            | MigrationError::Step { source: e, .. }
+            | MigrationError::Trial { source: e, .. } => e,
             MigrationError::Stream { .. } => return true,
             _ => return false,
         };
@@ -85,7 +93,8 @@ impl MigrationError {
                 | MigrationError::MissingTables(_)
                 | MigrationError::Sequence(..)
                 | MigrationError::State(..)
-        ) || matches!(self, MigrationError::Step { source, .. } if source.as_db_error().is_some() && !self.is_connection_loss())
+        ) || matches!(self, MigrationError::Step { source, .. } | MigrationError::Trial { source, .. }
+                if source.as_db_error().is_some() && !self.is_connection_loss())
     }
 }
 

@@ -220,12 +220,7 @@ async fn trial_pre_data(client: &Client, plan: &MigrationPlan, report: bool) -> 
                             conflicts.push(step_label(step));
                         }
                     } else if first_failure.is_none() {
-                        first_failure = Some(MigrationError::Step {
-                            section: "pre-data".into(),
-                            kind: step.kind.clone(),
-                            name: step.name.clone(),
-                            source: e,
-                        });
+                        first_failure = Some(MigrationError::Trial { step: step_label(step), source: e });
                     }
                 }
             }
