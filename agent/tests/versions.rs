@@ -111,11 +111,12 @@ fn a_schema_step_an_older_destination_cannot_run_is_reported_clearly() {
         .destination(Cluster::start_version(major))
         .migrate("types = [\"schema\", \"full\"]")
         .build();
-    t.src().batch_execute("CREATE TABLE before_it (id int PRIMARY KEY); CREATE TABLE spans (id int PRIMARY KEY, r int4multirange)").unwrap();
+    t.src()
+        .batch_execute("CREATE TABLE before_it (id int PRIMARY KEY); CREATE TABLE spans (id int PRIMARY KEY, r int4multirange)")
+        .unwrap();
     let mut m = t.migrate("migrate.log");
     let log = fails(&mut m);
     expect(&log, &["pre-data step TABLE public.spans cannot run on the destination", "int4multirange", "nothing was written"]);
-    let written: i64 =
-        t.dst().query_one("SELECT count(*) FROM pg_class WHERE relname IN ('before_it', 'spans')", &[]).unwrap().get(0);
+    let written: i64 = t.dst().query_one("SELECT count(*) FROM pg_class WHERE relname IN ('before_it', 'spans')", &[]).unwrap().get(0);
     assert_eq!(written, 0, "the trial run wrote tables:\n{log}");
 }

@@ -163,8 +163,14 @@ impl PluginOptions {
         Ok(o)
     }
 
-    /// Whether changes of `schema.table` are emitted.
+    /// Whether changes of `schema.table` are emitted. Never those of
+    /// schema `decant`: decant's own bookkeeping (the applier's on a
+    /// destination, the extension's on a source) is not the user's data,
+    /// and a stream read from a destination must not carry it back.
     pub fn table_selected(&self, schema: &[u8], table: &[u8]) -> bool {
+        if schema == b"decant" {
+            return false;
+        }
         let included = self.include_tables.is_empty() || self.include_tables.iter().any(|p| p.matches(schema, table));
         included && !self.exclude_tables.iter().any(|p| p.matches(schema, table))
     }
@@ -285,6 +291,7 @@ mod tests {
         let o = parse(&[("exclude_tables", Some(r"s\.x.a\,b"))]).unwrap();
         assert!(!o.table_selected(b"s.x", b"a,b"));
         assert!(o.table_selected(b"s", b"x"));
+        assert!(!PluginOptions::default().table_selected(b"decant", b"health"));
         assert!(parse(&[("include_tables", Some("a.b.c"))]).is_err());
         assert!(parse(&[("include_tables", Some("a.b,"))]).is_err());
     }
