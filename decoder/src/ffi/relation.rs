@@ -21,14 +21,14 @@ pub(super) unsafe fn selected(rel: pg_sys::Relation) -> bool {
     // writes rows too, but the destination refreshes its own.
     // SAFETY: as above.
     let is_table = unsafe { (*(*rel).rd_rel).relkind } as u8 == pg_sys::RELKIND_RELATION;
-    let filtering = with_session(|s| !s.options.include_tables.is_empty() || !s.options.exclude_tables.is_empty());
-    let selected = is_table
-        && (!filtering || {
-            // SAFETY: as above; the namespace name is palloc'd in the current
-            // (per-callback) memory context.
-            let (schema, name) = unsafe { names(rel) };
-            with_session(|s| s.options.table_selected(schema, name))
-        });
+    // Names are read even without include/exclude patterns: schema decant
+    // is never emitted (see `table_selected`). Once per relation, cached.
+    let selected = is_table && {
+        // SAFETY: as above; the namespace name is palloc'd in the current
+        // (per-callback) memory context.
+        let (schema, name) = unsafe { names(rel) };
+        with_session(|s| s.options.table_selected(schema, name))
+    };
     with_session(|s| s.relations.entry(relid).or_default().selected = Some(selected));
     selected
 }
