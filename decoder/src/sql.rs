@@ -25,3 +25,8 @@ REVOKE ALL ON FUNCTION decant.log_standby_snapshot() FROM PUBLIC;
     name = "decant_sql_privileges",
     requires = [log_standby_snapshot],
 );
+
+// The DDL capture: event triggers and the functions they call (the same
+// file that `decant ddl-capture-sql` prints for servers without the
+// extension). decant.ddl_statement(text) is called by name, at run time.
+pgrx::extension_sql_file!("../sql/ddl_capture.sql", name = "ddl_capture", requires = ["decant_sql"]);

@@ -20,6 +20,7 @@ mod encoding;
 mod output;
 mod relation;
 mod session;
+mod statement;
 mod tuple;
 
 use output::{flush_pending, write_record, Flush};
