@@ -43,6 +43,15 @@ pub enum Command {
     DefaultConfig,
     /// Decode and print decant change records, checking every CRC.
     Inspect(crate::inspect::InspectArgs),
+    /// Mark the DDL statement at a source position to be skipped when the
+    /// stream reaches it: after a task stopped on it (migrate.ddl = "stop",
+    /// or a statement the destination refused) and you made the change on
+    /// the destination by hand, or decided to go without it.
+    SkipDdl(SkipDdlArgs),
+    /// Print the SQL script that installs decant's DDL capture (event
+    /// triggers) on a source database where the decant extension cannot be
+    /// installed (PostgreSQL 10 or later; run it as a superuser).
+    DdlCaptureSql,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +116,15 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SkipDdlArgs {
+    #[command(flatten)]
+    pub role: RoleArgs,
+    /// The statement's source position, as the task's error gives it (e.g. 0/1A2B3C4).
+    #[arg(long, value_name = "LSN")]
+    pub at: String,
+}
+
+#[derive(Debug, Args)]
 pub struct CutoverArgs {
     /// The task's TOML configuration; repeat it to cut over several tasks
     /// together (tasks split by tables): none is fenced unless all are
@@ -139,6 +157,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             Ok(())
+        }
+        Command::DdlCaptureSql => {
+            print!("{}", crate::ddl::capture_script());
+            Ok(())
+        }
+        Command::SkipDdl(args) => {
+            let config = Config::load(Some(&args.role.config), &args.role.overrides)?;
+            let at: decant_proto::Lsn =
+                args.at.parse().map_err(|e| anyhow::anyhow!("--at {}: {e} (a source position such as 0/1A2B3C4)", args.at))?;
+            one_shot(&config, async {
+                let destination = crate::connect::ConnInfo::parse(&config.destination.dsn, &crate::connect::ProcessEnv)?;
+                let (client, _connection) = crate::connect::sql::connect(&destination, "decant skip-ddl", "").await?;
+                println!("{}", crate::applier::ddl::mark_to_skip(&client, &config.task_id, at).await?);
+                Ok(())
+            })
         }
         Command::Migrate(args) => {
             let config = args.config()?;

@@ -81,6 +81,31 @@ pub struct Migrate {
     pub accept: Vec<String>,
     /// Destination names, row filters and transforms (see `mapping`).
     pub map: Vec<MapEntry>,
+    /// What the applier does with DDL captured on the source.
+    pub ddl: DdlPolicy,
+}
+
+/// What the applier does with a DDL statement captured on the source
+/// (`migrate.ddl`), at its place in the stream.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DdlPolicy {
+    /// Run it on the destination, in the transaction of the changes around it.
+    Apply,
+    /// Leave the destination's schema to the operator; counted.
+    Skip,
+    /// Stop the task there, naming the statement and its position.
+    Stop,
+}
+
+impl DdlPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            DdlPolicy::Apply => "apply",
+            DdlPolicy::Skip => "skip",
+            DdlPolicy::Stop => "stop",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -145,6 +170,7 @@ impl Default for Migrate {
             insert_only_tables: Vec::new(),
             accept: Vec::new(),
             map: Vec::new(),
+            ddl: DdlPolicy::Apply,
         }
     }
 }
@@ -459,6 +485,14 @@ impl Config {
             o.push(("exclude_tables", self.source.exclude_tables.join(",")));
         }
         o
+    }
+
+    /// The task's table selection (source.include_tables minus
+    /// exclude_tables), as the plugin applies it. The patterns are checked
+    /// when the configuration is loaded.
+    pub fn selection(&self) -> decant_proto::options::PluginOptions {
+        let pairs = self.plugin_option_pairs();
+        decant_proto::options::PluginOptions::parse(pairs.iter().map(|(k, v)| (*k, Some(v.as_str())))).unwrap_or_default()
     }
 
     /// `migrate.insert_only_tables`, parsed.

@@ -280,7 +280,7 @@ async fn identity_fixes(src: &Client, dest: &Client, config: &Config) -> anyhow:
     const IDENTITIES: &str = "SELECT n.nspname::text, c.relname::text, a.attname::text, a.attidentity::text
            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
           WHERE a.attidentity <> '' AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')";
-    let selected = crate::migrate::tables::selector(config);
+    let selected = config.selection();
     let on_destination: std::collections::HashMap<(String, String, String), String> =
         dest.query(IDENTITIES, &[]).await?.iter().map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3))).collect();
     let mut fixes = Vec::new();

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod cutover;
+pub mod ddl;
 pub mod error;
 pub mod inspect;
 pub mod metrics;

@@ -60,6 +60,9 @@ pub struct Metrics {
     pub missing_rows: Counter,
     /// Changes not applied by `applier.operations`.
     pub skipped_changes: Counter,
+    /// DDL statements captured on the source, applied or skipped.
+    pub ddl_applied: Counter,
+    pub ddl_skipped: Counter,
     // full copy (agent)
     pub copy_rows: Counter,
     pub copy_bytes: Counter,
@@ -104,6 +107,8 @@ impl Metrics {
             "Changes not applied because applier.operations excludes their operation for the table.",
             self.skipped_changes.get(),
         );
+        counter("ddl_applied_total", "DDL statements captured on the source and applied to the destination.", self.ddl_applied.get());
+        counter("ddl_skipped_total", "DDL statements captured on the source and skipped (migrate.ddl = skip, or decant skip-ddl).", self.ddl_skipped.get());
         counter("copy_rows_total", "Rows copied by the full copy.", self.copy_rows.get());
         counter("copy_bytes_total", "COPY data bytes moved by the full copy.", self.copy_bytes.get());
         counter("errors_total", "Errors (each retried or fatal).", self.errors.get());

@@ -42,6 +42,10 @@ pub struct Status {
     pub throttle: Throttle,
     /// The alerts firing now (fired and not resolved).
     pub alerts: Vec<AlertStatus>,
+    /// DDL captured on the source: applied, skipped, marked to skip.
+    pub ddl: crate::applier::ddl::DdlCounts,
+    /// migrate.ddl of this configuration.
+    pub ddl_policy: String,
 }
 
 /// One task of the destination, in brief.
@@ -103,6 +107,8 @@ pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     let types = config.migrate.types.iter().map(|t| t.name().to_owned()).collect();
     let mut status = read(&dest, &config.task_id, types, !config.migrate.has_phases_before_stream()).await?;
     status.tasks = summaries(&dest, &status).await?;
+    status.ddl = crate::applier::ddl::counts(&dest, &config.task_id).await?;
+    status.ddl_policy = config.migrate.ddl.name().to_owned();
     status.copy_rows_per_s = (second.rows - first.rows).max(0) as f64;
     status.copy_mb_per_s = (second.bytes - first.bytes).max(0) as f64 / 1048576.0;
     if let (Some(a), Some(b)) = (first.applied, second.applied) {
@@ -211,6 +217,8 @@ async fn read(dest: &Client, task_id: &str, types: Vec<String>, stream_only: boo
         cut_over_lsn: None,
         tasks: Vec::new(),
         throttle: Throttle::default(),
+        ddl: Default::default(),
+        ddl_policy: String::new(),
         alerts: Vec::new(),
     };
     let planned: bool = dest.query_one("SELECT to_regclass('decant.task') IS NOT NULL", &[]).await?.get(0);
@@ -336,6 +344,11 @@ pub fn render(s: &Status) -> String {
             let applied = t.applied_lsn.as_deref().unwrap_or("-");
             let _ = writeln!(out, "  {mark} {:width$}  {:11}  {:11}  {:>6}  {applied}", t.task_id, t.state, t.phase, t.tables);
         }
+    }
+    if !s.ddl_policy.is_empty() {
+        let d = &s.ddl;
+        let marked = if d.to_skip > 0 { format!(", {} marked to skip", d.to_skip) } else { String::new() };
+        let _ = writeln!(out, "ddl: {} applied, {} skipped{marked} (migrate.ddl = {})", d.applied, d.skipped, s.ddl_policy);
     }
     let t = &s.throttle;
     let _ = writeln!(

@@ -94,9 +94,6 @@ BEGIN
   -- has a line for each caller besides this function's own.
   GET DIAGNOSTICS stack = PG_CONTEXT;
   PERFORM decant.emit_ddl(tg_tag, pg_catalog.current_setting('search_path'), pg_catalog.strpos(stack, E'\n') > 0);
-EXCEPTION WHEN OTHERS THEN
-  -- Capture never fails the user's statement.
-  RAISE WARNING 'decant: this % was not captured for the destination: %', tg_tag, SQLERRM;
 END
 $$;
 
@@ -109,6 +106,7 @@ DECLARE
   objects jsonb;
   statement text;
   origin text;
+  content bytea;
 BEGIN
   -- Outside an event trigger this raises: the function writes nothing
   -- when called directly.
@@ -169,15 +167,21 @@ BEGIN
       statement := current_query();
       origin := 'query';
     END IF;
-    PERFORM pg_logical_emit_message(true, 'decant.ddl', convert_to(jsonb_build_object(
+    content := convert_to(jsonb_build_object(
       'v', 1, 'tag', tag, 'origin', origin, 'statement', CASE WHEN origin = 'function' THEN NULL ELSE statement END,
-      'search_path', search_path, 'objects', objects)::text, 'UTF8'));
+      'search_path', search_path, 'objects', objects)::text, 'UTF8');
   EXCEPTION WHEN OTHERS THEN
-    -- The destination is told that a DDL was not captured: the task stops
-    -- there with this error rather than go on without it.
-    PERFORM pg_logical_emit_message(true, 'decant.ddl', convert_to(jsonb_build_object(
-      'v', 1, 'tag', tag, 'origin', 'error', 'error', SQLERRM, 'objects', coalesce(objects, '[]'::jsonb))::text, 'UTF8'));
+    -- Capture never fails the user's statement. The destination is told
+    -- that a DDL was not captured: the task stops there with this error
+    -- rather than go on without it.
+    content := convert_to(jsonb_build_object(
+      'v', 1, 'tag', tag, 'origin', 'error', 'error', SQLERRM, 'objects', coalesce(objects, '[]'::jsonb))::text, 'UTF8');
   END;
+  -- Written outside the block above (a subtransaction of its own): a
+  -- message that is the first WAL record of a subtransaction was decoded
+  -- after the changes that followed it in its transaction, not at its
+  -- place (seen on PostgreSQL 15).
+  PERFORM pg_logical_emit_message(true, 'decant.ddl', content);
 END
 $$;
 

@@ -174,6 +174,18 @@ impl PluginOptions {
         let included = self.include_tables.is_empty() || self.include_tables.iter().any(|p| p.matches(schema, table));
         included && !self.exclude_tables.iter().any(|p| p.matches(schema, table))
     }
+
+    /// Whether every table of `schema` is selected, whatever its name (an
+    /// include pattern `schema.*` or none at all, and no exclude pattern
+    /// for that schema): objects of the schema that belong to no table
+    /// (types, operators, …) then belong to the selection.
+    pub fn schema_selected_whole(&self, schema: &[u8]) -> bool {
+        if schema == b"decant" {
+            return false;
+        }
+        let included = self.include_tables.is_empty() || self.include_tables.iter().any(|p| p.covers_schema(schema));
+        included && !self.exclude_tables.iter().any(|p| glob_match(&p.schema, schema))
+    }
 }
 
 /// `schema.table`, where either part may contain `*` (any run of
@@ -230,6 +242,11 @@ impl TablePattern {
 
     pub fn matches(&self, schema: &[u8], table: &[u8]) -> bool {
         glob_match(&self.schema, schema) && glob_match(&self.table, table)
+    }
+
+    /// Whether it matches every table of `schema` (`schema.*`).
+    fn covers_schema(&self, schema: &[u8]) -> bool {
+        self.table == [Glob::Star] && glob_match(&self.schema, schema)
     }
 }
 
@@ -294,5 +311,17 @@ mod tests {
         assert!(!PluginOptions::default().table_selected(b"decant", b"health"));
         assert!(parse(&[("include_tables", Some("a.b.c"))]).is_err());
         assert!(parse(&[("include_tables", Some("a.b,"))]).is_err());
+    }
+
+    #[test]
+    fn schemas_selected_whole() {
+        let o = parse(&[("include_tables", Some("public.*, app.order*, s*.*")), ("exclude_tables", Some("sales.secret"))]).unwrap();
+        assert!(o.schema_selected_whole(b"public"));
+        assert!(!o.schema_selected_whole(b"app"), "only some of app's tables");
+        assert!(o.schema_selected_whole(b"stock"));
+        assert!(!o.schema_selected_whole(b"sales"), "one of sales' tables is excluded");
+        assert!(!o.schema_selected_whole(b"other"));
+        assert!(PluginOptions::default().schema_selected_whole(b"anything"));
+        assert!(!PluginOptions::default().schema_selected_whole(b"decant"));
     }
 }

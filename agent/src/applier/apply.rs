@@ -16,6 +16,7 @@ use super::cells::{Cells, Mismatch};
 use super::statements::Target;
 use super::{statement_error, Applier, ApplyError};
 use crate::config::Operations;
+use crate::quote::quote_ident;
 
 impl Applier {
     /// Applies one batch of frames. Every CRC is checked before anything of
@@ -85,6 +86,13 @@ impl Applier {
                 self.flush_bulk(r.oid).await?;
                 let mut target = Target::from_relation(r, &self.settings.mapping);
                 target.operations = self.settings.operations.for_table(r.namespace, r.name);
+                let unmapped = format!(
+                    "{}.{}",
+                    quote_ident(&String::from_utf8_lossy(r.namespace)),
+                    quote_ident(&String::from_utf8_lossy(r.name))
+                );
+                let mapped = target.projected.is_some() || target.qualified != unmapped;
+                self.create_missing_table(r, &target.qualified, mapped).await?;
                 self.learn_destination(&mut target).await?;
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
                 self.stages.remove(&r.oid);
@@ -128,6 +136,7 @@ impl Applier {
                 self.delete_row(&target, d.old.as_ref(), batch).await?;
             }
             Record::Truncate(t) if !self.skipping && self.settings.apply_truncate => self.truncate(t).await?,
+            Record::Message(m) if !self.skipping && m.transactional && m.prefix == crate::ddl::MESSAGE_PREFIX => self.ddl(m).await?,
             Record::Message(m)
                 if !self.skipping && m.transactional && self.settings.apply_messages && !m.prefix.starts_with(b"decant.") =>
             {
@@ -191,7 +200,7 @@ impl Applier {
     /// decant writes that type in binary, see [`Cells`], else text), its
     /// identity columns GENERATED ALWAYS, and whether its changes must keep
     /// source order (see [`Target::source_order`]).
-    async fn learn_destination(&mut self, target: &mut Target) -> Result<(), ApplyError> {
+    pub(super) async fn learn_destination(&mut self, target: &mut Target) -> Result<(), ApplyError> {
         // The client is the commit task's until settled.
         self.settle().await?;
         let names: Vec<&str> = target.columns.iter().map(String::as_str).collect();

@@ -60,7 +60,7 @@ const SPLIT_MIN_ROWS: usize = 2000;
 /// its commit (mid-group merges, row-by-row statements): the second
 /// connection would wait for those locks.
 pub fn splits(second: bool, splittable: bool, rows: usize, group: Option<&Group>, oid: u32) -> bool {
-    second && splittable && rows >= SPLIT_MIN_ROWS && group.is_some_and(|g| !g.truncated && !g.touched.contains(&oid))
+    second && splittable && rows >= SPLIT_MIN_ROWS && group.is_some_and(|g| !g.exclusive && !g.touched.contains(&oid))
 }
 
 /// Open destination transaction grouping source transactions.
@@ -78,8 +78,14 @@ pub struct Group {
     /// (mid-group merges, row-by-row statements): their merges stay there,
     /// as the second connection would wait for those row locks.
     pub touched: HashSet<u32>,
-    /// A TRUNCATE ran in this group: nothing is split.
-    pub truncated: bool,
+    /// A TRUNCATE or a DDL statement ran in this group, and its locks are
+    /// held on the main connection until the commit: nothing is split.
+    pub exclusive: bool,
+    /// A DDL statement ran in this group: it ends at that source
+    /// transaction's COMMIT, so that what follows sees the schema committed
+    /// (a value added to an enum cannot be used in the transaction that
+    /// added it).
+    pub ddl: bool,
 }
 
 impl Group {
@@ -95,7 +101,8 @@ impl Group {
             last_end: committed,
             last_commit_time: 0,
             touched: Default::default(),
-            truncated: false,
+            exclusive: false,
+            ddl: false,
         }
     }
 
@@ -115,7 +122,8 @@ impl Group {
     /// folded changes, `folded_bytes`, against this group's `folded_limit`).
     pub fn is_full(&self, settings: &ApplySettings, folded_bytes: usize, folded_limit: usize, now: Instant) -> bool {
         self.source_transactions > 0
-            && (self.source_transactions >= settings.group_max_transactions
+            && (self.ddl
+                || self.source_transactions >= settings.group_max_transactions
                 || self.bytes >= settings.group_max_bytes
                 || folded_bytes >= folded_limit
                 || now.saturating_duration_since(self.started) >= settings.group_max_delay)

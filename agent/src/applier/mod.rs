@@ -25,6 +25,7 @@
 pub mod apply;
 pub mod cells;
 pub mod commit;
+pub mod ddl;
 pub mod fold;
 pub mod merge;
 pub mod migration;
@@ -41,6 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use decant_proto::options::PluginOptions;
 use decant_proto::{DecodeError, Lsn};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Statement};
@@ -52,7 +54,7 @@ use self::progress::{ProgressError, ProgressStore};
 use self::rowwise::InFlight;
 use self::stage::StageSql;
 use self::statements::Target;
-use crate::config::{ConflictPolicy, Mapping, OperationRules, Operations};
+use crate::config::{ConflictPolicy, DdlPolicy, Mapping, OperationRules, Operations};
 use crate::connect::sql::{connect, ConnectError};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
@@ -81,6 +83,11 @@ pub struct ApplySettings {
     pub split_merges: bool,
     /// Destination names, row filters and transforms (`migrate.map`).
     pub mapping: Arc<Mapping>,
+    /// What is done with DDL captured on the source (`migrate.ddl`).
+    pub ddl: DdlPolicy,
+    /// The task's tables (source.include_tables, exclude_tables): which
+    /// captured DDL concerns it.
+    pub selection: Arc<PluginOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +126,22 @@ pub enum ApplyError {
     CommitTask(String),
     #[error("COPY into {table} loaded {loaded} rows where {sent} were sent; the group was rolled back")]
     CopyCount { table: String, sent: u64, loaded: u64 },
+    #[error(
+        "migrate.ddl = \"stop\": the task stops at {what}, source position {at}: {statement}\nMake the change on the destination \
+         if you want it, then run `decant skip-ddl --at {at}` and start the task again"
+    )]
+    DdlStopped { at: Lsn, what: String, statement: String },
+    #[error(
+        "{what} at source position {at} cannot be applied: {reason}\nMake the same change on the destination by hand, then run \
+         `decant skip-ddl --at {at}` and start the task again"
+    )]
+    DdlNotReplayable { at: Lsn, what: String, reason: String },
+    #[error(
+        "{what} at source position {at} failed on the destination: {error}\n  statement: {statement}\nNothing after it was \
+         applied. Fix the destination and start the task again (it runs the statement again), or make the change by hand \
+         and run `decant skip-ddl --at {at}`"
+    )]
+    DdlFailed { at: Lsn, what: String, statement: String, error: String },
 }
 
 impl ApplyError {

@@ -40,13 +40,25 @@ pub struct ProgressStore {
     pub origin: bool,
 }
 
-const CREATE_TABLE: &str = "CREATE SCHEMA IF NOT EXISTS decant;
+pub(super) const CREATE_TABLE: &str = "CREATE SCHEMA IF NOT EXISTS decant;
 CREATE TABLE IF NOT EXISTS decant.progress (
     task_id text PRIMARY KEY,
     source_lsn pg_lsn NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE decant.progress IS 'decant: last source commit applied per task, written with the data'";
+COMMENT ON TABLE decant.progress IS 'decant: last source commit applied per task, written with the data';
+-- The DDL captured on the source that reached this destination, by source
+-- position (the message's LSN), written with the data: applied, skipped,
+-- or 'to skip' (marked by decant skip-ddl before the stream reaches it).
+CREATE TABLE IF NOT EXISTS decant.ddl (
+    task_id text NOT NULL,
+    source_lsn pg_lsn NOT NULL,
+    outcome text NOT NULL,
+    tag text NOT NULL DEFAULT '',
+    statement text NOT NULL DEFAULT '',
+    at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (task_id, source_lsn)
+)";
 
 /// Runs `ddl`, which creates decant's objects if missing, holding a lock
 /// that every task sharing the destination takes for it: two sessions

@@ -231,7 +231,7 @@ impl Applier {
         self.flush_all_bulk().await?;
         self.open_transaction().await?;
         if let Some(g) = &mut self.group {
-            g.truncated = true;
+            g.exclusive = true;
         }
         self.drain_pipeline(0).await?;
         let err = |source| ApplyError::Statement { op: "TRUNCATE", table: tables.join(", "), source };

@@ -123,6 +123,8 @@ fn settings(config: &Config) -> ApplySettings {
         apply_messages: a.apply_messages,
         split_merges: a.split_merges,
         mapping: Arc::new(config.mapping().expect("migrate.map is checked when the configuration is loaded")),
+        ddl: config.migrate.ddl,
+        selection: Arc::new(config.selection()),
     }
 }
 
@@ -135,7 +137,10 @@ fn apply_status(e: &ApplyError) -> Status {
         | ApplyError::NoIdentity { .. }
         | ApplyError::MissingRow { .. }
         | ApplyError::Mapping { .. }
-        | ApplyError::NeedsOldRow { .. } => Status::failed_precondition(message),
+        | ApplyError::NeedsOldRow { .. }
+        | ApplyError::DdlStopped { .. }
+        | ApplyError::DdlNotReplayable { .. } => Status::failed_precondition(message),
+        ApplyError::DdlFailed { .. } => Status::failed_precondition(message),
         _ => Status::aborted(message),
     }
 }

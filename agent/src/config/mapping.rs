@@ -198,6 +198,13 @@ impl Mapping {
         out
     }
 
+    /// Whether the source schema `schema`, or the table `schema.table`
+    /// (`None`: any object of the schema), has destination names, a
+    /// filter or transforms of its own.
+    pub fn concerns(&self, schema: &str, table: Option<&str>) -> bool {
+        self.schema(schema) != schema || table.is_some_and(|t| self.entry(schema, t).is_some())
+    }
+
     fn entry(&self, schema: &str, table: &str) -> Option<&TableEntry> {
         self.tables.get(&(schema.to_owned(), table.to_owned()))
     }

@@ -5,7 +5,7 @@
 
 use decant_proto::grpc::{Claim, TableName};
 
-use super::tables::{selector, NOT_EXTENSION_MEMBER, SYSTEM_SCHEMAS};
+use super::tables::{NOT_EXTENSION_MEMBER, SYSTEM_SCHEMAS};
 use super::MigrateError;
 use crate::config::{Config, MigrationType};
 use crate::connect::sql::connect;
@@ -33,7 +33,7 @@ pub async fn claim(config: &Config, source: &ConnInfo) -> Result<Claim, MigrateE
           WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {SYSTEM_SCHEMAS} AND {NOT_EXTENSION_MEMBER}
           ORDER BY 1, 2"
     );
-    let selected = selector(config);
+    let selected = config.selection();
     let mapping = config.mapping().map_err(|e| MigrateError::Invalid(e.to_string()))?;
     let tables = client
         .query(&sql, &[])

@@ -3,7 +3,6 @@
 //! ranges, and the selected sequences.
 
 use decant_proto::grpc::{PageRange, SequenceValue, TablePlan};
-use decant_proto::options::PluginOptions;
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -46,7 +45,7 @@ pub async fn list_tables(
           GROUP BY n.nspname, c.relname, c.oid
           ORDER BY pg_table_size(c.oid) DESC, 1, 2"
     );
-    let selected = selector(config);
+    let selected = config.selection();
     let split_bytes = config.migrate.split_tables_larger_than_mb.saturating_mul(1 << 20);
     pace.query().await;
     let block: i64 = client.query_one("SELECT current_setting('block_size')::int8", &[]).await?.get(0);
@@ -101,7 +100,7 @@ pub async fn tables_without_identity(client: &Client, config: &Config) -> Result
                  OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
           ORDER BY 1, 2"
     );
-    let selected = selector(config);
+    let selected = config.selection();
     // Validated with the configuration.
     let accepted = config.insert_only_patterns().unwrap_or_default();
     Ok(client
@@ -114,11 +113,6 @@ pub async fn tables_without_identity(client: &Client, config: &Config) -> Result
         .collect())
 }
 
-/// The task's table filter (the plugin's patterns).
-pub fn selector(config: &Config) -> PluginOptions {
-    let pairs = config.plugin_option_pairs();
-    PluginOptions::parse(pairs.iter().map(|(k, v)| (*k, Some(v.as_str())))).unwrap_or_default()
-}
 
 /// `pieces` page ranges that together cover every page of a table of
 /// `pages` pages; the last one is open-ended, so pages added since the
@@ -161,7 +155,7 @@ pub async fn sequence_values(client: &Client, config: &Config, pace: &SharedPace
             AND {NOT_EXTENSION_MEMBER}
           ORDER BY 1, 2"
     );
-    let selected = selector(config);
+    let selected = config.selection();
     let mut out = Vec::new();
     pace.query().await;
     for row in client.query(&sql, &[]).await? {

@@ -56,6 +56,7 @@ checks! {
     SourceWalSenders = "source.wal_senders",
     SourceOutputPluginLibraries = "source.output_plugin_libraries",
     SourcePlugin = "source.plugin",
+    SourceDdlCapture = "source.ddl_capture",
     SourceSlot = "source.slot",
     SourceReplicationPrivilege = "source.replication_privilege",
     SourceSelect = "source.select",

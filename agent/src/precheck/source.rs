@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 use super::server::{Connected, Server};
 use super::tables::{self, Selection};
 use super::{Check, Findings, TaskState};
-use crate::config::{Config, MigrationType};
+use crate::config::{Config, DdlPolicy, MigrationType};
 use crate::connect::sql::{quote_ident, quote_literal};
 use crate::migrate::schema::PgDump;
 
@@ -60,6 +60,7 @@ impl Source {
             let slot_exists = self.slot(config, state, f).await?;
             self.slots_and_senders(config, state, slot_exists, &settings, f).await?;
             self.plugin(&settings, f).await?;
+            self.ddl_capture(config, f).await?;
             if self.server.superuser || self.server.replication {
                 f.pass(Check::SourceReplicationPrivilege, &self.server.user, "may open replication connections (REPLICATION or superuser)");
             } else {
@@ -86,6 +87,51 @@ impl Source {
         }
         self.standby(config, &settings, f);
         tables::check(&self.client, config, &self.server, f).await
+    }
+
+    /// Whether DDL run on the source during the stream reaches the
+    /// destination: the capture's event trigger in the source database.
+    async fn ddl_capture(&self, config: &Config, f: &mut Findings) -> Result<(), tokio_postgres::Error> {
+        let check = Check::SourceDdlCapture;
+        let policy = config.migrate.ddl;
+        if policy == DdlPolicy::Skip {
+            f.pass(check, "migrate.ddl", "DDL on the source is not applied to the destination (migrate.ddl = \"skip\")");
+            return Ok(());
+        }
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT evtenabled::text FROM pg_event_trigger WHERE evtname = 'decant_ddl_end'),
+                        EXISTS (SELECT FROM pg_extension WHERE extname = 'decant')",
+                &[],
+            )
+            .await?;
+        let (enabled, extension): (Option<String>, bool) = (row.get(0), row.get(1));
+        let by = if extension { "the decant extension" } else { "the script of decant ddl-capture-sql" };
+        match enabled.as_deref() {
+            Some("O" | "A") => f.pass(
+                check,
+                "decant_ddl_end",
+                format!("DDL on the source is captured ({by}) and {} (migrate.ddl = \"{}\")",
+                        if policy == DdlPolicy::Apply { "applied at its place in the stream" } else { "stops the task" }, policy.name()),
+            ),
+            Some(_) => f.warn(
+                check,
+                "decant_ddl_end",
+                "the event trigger decant_ddl_end that captures DDL is disabled (or fires only for replicas): DDL on the source \
+                 would not reach the destination, and the stream would stop at the next change of a table it altered",
+                "ALTER EVENT TRIGGER decant_ddl_end ENABLE; ALTER EVENT TRIGGER decant_ddl_drop ENABLE;",
+            ),
+            None => f.warn(
+                check,
+                "decant_ddl_end",
+                "DDL on the source is not captured (no decant extension in the source database): DDL run during the stream \
+                 would not reach the destination, and the stream would stop at the next change of a table it altered",
+                "in the source database, as a superuser: CREATE EXTENSION decant; (or, where the extension cannot be installed: \
+                 decant ddl-capture-sql | psql -1 <source>)",
+            ),
+        }
+        Ok(())
     }
 
     fn version(&self, incremental: bool, f: &mut Findings) {

@@ -13,7 +13,7 @@ use super::server::Server;
 use super::{display, list, qualified, Check, Findings, Severity};
 use crate::config::{Config, MigrationType};
 use crate::connect::sql::quote_ident;
-use crate::migrate::tables::{selector, tables_without_identity, NOT_EXTENSION_MEMBER, SEQUENCE_OWNER, SYSTEM_SCHEMAS};
+use crate::migrate::tables::{tables_without_identity, NOT_EXTENSION_MEMBER, SEQUENCE_OWNER, SYSTEM_SCHEMAS};
 
 /// A selected table (ordinary, partitioned or foreign).
 pub(super) struct Relation {
@@ -62,7 +62,7 @@ impl Selection {
 pub(super) async fn check(client: &Client, config: &Config, server: &Server, f: &mut Findings) -> Result<Selection, tokio_postgres::Error> {
     let m = &config.migrate;
     let (schema, full, incremental) = (m.has(MigrationType::Schema), m.has(MigrationType::Full), m.has(MigrationType::Incremental));
-    let selected = selector(config);
+    let selected = config.selection();
     let rows = client
         .query(
             &format!(
@@ -277,7 +277,7 @@ type Sequence = (String, String, bool);
 /// owned by a selected table, as the copy reads them), and a warning for
 /// each sequence a selected column's default uses that is not among them.
 async fn sequences(client: &Client, config: &Config, f: &mut Findings) -> Result<Vec<Sequence>, tokio_postgres::Error> {
-    let selected = selector(config);
+    let selected = config.selection();
     let rows = client
         .query(
             &format!(
@@ -417,7 +417,7 @@ async fn large_objects(client: &Client, f: &mut Findings) -> Result<(), tokio_po
 /// The types (array element types resolved) and collations of selected
 /// columns that are not built in.
 async fn dependencies(client: &Client, config: &Config, sel: &Selection) -> Result<Vec<Dependency>, tokio_postgres::Error> {
-    let selected = selector(config);
+    let selected = config.selection();
     let rows = client
         .query(
             &format!(

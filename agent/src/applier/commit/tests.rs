@@ -16,6 +16,8 @@ fn settings() -> ApplySettings {
         apply_messages: true,
         split_merges: false,
         mapping: Default::default(),
+        ddl: crate::config::DdlPolicy::Apply,
+        selection: Default::default(),
     }
 }
 
@@ -187,6 +189,6 @@ fn large_merges_of_untouched_tables_are_split() {
     assert!(splits(true, true, SPLIT_MIN_ROWS, Some(&touched), 8));
     // After a TRUNCATE nothing is split.
     let mut truncated = Group::new(Lsn(1), Instant::now());
-    truncated.truncated = true;
+    truncated.exclusive = true;
     assert!(!splits(true, true, SPLIT_MIN_ROWS, Some(&truncated), 8));
 }
