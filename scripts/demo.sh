@@ -10,7 +10,9 @@
 #      without a key),
 #   4. starts a write load on the source (pgbench running scripts/demo/load.sql),
 #   5. runs `decant migrate` with types schema + full + incremental: schema,
-#      full copy with progress, post-data, then the change stream,
+#      full copy with progress, post-data, then the change stream, during
+#      which the source's schema changes (ALTER TABLE ADD COLUMN, CREATE
+#      TABLE: captured by the decant extension and applied in order),
 #   6. waits until the lag is near zero, stops the load, and
 #   7. runs `decant verify`: row counts and checksums of every table, source
 #      against destination. The demo exits non-zero if any table differs.
@@ -104,6 +106,10 @@ psql -X -d "$SRC" -c "SELECT n.nspname AS schema, count(*) FILTER (WHERE c.relki
   WHERE n.nspname IN ('shop', 'hr', 'ops') GROUP BY 1 ORDER BY 1"
 echo "loaded in $(($(date +%s) - start)) s"
 
+# DDL capture: the extension's event triggers put each DDL statement into
+# the WAL, where the stream applies it at its place among the changes.
+psql -q -X -v ON_ERROR_STOP=1 -d "$SRC" -c "CREATE EXTENSION IF NOT EXISTS decant"
+
 cat >"$DEMO_DIR/task.toml" <<EOF
 # The demo's task: see \`decant default-config\` for every setting.
 task_id = "demo"
@@ -148,7 +154,20 @@ done
 step "Streaming changes while the load goes on ($LOAD_SECONDS s)"
 for ((i = 0; i < LOAD_SECONDS; i += 5)); do
     sleep 5
-    "$DECANT" status --config "$DEMO_DIR/task.toml" 2>/dev/null | grep -E '^(task|incremental|rates)' || true
+    "$DECANT" status --config "$DEMO_DIR/task.toml" 2>/dev/null | grep -E '^(task|incremental|rates|ddl)' || true
+    if ((i == 5)); then
+        step "Changing the schema on the source while it streams: a new column used at once, a new table"
+        psql -q -X -v ON_ERROR_STOP=1 -d "$SRC" <<'SQL'
+BEGIN;
+ALTER TABLE shop.customers ADD COLUMN loyalty_points int NOT NULL DEFAULT 0;
+UPDATE shop.customers SET loyalty_points = 10 WHERE id % 3 = 0;
+COMMIT;
+CREATE TABLE shop.coupons (code text PRIMARY KEY, percent int NOT NULL CHECK (percent BETWEEN 1 AND 90),
+                           customer_id bigint REFERENCES shop.customers (id));
+INSERT INTO shop.coupons SELECT 'C' || g, 5 + g % 40, g FROM generate_series(1, 1000) g;
+SQL
+        echo "ALTER TABLE shop.customers ADD COLUMN loyalty_points; CREATE TABLE shop.coupons (1000 rows)"
+    fi
 done
 
 step "Waiting until the lag is near zero (under 1 MB)"

@@ -136,7 +136,20 @@ BEGIN
     IF objects = '[]'::jsonb THEN
       RETURN;
     END IF;
-    IF nested THEN
+    IF tag = 'REFRESH MATERIALIZED VIEW' THEN
+      -- Computed again from the destination's tables, which hold at this
+      -- place what the source's held: the same rows, wherever the refresh
+      -- ran (maintenance procedures do it), and without CONCURRENTLY,
+      -- which needs no transaction of its own on the destination.
+      origin := 'generated';
+      SELECT format('REFRESH MATERIALIZED VIEW %I.%I%s', ns.nspname, c.relname,
+                    CASE WHEN c.relispopulated THEN '' ELSE ' WITH NO DATA' END)
+        INTO statement
+        FROM pg_event_trigger_ddl_commands() e
+        JOIN pg_class c ON c.oid = e.objid AND e.classid = 'pg_class'::regclass
+        JOIN pg_namespace ns ON ns.oid = c.relnamespace
+       LIMIT 1;
+    ELSIF nested THEN
       origin := 'function';
     ELSIF tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
       -- Its rows reach the destination as the stream's INSERTs, decoded
