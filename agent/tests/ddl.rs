@@ -337,3 +337,65 @@ fn the_capture_script_works_where_the_extension_is_not_installed() {
     let log = fails(&mut m);
     expect(&log, &["query string of 2 statements", "decant skip-ddl --at"]);
 }
+
+/// The capture script on every major of the version matrix (and 10, the
+/// oldest it is for): the messages come out of the WAL, read here through
+/// test_decoding, at their place among the changes, with the whole query
+/// string (no extension: origin "query"), the objects, and DDL run by a DO
+/// block marked as such.
+#[test]
+fn the_capture_script_captures_ddl_on_every_major() {
+    let script = {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_decant")).arg("ddl-capture-sql").output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut majors = decant_tests::versions::pg_versions();
+    majors.insert(0, 10);
+    majors.dedup();
+    for major in majors {
+        let cluster = Cluster::start_version(major);
+        let mut c = cluster.connect();
+        c.batch_execute(&script).unwrap_or_else(|e| panic!("PostgreSQL {major}: the script: {e}"));
+        c.query_one("SELECT pg_create_logical_replication_slot('s', 'test_decoding')", &[]).unwrap();
+        c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").unwrap();
+        c.batch_execute("BEGIN; ALTER TABLE t ADD COLUMN v text; INSERT INTO t VALUES (1, 'a'); COMMIT").unwrap();
+        c.batch_execute("DO $$ BEGIN EXECUTE 'CREATE INDEX t_v ON t (v)'; END $$").unwrap();
+        c.batch_execute("CREATE TEMP TABLE scratch (a int)").unwrap();
+        c.batch_execute("DROP TABLE t").unwrap();
+        let lines: Vec<String> = c
+            .query("SELECT data FROM pg_logical_slot_get_changes('s', NULL, NULL)", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|d| !d.starts_with("BEGIN") && !d.starts_with("COMMIT"))
+            .collect();
+        let messages: Vec<serde_json::Value> = lines
+            .iter()
+            .filter_map(|l| l.split_once("content:").map(|(_, json)| serde_json::from_str(json).unwrap()))
+            .collect();
+        let summary: Vec<(String, String, String)> = messages
+            .iter()
+            .map(|m| (m["tag"].as_str().unwrap().into(), m["origin"].as_str().unwrap().into(), m["statement"].as_str().unwrap_or("").into()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("CREATE TABLE".into(), "query".into(), "CREATE TABLE t (id int PRIMARY KEY)".into()),
+                (
+                    "ALTER TABLE".into(),
+                    "query".into(),
+                    "BEGIN; ALTER TABLE t ADD COLUMN v text; INSERT INTO t VALUES (1, 'a'); COMMIT".into()
+                ),
+                ("CREATE INDEX".into(), "function".into(), String::new()),
+                ("DROP TABLE".into(), "query".into(), "DROP TABLE t".into()),
+            ],
+            "PostgreSQL {major}: {lines:#?}"
+        );
+        // The ALTER's message comes before the INSERT that uses its column.
+        let alter = lines.iter().position(|l| l.contains("\"tag\": \"ALTER TABLE\"")).unwrap();
+        let insert = lines.iter().position(|l| l.starts_with("table public.t: INSERT")).unwrap();
+        assert!(alter < insert, "PostgreSQL {major}: {lines:#?}");
+        assert_eq!(messages[3]["objects"][0]["identity"], "public.t", "PostgreSQL {major}");
+    }
+}
