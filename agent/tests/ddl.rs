@@ -18,10 +18,16 @@ use decant_tests::Cluster;
 /// pgbench's tables are), whose source has the decant extension; schema
 /// other is not selected.
 fn task(id: &str) -> Task {
-    let t = Task::builder(env!("CARGO_BIN_EXE_decant"), id)
+    with_extension(builder(id).build())
+}
+
+fn builder(id: &str) -> decant_tests::task::TaskBuilder {
+    Task::builder(env!("CARGO_BIN_EXE_decant"), id)
         .migrate("types = [\"schema\", \"full\", \"incremental\"]")
         .set("source.include_tables", "[\"app.*\", \"archive.*\", \"public.*\"]")
-        .build();
+}
+
+fn with_extension(t: Task) -> Task {
     t.src().batch_execute("CREATE EXTENSION decant").unwrap();
     t
 }
@@ -191,27 +197,50 @@ fn every_kind_of_ddl_reaches_the_destination_in_order_with_the_changes() {
 
 #[test]
 fn ddl_is_applied_exactly_once_across_kill_9() {
-    let t = task("ddl_kill");
+    let t = with_extension(builder("ddl_kill").transport("ddl kill test").build());
+    t.pgbench_init("1");
     t.src().batch_execute(APP).unwrap();
     let mut m = t.migrate_until_incremental("migrate.log", Duration::from_secs(120));
+    let mut load = t.pgbench_load(30);
     let mut src = t.src();
-    for round in 1..=4 {
+    let ddl = |src: &mut postgres::Client, round: u64| {
         src.batch_execute(&format!(
             "BEGIN; ALTER TABLE app.items ADD COLUMN c{round} int DEFAULT {round};
              UPDATE app.items SET c{round} = id WHERE id % 7 = {round}; COMMIT;
              CREATE TABLE app.t{round} (id int PRIMARY KEY); INSERT INTO app.t{round} SELECT generate_series(1, {round});"
         ))
         .unwrap();
-        // Right after the statements: at most a little of them applied.
+    };
+    // decant migrate (agent and applier in one process) killed right
+    // after the statements, at a little more of them applied each time.
+    for round in 1..=3 {
+        ddl(&mut src, round);
         std::thread::sleep(Duration::from_millis(50 * round));
         m.kill9();
         m = t.migrate("migrate.log");
     }
     wait_for("the stream phase", Duration::from_secs(60), || t.phase() == "incremental");
-    assert_same(&t);
-    assert!(m.is_running(), "{}", m.log());
-    assert_eq!(outcomes(&t).len(), 8, "each statement applied once: {:?}", outcomes(&t));
     let _ = m.stop();
+    // Then agent and applier as separate processes, each killed in turn.
+    let mut applier = t.applier(&[], "applier.log");
+    let mut agent = t.start("agent", "agent.log");
+    for round in 4..=7 {
+        ddl(&mut src, round);
+        std::thread::sleep(Duration::from_millis(30 * round));
+        if round % 2 == 0 {
+            applier.kill9();
+            applier = t.applier(&[], "applier.log");
+        } else {
+            agent.kill9();
+            agent = t.start("agent", "agent.log");
+        }
+    }
+    let _ = load.wait();
+    assert_same(&t);
+    assert!(agent.is_running() && applier.is_running(), "{}\n{}", agent.log(), applier.log());
+    let outcomes = outcomes(&t);
+    assert_eq!(outcomes.len(), 14, "each statement applied once: {outcomes:?}");
+    let _ = (agent.stop(), applier.stop());
 }
 
 #[test]
