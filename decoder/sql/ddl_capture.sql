@@ -201,6 +201,30 @@ $$;
 -- Every role's DDL is captured: each must be able to reach decant.emit_ddl.
 GRANT USAGE ON SCHEMA decant TO PUBLIC;
 
+-- CREATE TABLE AS and SELECT INTO: their rows are decoded before the
+-- statement's message (ddl_command_end fires after they are written), so
+-- a first message announces the statement and lets the destination create
+-- the table from those rows' relation metadata when they arrive.
+CREATE OR REPLACE FUNCTION decant.capture_ddl_start() RETURNS event_trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  PERFORM decant.emit_ddl_start(tg_tag);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION decant.emit_ddl_start(tag text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  PERFORM pg_logical_emit_message(true, 'decant.ddl', convert_to(
+    jsonb_build_object('v', 1, 'tag', tag, 'origin', 'announce', 'objects', '[]'::jsonb)::text, 'UTF8'));
+END
+$$;
+
+DROP EVENT TRIGGER IF EXISTS decant_ddl_start;
+CREATE EVENT TRIGGER decant_ddl_start ON ddl_command_start WHEN TAG IN ('CREATE TABLE AS', 'SELECT INTO')
+  EXECUTE PROCEDURE decant.capture_ddl_start();
 DROP EVENT TRIGGER IF EXISTS decant_ddl_drop;
 CREATE EVENT TRIGGER decant_ddl_drop ON sql_drop EXECUTE PROCEDURE decant.capture_drop();
 DROP EVENT TRIGGER IF EXISTS decant_ddl_end;

@@ -58,6 +58,7 @@ impl Applier {
         match record {
             Record::Begin(b) => {
                 self.in_source_txn = true;
+                self.creating_table = false;
                 // Already applied (the stream was resumed from an earlier
                 // point than the destination's position).
                 self.skipping = self.position.applied(b.final_lsn);

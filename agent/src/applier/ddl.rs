@@ -12,7 +12,7 @@ use decant_proto::{Lsn, Message, Relation};
 
 use super::{Applier, ApplyError};
 use crate::config::{DdlPolicy, Mapping};
-use crate::ddl::DdlCommand;
+use crate::ddl::{DdlCommand, Origin};
 use crate::quote::quote_ident;
 
 /// What became of a captured statement on the destination, as
@@ -30,6 +30,10 @@ impl Applier {
             what: "a DDL statement".into(),
             reason,
         })?;
+        if command.origin == Origin::Announce {
+            self.creating_table = true;
+            return Ok(());
+        }
         if !command.selected(&self.settings.selection) {
             tracing::debug!(%at, tag = %command.tag, objects = %command.object_list(), "DDL outside the task's selection");
             return Ok(());
@@ -150,14 +154,15 @@ impl Applier {
         Ok(())
     }
 
-    /// A table of the stream that the destination lacks is created from
-    /// its relation metadata (columns, types, NOT NULL, primary key) when
-    /// DDL is applied: a CREATE TABLE AS on the source, whose rows are
-    /// decoded before its DDL message, or a table created while no capture
-    /// was installed. A table whose name or rows `migrate.map` changes is
-    /// left to the operator (the stream then stops on it, saying so).
+    /// A table of the stream that the destination lacks, in a source
+    /// transaction that runs CREATE TABLE AS or SELECT INTO, is created
+    /// from its relation metadata (columns, types, NOT NULL, primary key)
+    /// when DDL is applied: that statement's rows are decoded before its
+    /// own message, which then finds the table there (its statement is
+    /// CREATE TABLE IF NOT EXISTS). Any other missing table is an error
+    /// that names it, as is one whose name or rows `migrate.map` changes.
     pub(super) async fn create_missing_table(&mut self, r: &Relation<'_>, qualified: &str, mapped: bool) -> Result<(), ApplyError> {
-        if self.settings.ddl != DdlPolicy::Apply || mapped {
+        if !self.creating_table || self.settings.ddl != DdlPolicy::Apply || mapped {
             return Ok(());
         }
         self.settle().await?;

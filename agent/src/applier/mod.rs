@@ -190,6 +190,10 @@ pub struct Applier {
     pub(super) in_source_txn: bool,
     /// The current source transaction was applied before (a resend).
     pub(super) skipping: bool,
+    /// The current source transaction runs CREATE TABLE AS or SELECT INTO
+    /// (announced by the capture): a table of its changes that the
+    /// destination lacks is created (see [`Applier::create_missing_table`]).
+    pub(super) creating_table: bool,
     pub(super) pipeline: VecDeque<InFlight>,
     /// Changes folded for set-based apply, and the memory they hold.
     pub(super) folding: Folding,
@@ -267,6 +271,7 @@ impl Applier {
             group: None,
             in_source_txn: false,
             skipping: false,
+            creating_table: false,
             pipeline: Default::default(),
             folding,
             group_folded_limit: FIRST_GROUP_FOLDED_BYTES,

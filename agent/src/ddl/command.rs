@@ -38,6 +38,9 @@ pub enum Origin {
     Function,
     /// The capture failed.
     Error,
+    /// Sent as CREATE TABLE AS or SELECT INTO starts: its rows come before
+    /// its own message.
+    Announce,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +114,7 @@ impl DdlCommand {
         let text = match self.origin {
             Origin::Function => return Err(NotReplayable::InFunction),
             Origin::Error => return Err(NotReplayable::CaptureFailed(self.error.clone().unwrap_or_default())),
+            Origin::Announce => return Ok(None),
             Origin::Statement | Origin::Query | Origin::Generated => self.statement.as_deref().unwrap_or(""),
         };
         let statements = text::statements(text);

@@ -24,9 +24,9 @@ pub fn capture_script() -> String {
     format!(
         "-- decant DDL capture for a source database without the decant extension.\n\
          -- Run it as a superuser in the source database (psql -1 -f). Remove it with:\n\
-         --   DROP EVENT TRIGGER decant_ddl_end; DROP EVENT TRIGGER decant_ddl_drop;\n\
+         --   DROP EVENT TRIGGER decant_ddl_end; DROP EVENT TRIGGER decant_ddl_drop; DROP EVENT TRIGGER decant_ddl_start;\n\
          --   DROP FUNCTION decant.capture_ddl(), decant.capture_drop(), decant.emit_ddl(text, text, boolean),\n\
-         --                 decant.ddl_object_names(oid, oid);\n\
+         --                 decant.capture_ddl_start(), decant.emit_ddl_start(text), decant.ddl_object_names(oid, oid);\n\
          CREATE SCHEMA IF NOT EXISTS decant;\n\n{CAPTURE_SQL}"
     )
 }
