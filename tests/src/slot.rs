@@ -8,9 +8,19 @@ pub const TEXT_SETTINGS: &str =
     "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = UTC; SET extra_float_digits = 3; SET bytea_output = hex";
 
 /// A source database with the extension and a `decant` slot named `slot`.
+/// The extension's DDL capture is disabled: these tests read the plugin's
+/// records for the statements they run, and the capture would add a
+/// `decant.ddl` message for each DDL statement (`agent/tests/ddl.rs` tests
+/// the capture).
 pub fn prepare_source(client: &mut postgres::Client, slot: &str) {
     client.batch_execute(TEXT_SETTINGS).expect("settings");
-    client.batch_execute("CREATE EXTENSION IF NOT EXISTS decant").expect("CREATE EXTENSION decant");
+    client
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS decant;
+             ALTER EVENT TRIGGER decant_ddl_end DISABLE; ALTER EVENT TRIGGER decant_ddl_drop DISABLE;
+             ALTER EVENT TRIGGER decant_ddl_start DISABLE;",
+        )
+        .expect("CREATE EXTENSION decant");
     client.query("SELECT pg_create_logical_replication_slot($1, 'decant')", &[&slot]).expect("create slot");
 }
 
