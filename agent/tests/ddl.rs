@@ -429,3 +429,39 @@ fn the_capture_script_captures_ddl_on_every_major() {
         assert_eq!(messages[3]["objects"][0]["identity"], "public.t", "PostgreSQL {major}");
     }
 }
+
+/// DDL and `migrate.map`: a table with only a row filter keeps its names,
+/// so its DDL is applied; DDL on a renamed table stops the task (its text
+/// names the source's table), and is skipped after the change by hand.
+#[test]
+fn ddl_on_filtered_tables_is_applied_and_on_renamed_ones_stops() {
+    let t = with_extension(
+        builder("ddl_map")
+            .set("migrate.map", "[{ table = \"app.items\", where = \"qty < 5\" }, { table = \"app.old_stuff\", to = \"archived\" }]")
+            .build(),
+    );
+    t.src().batch_execute(&format!("{APP} ALTER TABLE app.items REPLICA IDENTITY FULL;")).unwrap();
+    let mut m = t.migrate_until_incremental("migrate.log", Duration::from_secs(120));
+    let mut src = t.src();
+    src.batch_execute(
+        "BEGIN; ALTER TABLE app.items ADD COLUMN note text; UPDATE app.items SET note = 'n' || id WHERE id <= 40; COMMIT;
+         UPDATE app.items SET qty = 1 WHERE id BETWEEN 41 AND 45;",
+    )
+    .unwrap();
+    t.assert_equal();
+    let notes: i64 = t.dst().query_one("SELECT count(note) FROM app.items", &[]).unwrap().get(0);
+    let expected: i64 = src.query_one("SELECT count(note) FROM app.items WHERE qty < 5", &[]).unwrap().get(0);
+    assert_eq!(notes, expected);
+
+    src.batch_execute("ALTER TABLE app.old_stuff ADD COLUMN v int").unwrap();
+    let log = fails(&mut m);
+    expect(&log, &["ALTER TABLE of app.old_stuff", "migrate.map gives its objects other names", "decant skip-ddl --at"]);
+    let at = log.rsplit("decant skip-ddl --at ").next().unwrap().split('`').next().unwrap().to_owned();
+    t.dst().batch_execute("ALTER TABLE app.archived ADD COLUMN v int").unwrap();
+    let (ok, out) = t.command(&["skip-ddl", "--at", &at]);
+    assert!(ok, "{out}");
+    let mut m = t.migrate("migrate.log");
+    src.batch_execute("INSERT INTO app.old_stuff VALUES (100, 7)").unwrap();
+    t.assert_equal();
+    let _ = m.stop();
+}

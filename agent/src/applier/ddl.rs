@@ -39,15 +39,6 @@ impl Applier {
             return Ok(());
         }
         let what = format!("the {} of {}", command.tag, command.object_list());
-        if self.settings.ddl == DdlPolicy::Apply && touches_mapping(&command, &self.settings.mapping) {
-            return Err(ApplyError::DdlNotReplayable {
-                at,
-                what,
-                reason: "migrate.map gives its objects other names, a filter or transforms on the destination, and the source's \
-                         statement names the source objects"
-                    .into(),
-            });
-        }
         // What was folded before it reaches the destination before it, in
         // the same transaction.
         self.flush_all_bulk().await?;
@@ -63,6 +54,15 @@ impl Applier {
         }
         if self.settings.ddl == DdlPolicy::Stop {
             return Err(ApplyError::DdlStopped { at, what, statement });
+        }
+        if touches_mapping(&command, &self.settings.mapping) {
+            return Err(ApplyError::DdlNotReplayable {
+                at,
+                what,
+                reason: "migrate.map gives its objects other names on the destination, and the source's statement names the \
+                         source objects"
+                    .into(),
+            });
         }
         let text = command.replay_text().map_err(|e| ApplyError::DdlNotReplayable { at, what: what.clone(), reason: e.to_string() })?;
         let Some(text) = text else {
@@ -200,16 +200,17 @@ impl Applier {
     }
 }
 
-/// Whether `migrate.map` renames, filters or transforms an object of the
-/// statement.
+/// Whether `migrate.map` gives an object of the statement another name on
+/// the destination (its text names the source's). A table with only a row
+/// filter or transforms keeps its names: its DDL is applied as it is.
 fn touches_mapping(command: &DdlCommand, mapping: &Mapping) -> bool {
     !mapping.is_empty()
         && command.objects.iter().any(|o| match o.schema.as_deref() {
             Some(schema) => {
-                mapping.concerns(schema, None)
-                    || [o.name.as_deref(), o.table.as_deref()].into_iter().flatten().any(|n| mapping.concerns(schema, Some(n)))
+                mapping.renames(schema, None)
+                    || [o.name.as_deref(), o.table.as_deref()].into_iter().flatten().any(|n| mapping.renames(schema, Some(n)))
             }
-            None => o.kind == "schema" && o.identity.as_deref().is_some_and(|s| mapping.concerns(s, None)),
+            None => o.kind == "schema" && o.identity.as_deref().is_some_and(|s| mapping.renames(s, None)),
         })
 }
 

@@ -199,10 +199,16 @@ impl Mapping {
     }
 
     /// Whether the source schema `schema`, or the table `schema.table`
-    /// (`None`: any object of the schema), has destination names, a
-    /// filter or transforms of its own.
-    pub fn concerns(&self, schema: &str, table: Option<&str>) -> bool {
-        self.schema(schema) != schema || table.is_some_and(|t| self.entry(schema, t).is_some())
+    /// (`None`: any object of the schema), has other names on the
+    /// destination: the schema, the table's name or schema, or a column.
+    /// (A row filter or transforms alone keep every name.)
+    pub fn renames(&self, schema: &str, table: Option<&str>) -> bool {
+        self.schema(schema) != schema
+            || table.and_then(|t| self.entry(schema, t).map(|e| (t, e))).is_some_and(|(t, e)| {
+                e.schema.as_deref().is_some_and(|s| s != schema)
+                    || e.name.as_deref().is_some_and(|n| n != t)
+                    || e.columns.iter().any(|(from, to)| from != to)
+            })
     }
 
     fn entry(&self, schema: &str, table: &str) -> Option<&TableEntry> {
@@ -369,5 +375,21 @@ mod tests {
         assert!(e("to = \"y\"").contains("either schema"));
         assert!(e("table = \"a.b\"\nto = \".x\"").contains("schema.name"));
         assert!(e("table = \"a.b\"\nset = { c = \" \" }").contains("empty"));
+    }
+
+    #[test]
+    fn which_objects_have_other_names() {
+        let m = Mapping::parse(&[
+            entry("schema = \"sales\"\nto = \"shop\""),
+            entry("table = \"app.users\"\nwhere = \"tenant = 1\""),
+            entry("table = \"app.orders\"\ncolumns = { note = \"remark\" }"),
+            entry("table = \"app.items\"\nto = \"things\""),
+        ])
+        .unwrap();
+        assert!(m.renames("sales", None) && m.renames("sales", Some("anything")));
+        assert!(!m.renames("app", None));
+        assert!(!m.renames("app", Some("users")), "a filter alone keeps the names");
+        assert!(m.renames("app", Some("orders")) && m.renames("app", Some("items")));
+        assert!(!m.renames("app", Some("other")));
     }
 }
