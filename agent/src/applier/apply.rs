@@ -16,7 +16,6 @@ use super::cells::{Cells, Mismatch};
 use super::statements::Target;
 use super::{statement_error, Applier, ApplyError};
 use crate::config::Operations;
-use crate::quote::quote_ident;
 
 impl Applier {
     /// Applies one batch of frames. Every CRC is checked before anything of
@@ -87,13 +86,7 @@ impl Applier {
                 self.flush_bulk(r.oid).await?;
                 let mut target = Target::from_relation(r, &self.settings.mapping);
                 target.operations = self.settings.operations.for_table(r.namespace, r.name);
-                let unmapped = format!(
-                    "{}.{}",
-                    quote_ident(&String::from_utf8_lossy(r.namespace)),
-                    quote_ident(&String::from_utf8_lossy(r.name))
-                );
-                let mapped = target.projected.is_some() || target.qualified != unmapped;
-                self.create_missing_table(r, &target.qualified, mapped).await?;
+                self.create_missing_table(r, &target).await?;
                 self.learn_destination(&mut target).await?;
                 self.statements.retain(|(oid, _), _| *oid != r.oid);
                 self.stages.remove(&r.oid);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use decant_proto::{Lsn, Message, Relation};
 
+use super::statements::Target;
 use super::{Applier, ApplyError};
 use crate::config::{DdlPolicy, Mapping};
 use crate::ddl::{DdlCommand, Origin};
@@ -47,10 +48,7 @@ impl Applier {
         let marked = self.ddl_outcome(at).await?;
         let statement = command.statement.clone().unwrap_or_default();
         if marked.as_deref() == Some(TO_SKIP) || self.settings.ddl == DdlPolicy::Skip {
-            self.record_ddl(at, SKIPPED, &command.tag, &statement).await?;
-            self.metrics.ddl_skipped.inc();
-            tracing::info!(%at, tag = %command.tag, objects = %command.object_list(), statement = %statement, "DDL skipped");
-            return Ok(());
+            return self.skip_ddl(at, &command, &statement).await;
         }
         if self.settings.ddl == DdlPolicy::Stop {
             return Err(ApplyError::DdlStopped { at, what, statement });
@@ -67,9 +65,7 @@ impl Applier {
         let text = command.replay_text().map_err(|e| ApplyError::DdlNotReplayable { at, what: what.clone(), reason: e.to_string() })?;
         let Some(text) = text else {
             // An owner change: owners are not migrated.
-            self.record_ddl(at, SKIPPED, &command.tag, &statement).await?;
-            self.metrics.ddl_skipped.inc();
-            return Ok(());
+            return self.skip_ddl(at, &command, &statement).await;
         };
         let failed = |source: tokio_postgres::Error| match source.as_db_error() {
             Some(db) if !crate::connect::sql::is_connection_loss(&source) => ApplyError::DdlFailed {
@@ -98,6 +94,14 @@ impl Applier {
             g.exclusive = true;
         }
         self.relearn_tables().await
+    }
+
+    /// Leaves the statement at `at` out: recorded, counted and logged.
+    async fn skip_ddl(&mut self, at: Lsn, command: &DdlCommand, statement: &str) -> Result<(), ApplyError> {
+        self.record_ddl(at, SKIPPED, &command.tag, statement).await?;
+        self.metrics.ddl_skipped.inc();
+        tracing::info!(%at, tag = %command.tag, objects = %command.object_list(), statement = %statement, "DDL skipped");
+        Ok(())
     }
 
     /// What `decant.ddl` holds for the statement at `at` (a mark of
@@ -161,10 +165,15 @@ impl Applier {
     /// own message, which then finds the table there (its statement is
     /// CREATE TABLE IF NOT EXISTS). Any other missing table is an error
     /// that names it, as is one whose name or rows `migrate.map` changes.
-    pub(super) async fn create_missing_table(&mut self, r: &Relation<'_>, qualified: &str, mapped: bool) -> Result<(), ApplyError> {
-        if !self.creating_table || self.settings.ddl != DdlPolicy::Apply || mapped {
+    pub(super) async fn create_missing_table(&mut self, r: &Relation<'_>, target: &Target) -> Result<(), ApplyError> {
+        if !self.creating_table || self.settings.ddl != DdlPolicy::Apply {
             return Ok(());
         }
+        let (schema, name) = (String::from_utf8_lossy(r.namespace), String::from_utf8_lossy(r.name));
+        if target.projected.is_some() || self.settings.mapping.renames(&schema, Some(&name)) {
+            return Ok(());
+        }
+        let qualified = target.qualified.as_str();
         self.settle().await?;
         let missing: bool =
             self.client.query_one("SELECT to_regclass($1) IS NULL", &[&qualified]).await.map_err(ApplyError::Session)?.get(0);
