@@ -142,6 +142,9 @@ install() {
 # libpq, pg_dump/pg_restore and psql (no server). The result goes to
 # <cache>/MAJOR-dev; its programs find libpq through their RUNPATH.
 SRC_LIST=/etc/apt/sources.list.d/decant-src.sources
+# Exit status of dev and plugin when no suite has the major's sources (14,
+# 16): nothing can be built for it here, which callers tell from a failure.
+NO_SOURCE=3
 SRC_SUITES="bullseye bookworm trixie sid"
 DEV_APT=(bison flex perl zlib1g-dev pkg-config make gcc)
 
@@ -181,8 +184,10 @@ Signed-By: $key"
     elif ! apt-cache showsrc "postgresql-$major" 2>/dev/null | grep -q '^Package:'; then
         apt-get update >&2
     fi
-    apt-cache showsrc "postgresql-$major" 2>/dev/null | grep -q '^Package:' ||
-        die "no Debian suite among $SRC_SUITES has the source package postgresql-$major"
+    if ! apt-cache showsrc "postgresql-$major" 2>/dev/null | grep -q '^Package:'; then
+        echo "pg.sh: error: no Debian suite among $SRC_SUITES has the source package postgresql-$major" >&2
+        exit "$NO_SOURCE"
+    fi
 }
 
 ensure_dev_apt() {
@@ -320,6 +325,8 @@ plugin() {
         mkdir -p "$root/plugin"
         chmod a+rx "$root/plugin"
         rm -rf "$pkg"
+        # Packages of older sources are not used again.
+        rm -rf "$root/plugin/$major"-*
         mv "$out/flat" "$pkg"
         rm -rf "$out"
         trap - EXIT
