@@ -45,10 +45,7 @@ impl PgDump {
     /// every older server, so the newest one is the safe choice.
     pub fn locate(configured: &str, source_major: u32) -> Result<PgDump, SchemaError> {
         let candidates = if configured.is_empty() { installed_pg_dumps() } else { vec![PathBuf::from(configured)] };
-        let probed: Vec<(PathBuf, Option<String>)> = candidates.into_iter().map(|p| {
-            let version = version_of(&p);
-            (p, version)
-        }).collect();
+        let probed = candidates.into_iter().map(with_version).collect();
         choose(probed, source_major).map(|path| PgDump { path })
     }
 
@@ -217,6 +214,11 @@ fn choose(candidates: Vec<(PathBuf, Option<String>)>, source_major: u32) -> Resu
 /// "18beta1" orders as 18.
 fn version_key(version: &str) -> Vec<u32> {
     version.split('.').map_while(|part| part.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).collect()
+}
+
+fn with_version(path: PathBuf) -> (PathBuf, Option<String>) {
+    let version = version_of(&path);
+    (path, version)
 }
 
 fn version_of(path: &Path) -> Option<String> {
