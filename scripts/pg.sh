@@ -73,6 +73,18 @@ newest_version() {
         if (mine.length) console.log(mine[mine.length - 1]);'
 }
 
+# The packages of majors before 13 carry extension control files with the
+# parameter `trusted`, which only 13 and later understand: such a server
+# then fails every query of pg_available_extensions. The line is removed
+# (those majors have no trusted extensions). Idempotent.
+repair_control_files() {
+    local major=$1 dir=$2
+    ((major < 13)) || return 0
+    local files
+    files=$(grep -l '^trusted' "$dir"/share/postgresql/extension/*.control 2>/dev/null || true)
+    [[ -z $files ]] || sed -i '/^trusted/d' $files
+}
+
 install() {
     local major=$1
     [[ $major =~ ^[0-9]+$ ]] || usage
@@ -80,6 +92,7 @@ install() {
     root=$(cache_root)
     dir="$root/$major"
     if [[ -f $dir/VERSION && -x $dir/bin/postgres ]]; then
+        repair_control_files "$major" "$dir"
         echo "$dir/bin"
         return
     fi
@@ -117,6 +130,7 @@ install() {
                 fs.symlinkSync(path.relative(path.dirname(t), path.join(pkg, source)), t);
             }' "$tmp/package"
     fi
+    repair_control_files "$major" "$native"
     echo "$version" >"$native/VERSION"
     chmod -R a+rX "$native"
     "$native/bin/postgres" --version >&2 || die "the installed postgres does not run"

@@ -46,6 +46,16 @@ pub async fn run(config: Config, wait_seconds: u64) -> anyhow::Result<()> {
 /// Row count and checksum of every selected table on both sides.
 pub async fn compare(config: &Config, src: &Client, dest: &Client) -> anyhow::Result<Vec<TableCheck>> {
     let version: i32 = src.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    let dest_version: i32 = dest.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    if (version < 120000) != (dest_version < 120000) {
+        // PostgreSQL 12 prints floats in their shortest exact form, older
+        // servers with 17 digits under extra_float_digits = 3: equal
+        // values would print differently. With 0 both print 15
+        // significant digits (so floats are compared to that precision).
+        for client in [src, dest] {
+            client.batch_execute("SET extra_float_digits = 0").await?;
+        }
+    }
     let tables = crate::migrate::tables::list_tables(src, config, version as u32, &crate::throttle::SharedPace::unlimited()).await?;
     let mapping = config.mapping()?;
     let mut checks = Vec::new();

@@ -198,9 +198,13 @@ impl Cluster {
     }
 
     /// A PostgreSQL client program of this cluster's version (psql,
-    /// pg_dump, pgbench…) with host, port and user set.
+    /// pg_dump, pgbench…) with host, port and user set; the system
+    /// server's when this cluster's installation has none (the servers of
+    /// other majors come without client programs; psql and pgbench work
+    /// with older and newer servers).
     pub fn tool(&self, program: &str) -> Command {
-        let mut c = Command::new(self.bindir.join(program));
+        let own = self.bindir.join(program);
+        let mut c = Command::new(if own.exists() { own } else { bindir_default().join(program) });
         c.args(["-h", HOST, "-p", &self.port.to_string(), "-U", "postgres"]);
         c
     }

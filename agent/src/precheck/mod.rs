@@ -18,6 +18,7 @@
 //! handful of catalog queries.
 
 mod compare;
+mod decoder;
 mod destination;
 mod server;
 mod source;

@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 use super::server::{Connected, Server};
 use super::tables::{self, Selection};
 use super::{Check, Findings, TaskState};
+use crate::config::decoder::{Decoder, DecoderChoice};
 use crate::config::{Config, DdlPolicy, MigrationType};
 use crate::connect::sql::{quote_ident, quote_literal};
 use crate::migrate::schema::PgDump;
@@ -59,7 +60,7 @@ impl Source {
             }
             let slot_exists = self.slot(config, state, f).await?;
             self.slots_and_senders(config, state, slot_exists, &settings, f).await?;
-            self.plugin(&settings, f).await?;
+            super::decoder::check(&self.client, &self.server, config, settings.get("output_plugin_libraries"), f).await?;
             self.ddl_capture(config, f).await?;
             if self.server.superuser || self.server.replication {
                 f.pass(Check::SourceReplicationPrivilege, &self.server.user, "may open replication connections (REPLICATION or superuser)");
@@ -139,11 +140,11 @@ impl Source {
 
     fn version(&self, incremental: bool, f: &mut Findings) {
         let s = &self.server;
-        if incremental && s.version_num < 130000 {
+        if incremental && s.version_num < 90400 {
             f.error(
                 Check::SourceVersion,
                 "source",
-                format!("PostgreSQL {}: decant's output plugin builds for PostgreSQL 13 and later", s.version),
+                format!("PostgreSQL {}: logical decoding, which the incremental phase reads, needs PostgreSQL 9.4 or later", s.version),
                 "upgrade the source, or migrate without incremental: migrate.types = [\"schema\", \"full\"]",
             );
         } else {
@@ -239,9 +240,18 @@ impl Source {
             "set source.slot to another name, or drop it if nothing uses it: SELECT pg_drop_replication_slot({})",
             quote_literal(slot)
         );
-        if kind != "logical" || plugin != "decant" {
+        let readable = Decoder::from_plugin(&plugin);
+        let wanted = config.source.decoder;
+        if kind != "logical" || readable.is_none() {
             let what = if kind == "logical" { format!("output plugin {plugin}") } else { format!("a {kind} slot") };
-            f.error(Check::SourceSlot, object, format!("slot {slot:?} exists with {what}, not decant"), other_name);
+            f.error(Check::SourceSlot, object, format!("slot {slot:?} exists with {what}, which decant cannot read"), other_name);
+        } else if wanted != DecoderChoice::Auto && Some(wanted.resolve_unchecked()) != readable {
+            f.error(
+                Check::SourceSlot,
+                object,
+                format!("slot {slot:?} uses output plugin {plugin}, but source.decoder = {wanted:?}"),
+                format!("set source.decoder = \"{plugin}\" (or \"auto\"): a slot's plugin is fixed when it is created; or {other_name}"),
+            );
         } else if database != current {
             f.error(Check::SourceSlot, object, format!("slot {slot:?} belongs to database {database}, not {current}"), other_name);
         } else if wal_status == "lost" {
@@ -318,80 +328,6 @@ impl Source {
                     message,
                     format!("in the source's postgresql.conf: {name} = {} (or more), then restart the server", used + needed),
                 );
-            }
-        }
-        Ok(())
-    }
-
-    /// The plugin library on the source, and whether the server lets a
-    /// slot use it.
-    async fn plugin(&self, settings: &Settings, f: &mut Findings) -> Result<(), tokio_postgres::Error> {
-        let available: Option<String> = self
-            .client
-            .query_opt("SELECT coalesce(default_version, '') FROM pg_available_extensions WHERE name = 'decant'", &[])
-            .await?
-            .map(|r| r.get(0));
-        match available {
-            Some(v) => f.pass(
-                Check::SourcePlugin,
-                "decant",
-                format!("the decant package {v} (plugin library and extension) is installed on the source server"),
-            ),
-            None => f.error(
-                Check::SourcePlugin,
-                "decant",
-                "the decant plugin is not installed on the source server: a slot with plugin decant cannot be created",
-                "install decant's PostgreSQL package for the source's major version on the source server (it holds the plugin \
-                 library decant and the extension); see the README, \"Using the plugin on your own server\"",
-            ),
-        }
-        // pg_settings hides the setting from users who may not read it;
-        // current_setting then says whether it exists.
-        let libraries = match settings.get("output_plugin_libraries") {
-            Some(list) => Ok(Some(list.to_owned())),
-            None => match self.client.query_one("SELECT current_setting('output_plugin_libraries', true)", &[]).await {
-                Ok(row) => Ok(row.get::<_, Option<String>>(0)),
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => Err(()),
-                Err(e) => return Err(e),
-            },
-        };
-        match libraries {
-            Ok(None) => f.pass(
-                Check::SourceOutputPluginLibraries,
-                "output_plugin_libraries",
-                "this server has no output_plugin_libraries: any installed plugin may be used",
-            ),
-            Err(()) => f.warn(
-                Check::SourceOutputPluginLibraries,
-                "output_plugin_libraries",
-                format!(
-                    "this server has output_plugin_libraries, which {} may not read (superuser or pg_read_all_settings): a \
-                     slot with plugin decant is refused unless it lists decant",
-                    self.server.user
-                ),
-                "as a superuser, SHOW output_plugin_libraries; if decant is missing, add it in the source's postgresql.conf \
-                 (output_plugin_libraries = '…, decant'), then SELECT pg_reload_conf() (a reload suffices)",
-            ),
-            Ok(Some(list)) => {
-                let names: Vec<&str> = list.split(',').map(|s| s.trim().trim_matches('"')).filter(|s| !s.is_empty()).collect();
-                if names.contains(&"decant") {
-                    f.pass(
-                        Check::SourceOutputPluginLibraries,
-                        "output_plugin_libraries",
-                        format!("output_plugin_libraries '{list}' allows decant"),
-                    );
-                } else {
-                    let fixed = names.iter().copied().chain(["decant"]).collect::<Vec<_>>().join(", ");
-                    f.error(
-                        Check::SourceOutputPluginLibraries,
-                        "output_plugin_libraries",
-                        format!(
-                            "output_plugin_libraries is '{list}': the server refuses a slot with plugin decant (library \"decant\" \
-                             may not be used as an output plugin), superusers included"
-                        ),
-                        format!("in the source's postgresql.conf: output_plugin_libraries = '{fixed}', then SELECT pg_reload_conf() (a reload suffices)"),
-                    );
-                }
             }
         }
         Ok(())

@@ -115,7 +115,7 @@ pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskSta
 
 /// Stores a plan, once. With conflicts = report, objects that already
 /// exist are reported before anything is written.
-pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan, mapping: &Mapping) -> Result<TaskState, MigrationError> {
+pub async fn plan(destination: &ConnInfo, task_id: &str, mut plan: MigrationPlan, mapping: &Mapping) -> Result<TaskState, MigrationError> {
     let mut client = session(destination, task_id).await?;
     ensure_tables(&client).await?;
     check_mapping(&client, task_id, mapping).await?;
@@ -123,6 +123,7 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan, ma
     if current.phase != "new" {
         return Ok(current);
     }
+    plan.schema_prologue = fit_prologue(&client, &plan.schema_prologue).await?;
     let report = plan.conflicts == "report";
     let has = |t: &str| plan.types.iter().any(|x| x == t);
     if has("schema") {
@@ -198,6 +199,29 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, plan: MigrationPlan, ma
     }
     tx.commit().await?;
     read_state(&client, task_id).await
+}
+
+/// pg_dump's prologue without the `SET name = value;` lines of settings
+/// this destination does not have: a newer pg_dump resets settings that
+/// older servers do not know (transaction_timeout from 17,
+/// default_table_access_method from 12), to values that are their
+/// behaviour anyway.
+async fn fit_prologue(client: &Client, prologue: &str) -> Result<String, tokio_postgres::Error> {
+    let known: Vec<String> = client.query("SELECT name FROM pg_settings", &[]).await?.iter().map(|r| r.get(0)).collect();
+    let mut out = String::with_capacity(prologue.len());
+    for line in prologue.lines() {
+        let setting = line.strip_prefix("SET ").and_then(|rest| rest.split_once(" = ")).map(|(name, _)| name.trim());
+        match setting {
+            Some(name) if !known.iter().any(|k| k.eq_ignore_ascii_case(name)) => {
+                tracing::info!(setting = name, "pg_dump's prologue sets a setting this destination does not have; left out");
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Runs the pre-data steps in one transaction that is rolled back, to find
