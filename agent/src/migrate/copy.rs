@@ -90,11 +90,8 @@ pub fn pending_work(state: &TaskState, mapping: &Mapping) -> Result<Vec<Work>, M
         let format = if binary { "binary" } else { "text" };
         let ranges = t.ranges.len().max(1) as u64;
         for r in t.ranges.iter().filter(|r| !r.done) {
-            let range = if by_key {
-                keys::key_condition(&t.key_columns, &r.key_from, &r.key_to)
-            } else {
-                page_condition(r.first_page, r.end_page)
-            };
+            let range =
+                if by_key { keys::key_condition(&t.key_columns, &r.key_from, &r.key_to) } else { page_condition(r.first_page, r.end_page) };
             let sql = if range.is_none() && projection.is_plain() {
                 format!("COPY {table}{list} TO STDOUT (FORMAT {format})")
             } else {
@@ -410,10 +407,8 @@ mod tests {
         };
         let entry: crate::config::MapEntry = toml::from_str("table = \"s.t\"\nwhere = \"b <> 'x'\"").unwrap();
         let mapping = Mapping::parse(&[entry]).unwrap();
-        let state = TaskState {
-            tables: vec![table(vec![range(0, &[], &["1", "it's"]), range(1, &["1", "it's"], &[])])],
-            ..Default::default()
-        };
+        let state =
+            TaskState { tables: vec![table(vec![range(0, &[], &["1", "it's"]), range(1, &["1", "it's"], &[])])], ..Default::default() };
         let w = pending_work(&state, &mapping).unwrap();
         let sql: Vec<&str> = w.iter().map(|w| w.sql.as_str()).collect();
         assert_eq!(

@@ -25,7 +25,12 @@ const MIN_SAMPLE_PAGES: u64 = 512;
 /// else the unique btree index (immediate, valid, without predicate or
 /// expression) on NOT NULL columns with the fewest columns. `None` when it
 /// has none.
-pub async fn key_columns(client: &Client, table: u32, server_version: u32, pace: &SharedPace) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
+pub async fn key_columns(
+    client: &Client,
+    table: u32,
+    server_version: u32,
+    pace: &SharedPace,
+) -> Result<Option<Vec<String>>, tokio_postgres::Error> {
     // INCLUDE columns (PostgreSQL 11+) are not part of the order.
     let key_atts = if server_version >= 110000 { "i.indnkeyatts" } else { "i.indnatts" };
     let sql = format!(

@@ -141,7 +141,6 @@ pub async fn tables_without_identity(client: &Client, config: &Config) -> Result
         .collect())
 }
 
-
 /// `pieces` page ranges that together cover every page of a table of
 /// `pages` pages; the last one is open-ended, so pages added since the
 /// size was read are copied too.
