@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod decoder;
 mod mapping;
 mod migrate;
 mod operations;
@@ -65,7 +66,6 @@ pub struct Alert {
     pub for_seconds: u64,
 }
 
-
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Source {
@@ -76,6 +76,8 @@ pub struct Source {
     pub exclude_tables: Vec<String>,
     pub heartbeat_seconds: u64,
     pub heartbeat_when_held: bool,
+    pub decoder: decoder::DecoderChoice,
+    pub publication: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
@@ -183,6 +185,8 @@ impl Default for Source {
             exclude_tables: vec![],
             heartbeat_seconds: 10,
             heartbeat_when_held: true,
+            decoder: decoder::DecoderChoice::Auto,
+            publication: String::new(),
         }
     }
 }

@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::connect::sql::connect;
 use crate::connect::{ConnInfo, ProcessEnv};
+use crate::replication::decoder::{start_options, Decoder, Translator};
 
 /// `decant inspect`'s arguments.
 #[derive(Debug, Args)]
@@ -161,7 +162,10 @@ fn is_change(r: &Record<'_>) -> bool {
 }
 
 /// Peeks at a slot with `pg_logical_slot_peek_binary_changes` (nothing is
-/// consumed). Each row is exactly one record.
+/// consumed). A slot of plugin decant gives records as they are; one of
+/// pgoutput or test_decoding is translated as the agent translates it
+/// (`--option`s then go to that plugin, after the agent's own: for
+/// pgoutput, the publication named after the slot).
 fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, printer: &mut Printer<impl Write>) -> anyhow::Result<()> {
     let mut flat: Vec<String> = Vec::new();
     for o in options {
@@ -169,8 +173,6 @@ fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, prin
         flat.push(name.to_owned());
         flat.push(value.to_owned());
     }
-    // Check the options here first: same parser as the plugin, clearer error.
-    PluginOptions::parse(flat.chunks(2).map(|p| (p[0].as_str(), Some(p[1].as_str())))).map_err(|e| anyhow::anyhow!("{e}"))?;
     let limit = limit.map(|n| i32::try_from(n).unwrap_or(i32::MAX));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -178,30 +180,58 @@ fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, prin
         // other decant session.
         let info = ConnInfo::parse(dsn, &ProcessEnv).context("--dsn")?;
         let (client, connection) = connect(&info, "decant inspect", "").await.context("cannot connect to the source (--dsn)")?;
-        let rows = client
-            .query(
-                "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, VARIADIC $3::text[])",
-                &[&slot, &limit, &flat],
-            )
-            .await
-            .with_context(|| format!("cannot read slot {slot:?}"))?;
+        let plugin: Option<String> =
+            client.query_opt("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?.map(|r| r.get(0));
+        let decoder = match plugin.as_deref() {
+            None => bail!("slot {slot:?} does not exist"),
+            Some(p) => Decoder::from_plugin(p).with_context(|| format!("slot {slot:?} has plugin {p}, which decant cannot read"))?,
+        };
+        let mut translator = None;
+        if decoder == Decoder::Decant {
+            // Check the options here first: same parser as the plugin, clearer error.
+            PluginOptions::parse(flat.chunks(2).map(|p| (p[0].as_str(), Some(p[1].as_str())))).map_err(|e| anyhow::anyhow!("{e}"))?;
+        } else {
+            let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+            let own = start_options(decoder, slot, u32::try_from(version).unwrap_or(0));
+            flat = own.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).chain(flat).collect();
+            translator = Translator::new(decoder, &info, PluginOptions::default()).await?;
+        }
+        let sql = if decoder == Decoder::TestDecoding {
+            "SELECT lsn::text, convert_to(data, 'UTF8') FROM pg_logical_slot_peek_changes($1, NULL, $2, VARIADIC $3::text[])"
+        } else {
+            "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, VARIADIC $3::text[])"
+        };
+        let rows = client.query(sql, &[&slot, &limit, &flat]).await.with_context(|| format!("cannot read slot {slot:?}"))?;
         for row in rows {
             let lsn: String = row.get(0);
             let data: &[u8] = row.get(1);
             let lsn: Lsn = lsn.parse().map_err(anyhow::Error::msg)?;
-            // One record per message, or several (max_message_bytes).
-            let mut at = 0;
-            while at < data.len() {
-                let (record, used) = decode(&data[at..])
-                    .map_err(|e| anyhow::anyhow!("slot {slot:?}, message at LSN {lsn}, byte {}: {}", at + e.offset, e.kind))?;
-                printer.record(Some(lsn), &record, used)?;
-                at += used;
+            match &mut translator {
+                None => print_records(slot, lsn, data, printer)?,
+                Some(t) => {
+                    t.feed(lsn, data).await.with_context(|| format!("slot {slot:?}, message at LSN {lsn}"))?;
+                    while let Some(chunk) = t.next_chunk()? {
+                        print_records(slot, lsn, &chunk, printer)?;
+                    }
+                }
             }
         }
         drop(client);
         let _ = connection.await;
         Ok(())
     })
+}
+
+/// The records of one message (one, or several with max_message_bytes).
+fn print_records(slot: &str, lsn: Lsn, data: &[u8], printer: &mut Printer<impl Write>) -> anyhow::Result<()> {
+    let mut at = 0;
+    while at < data.len() {
+        let (record, used) =
+            decode(&data[at..]).map_err(|e| anyhow::anyhow!("slot {slot:?}, message at LSN {lsn}, byte {}: {}", at + e.offset, e.kind))?;
+        printer.record(Some(lsn), &record, used)?;
+        at += used;
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq)]

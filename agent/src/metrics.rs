@@ -108,7 +108,11 @@ impl Metrics {
             self.skipped_changes.get(),
         );
         counter("ddl_applied_total", "DDL statements captured on the source and applied to the destination.", self.ddl_applied.get());
-        counter("ddl_skipped_total", "DDL statements captured on the source and skipped (migrate.ddl = skip, or decant skip-ddl).", self.ddl_skipped.get());
+        counter(
+            "ddl_skipped_total",
+            "DDL statements captured on the source and skipped (migrate.ddl = skip, or decant skip-ddl).",
+            self.ddl_skipped.get(),
+        );
         counter("copy_rows_total", "Rows copied by the full copy.", self.copy_rows.get());
         counter("copy_bytes_total", "COPY data bytes moved by the full copy.", self.copy_bytes.get());
         counter("errors_total", "Errors (each retried or fatal).", self.errors.get());

@@ -19,6 +19,7 @@ use crate::connect::clock::pg_now;
 use crate::connect::sql::quote_literal;
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
+use crate::replication::decoder::{self, Decoder, DecoderChoice, TranslateError, Translator};
 use crate::replication::messages::StatusUpdate;
 use crate::replication::{ReplicationClient, ReplicationError, Streamed};
 use crate::retry::{ErrorClass, Retry};
@@ -35,6 +36,8 @@ pub enum SessionError {
     Slot { slot: String, problem: String, class: ErrorClass },
     #[error("corrupt record from the source at {lsn}: {error}")]
     Corrupt { lsn: Lsn, error: DecodeError },
+    #[error("reading {plugin}'s output at {lsn}: {error}")]
+    Translate { plugin: &'static str, lsn: Lsn, error: TranslateError },
     #[error("the applier closed the stream")]
     ApplierClosed,
     #[error(
@@ -80,6 +83,9 @@ impl SessionError {
             SessionError::Applier(_) => ErrorClass::Other,
             SessionError::Slot { class, .. } => *class,
             SessionError::Corrupt { .. } => ErrorClass::Other,
+            // The same WAL would fail the same way.
+            SessionError::Translate { error: TranslateError::Protocol(_), .. } => ErrorClass::Fatal,
+            SessionError::Translate { .. } => ErrorClass::Other,
             SessionError::SourceStopping { .. } => ErrorClass::Connection,
             SessionError::ApplierClosed => ErrorClass::Connection,
         }
@@ -117,6 +123,10 @@ pub struct Session<'c> {
     nudge: Arc<Notify>,
     /// `last_commit_end` when the heartbeat was last woken early.
     nudged_for: Lsn,
+    /// Turns a built-in plugin's output into records (None: decant's).
+    translator: Option<Translator>,
+    /// Position of the last message given to the translator.
+    translated_at: Lsn,
     /// Both ends connected and the stream started.
     pub streaming: bool,
 }
@@ -142,6 +152,8 @@ impl<'c> Session<'c> {
             unconfirmed_ping: None,
             nudge: Arc::new(Notify::new()),
             nudged_for: Lsn(0),
+            translator: None,
+            translated_at: Lsn(0),
             streaming: false,
         }
     }
@@ -158,7 +170,7 @@ impl<'c> Session<'c> {
         let slot = config.source.slot.as_str();
         let mut repl = ReplicationClient::connect(source, "decant agent").await?;
         let system = repl.identify_system().await?;
-        self.ensure_slot(&mut repl, slot).await?;
+        let decoder = self.ensure_slot(&mut repl, slot).await?;
         let hello = Hello {
             task_id: config.task_id.clone(),
             format_version: u32::from(FORMAT_VERSION),
@@ -170,19 +182,30 @@ impl<'c> Session<'c> {
         self.committed = applier.resume_lsn;
         self.confirmed = applier.resume_lsn;
         self.last_commit_end = applier.resume_lsn;
-        let mut options: Vec<(&str, String)> = config.plugin_option_pairs();
-        // Records of a transaction packed into messages of up to 64 KiB:
-        // far fewer messages for the walsender and for us to handle.
-        options.push(("max_message_bytes", PACKED_MESSAGE_BYTES.to_string()));
-        // A backlog of small transactions in few messages. Safe only with
-        // heartbeats: on an idle stream their positions are what may be
-        // confirmed (see `confirmable`).
-        self.packing = config.source.heartbeat_seconds > 0;
-        if self.packing {
-            options.push(("pack_transactions", "on".to_owned()));
-        }
+        let options = match decoder {
+            Decoder::Decant => {
+                let mut options: Vec<(&str, String)> = config.plugin_option_pairs();
+                // Records of a transaction packed into messages of up to
+                // 64 KiB: far fewer messages for the walsender and for us.
+                options.push(("max_message_bytes", PACKED_MESSAGE_BYTES.to_string()));
+                // A backlog of small transactions in few messages. Safe
+                // only with heartbeats: on an idle stream their positions
+                // are what may be confirmed (see `confirmable`).
+                self.packing = config.source.heartbeat_seconds > 0;
+                if self.packing {
+                    options.push(("pack_transactions", "on".to_owned()));
+                }
+                options
+            }
+            other => {
+                let publication = decoder::publication_name(&config.source.publication, slot);
+                decoder::start_options(other, publication, repl.server_version())
+            }
+        };
+        let translate_error = |error| SessionError::Translate { plugin: decoder.plugin(), lsn: applier.resume_lsn, error };
+        self.translator = Translator::new(decoder, source, config.selection()).await.map_err(translate_error)?;
         repl.start_replication(slot, applier.resume_lsn, &options).await?;
-        tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, "streaming");
+        tracing::info!(slot, resume_lsn = %applier.resume_lsn, system = %system.system_id, plugin = decoder.plugin(), "streaming");
         self.streaming = true;
         let session = spawn_source_session(source.clone(), config.source.heartbeat_seconds, self.nudge.clone());
         let result = self.pump(&mut repl, &mut applier, retry, shutdown).await;
@@ -193,9 +216,11 @@ impl<'c> Session<'c> {
         result
     }
 
-    /// Creates the slot if allowed and missing; refuses a slot of another
-    /// plugin; reports who holds a busy slot.
-    async fn ensure_slot(&self, repl: &mut ReplicationClient, slot: &str) -> Result<(), SessionError> {
+    /// Creates the slot if allowed and missing (with the plugin
+    /// `source.decoder` chooses, and pgoutput's publication first); refuses
+    /// a slot of a plugin decant cannot read or other than the configured
+    /// one; reports who holds a busy slot. Returns the slot's decoder.
+    async fn ensure_slot(&self, repl: &mut ReplicationClient, slot: &str) -> Result<Decoder, SessionError> {
         let rows = repl
             .simple_query(&format!(
                 "SELECT plugin, active_pid::text, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = {}",
@@ -203,6 +228,7 @@ impl<'c> Session<'c> {
             ))
             .await?;
         let problem = |problem: String, class| SessionError::Slot { slot: slot.to_owned(), problem, class };
+        let choice = self.config.source.decoder;
         match rows.first() {
             // A migration's slot comes from its snapshot: one made now would
             // miss every change since the copy.
@@ -215,18 +241,37 @@ impl<'c> Session<'c> {
                 ErrorClass::Fatal,
             )),
             None if self.config.source.create_slot => {
-                let created = repl.create_logical_slot(slot, "decant", false).await?;
-                tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");
-                Ok(())
+                let facts = decoder::source_facts(repl).await?;
+                let decoder = choice.resolve(&facts).map_err(|e| problem(format!("cannot be created: {e}"), ErrorClass::Fatal))?;
+                if decoder == Decoder::Pgoutput {
+                    decoder::ensure_publication(repl, decoder::publication_name(&self.config.source.publication, slot)).await?;
+                }
+                let created = repl.create_logical_slot(slot, decoder.plugin(), false).await?;
+                tracing::info!(slot, plugin = decoder.plugin(), consistent_point = %created.consistent_point, "created replication slot");
+                Ok(decoder)
             }
             None => Err(problem(
-                "does not exist on the source; create it with plugin decant, or set source.create_slot = true".into(),
+                "does not exist on the source; create it (plugin decant, pgoutput or test_decoding), or set source.create_slot = true"
+                    .into(),
                 ErrorClass::Fatal,
             )),
             Some(row) => {
                 let plugin = row.first().cloned().flatten().unwrap_or_default();
-                if plugin != "decant" {
-                    return Err(problem(format!("uses output plugin {plugin:?}, not decant; use another slot name"), ErrorClass::Fatal));
+                let Some(decoder) = Decoder::from_plugin(&plugin) else {
+                    return Err(problem(
+                        format!("uses output plugin {plugin:?}, which decant cannot read (it reads decant, pgoutput and test_decoding); use another slot name"),
+                        ErrorClass::Fatal,
+                    ));
+                };
+                if choice != DecoderChoice::Auto && choice.resolve_unchecked() != decoder {
+                    return Err(problem(
+                        format!(
+                            "uses output plugin {plugin}, but source.decoder = {:?}: a slot's plugin is fixed when it is created; \
+                             set source.decoder = \"{plugin}\" (or \"auto\"), or use another slot",
+                            choice
+                        ),
+                        ErrorClass::Fatal,
+                    ));
                 }
                 if let Some(pid) = row.get(1).cloned().flatten() {
                     return Err(problem(
@@ -237,7 +282,7 @@ impl<'c> Session<'c> {
                         ErrorClass::Other,
                     ));
                 }
-                Ok(())
+                Ok(decoder)
             }
         }
     }
@@ -283,13 +328,26 @@ impl<'c> Session<'c> {
                 }
                 _ = status_tick.tick() => self.send_status(repl, false).await?,
                 _ = sleep_until(deadline), if deadline.is_some() && self.pending.is_none() => self.cut_batch(),
-                msg = repl.recv(), if self.pending.is_none() => {
+                // Translated records are taken a chunk at a time, like
+                // messages: a large held transaction does not swell the batch.
+                _ = std::future::ready(()), if self.pending.is_none() && self.translator.as_ref().is_some_and(Translator::has_output) => {
+                    self.take_translated()?;
+                }
+                msg = repl.recv(), if self.pending.is_none() && !self.translator.as_ref().is_some_and(Translator::has_output) => {
                     match msg? {
                         Streamed::Data { wal_start, wal_end, payload, .. } => {
                             self.unconfirmed_ping = None;
                             self.wal_end = self.wal_end.max(wal_end);
                             self.last_received = self.last_received.max(wal_start);
-                            self.take_records(wal_start, &payload)?;
+                            match &mut self.translator {
+                                None => self.take_records(wal_start, &payload)?,
+                                Some(t) => {
+                                    let plugin = t.plugin();
+                                    t.feed(wal_start, &payload).await.map_err(|error| SessionError::Translate { plugin, lsn: wal_start, error })?;
+                                    self.translated_at = wal_start;
+                                    self.take_translated()?;
+                                }
+                            }
                         }
                         Streamed::Keepalive { wal_end, reply_requested, .. } => {
                             self.wal_end = self.wal_end.max(wal_end);
@@ -346,6 +404,18 @@ impl<'c> Session<'c> {
         self.batch.extend_from_slice(payload);
         if self.batch.len() >= self.config.agent.batch_max_bytes {
             self.cut_batch();
+        }
+        Ok(())
+    }
+
+    /// The next chunk of translated records into the batch.
+    fn take_translated(&mut self) -> Result<(), SessionError> {
+        let at = self.translated_at;
+        let Some(t) = &mut self.translator else { return Ok(()) };
+        let plugin = t.plugin();
+        let chunk = t.next_chunk().map_err(|error| SessionError::Translate { plugin, lsn: at, error })?;
+        if let Some(chunk) = chunk {
+            self.take_records(at, &chunk)?;
         }
         Ok(())
     }

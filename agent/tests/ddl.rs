@@ -177,10 +177,8 @@ fn every_kind_of_ddl_reaches_the_destination_in_order_with_the_changes() {
     let mut dst = t.dst();
     let ghost: i64 = dst.query_one("SELECT count(*) FROM pg_attribute WHERE attname = 'ghost'", &[]).unwrap().get(0);
     assert_eq!(ghost, 0, "a column added in a rolled-back savepoint reached the destination");
-    let not_selected: i64 = dst
-        .query_one("SELECT count(*) FROM pg_class WHERE relname IN ('not_selected', 'unrelated', 'scratch')", &[])
-        .unwrap()
-        .get(0);
+    let not_selected: i64 =
+        dst.query_one("SELECT count(*) FROM pg_class WHERE relname IN ('not_selected', 'unrelated', 'scratch')", &[]).unwrap().get(0);
     assert_eq!(not_selected, 0, "DDL outside the selection was applied");
     // The matview was built on the destination from its rows.
     let by_qty: i64 = dst.query_one("SELECT sum(n)::int8 FROM app.by_qty", &[]).unwrap().get(0);
@@ -400,13 +398,13 @@ fn the_capture_script_captures_ddl_on_every_major() {
             .map(|r| r.get::<_, String>(0))
             .filter(|d| !d.starts_with("BEGIN") && !d.starts_with("COMMIT"))
             .collect();
-        let messages: Vec<serde_json::Value> = lines
-            .iter()
-            .filter_map(|l| l.split_once("content:").map(|(_, json)| serde_json::from_str(json).unwrap()))
-            .collect();
+        let messages: Vec<serde_json::Value> =
+            lines.iter().filter_map(|l| l.split_once("content:").map(|(_, json)| serde_json::from_str(json).unwrap())).collect();
         let summary: Vec<(String, String, String)> = messages
             .iter()
-            .map(|m| (m["tag"].as_str().unwrap().into(), m["origin"].as_str().unwrap().into(), m["statement"].as_str().unwrap_or("").into()))
+            .map(|m| {
+                (m["tag"].as_str().unwrap().into(), m["origin"].as_str().unwrap().into(), m["statement"].as_str().unwrap_or("").into())
+            })
             .collect();
         assert_eq!(
             summary,

@@ -26,11 +26,8 @@ pub const TO_SKIP: &str = "to skip";
 impl Applier {
     pub(super) async fn ddl(&mut self, m: &Message<'_>) -> Result<(), ApplyError> {
         let at = m.lsn;
-        let command = DdlCommand::parse(m.content).map_err(|reason| ApplyError::DdlNotReplayable {
-            at,
-            what: "a DDL statement".into(),
-            reason,
-        })?;
+        let command =
+            DdlCommand::parse(m.content).map_err(|reason| ApplyError::DdlNotReplayable { at, what: "a DDL statement".into(), reason })?;
         if command.origin == Origin::Announce {
             self.creating_table = true;
             return Ok(());
@@ -197,10 +194,11 @@ impl Applier {
         self.flush_all_bulk().await?;
         self.open_transaction().await?;
         self.drain_pipeline(0).await?;
-        self.client
-            .batch_execute(&sql)
-            .await
-            .map_err(|source| ApplyError::Statement { op: "CREATE TABLE", table: qualified.to_owned(), source })?;
+        self.client.batch_execute(&sql).await.map_err(|source| ApplyError::Statement {
+            op: "CREATE TABLE",
+            table: qualified.to_owned(),
+            source,
+        })?;
         tracing::info!(table = %qualified, statement = %sql, "created a table of the stream that the destination lacked, from its relation metadata");
         if let Some(g) = &mut self.group {
             g.exclusive = true;
@@ -222,7 +220,6 @@ fn touches_mapping(command: &DdlCommand, mapping: &Mapping) -> bool {
             None => o.kind == "schema" && o.identity.as_deref().is_some_and(|s| mapping.renames(s, None)),
         })
 }
-
 
 /// The captured DDL statements of a task the destination recorded.
 #[derive(Debug, Default, serde::Serialize)]

@@ -58,9 +58,7 @@ pub struct DdlObject {
 /// Why a captured statement cannot be replayed as it is.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotReplayable {
-    #[error(
-        "it ran inside a function, DO block or procedure: its text cannot be replayed without the rest of what that code did"
-    )]
+    #[error("it ran inside a function, DO block or procedure: its text cannot be replayed without the rest of what that code did")]
     InFunction,
     #[error("the source could not capture it: {0}")]
     CaptureFailed(String),
@@ -206,11 +204,15 @@ mod tests {
         assert!(operator.selected(&selection("app.*", "")));
         assert!(!operator.selected(&selection("app.t", "")));
         // Schemas, and objects outside any schema.
-        let schema = command(r#"{"tag": "CREATE SCHEMA", "origin": "statement", "statement": "CREATE SCHEMA s",
-            "objects": [{"type": "schema", "schema": null, "identity": "s"}]}"#);
+        let schema = command(
+            r#"{"tag": "CREATE SCHEMA", "origin": "statement", "statement": "CREATE SCHEMA s",
+            "objects": [{"type": "schema", "schema": null, "identity": "s"}]}"#,
+        );
         assert!(schema.selected(&selection("s.*", "")) && !schema.selected(&selection("app.*", "")));
-        let extension = command(r#"{"tag": "CREATE EXTENSION", "origin": "statement", "statement": "CREATE EXTENSION hstore",
-            "objects": [{"type": "extension", "schema": null, "identity": "hstore"}]}"#);
+        let extension = command(
+            r#"{"tag": "CREATE EXTENSION", "origin": "statement", "statement": "CREATE EXTENSION hstore",
+            "objects": [{"type": "extension", "schema": null, "identity": "hstore"}]}"#,
+        );
         assert!(extension.selected(&selection("", "")) && !extension.selected(&selection("app.*", "")));
         // A failed capture without objects stops the task wherever it ran.
         let failed = command(r#"{"tag": "ALTER TABLE", "origin": "error", "error": "boom", "objects": []}"#);

@@ -114,14 +114,13 @@ pub fn first_keyword(statement: &str) -> Option<String> {
 /// column called owner.
 pub fn changes_owner(statement: &str) -> bool {
     let tokens: Vec<Token> = Lexer::new(statement).filter(|t| !t.kind.is_comment()).collect();
-    let word = |i: usize, w: &str| tokens.get(i).is_some_and(|t| t.kind == Kind::Word && t.bytes(statement).eq_ignore_ascii_case(w.as_bytes()));
+    let word =
+        |i: usize, w: &str| tokens.get(i).is_some_and(|t| t.kind == Kind::Word && t.bytes(statement).eq_ignore_ascii_case(w.as_bytes()));
     if !word(0, "alter") || tokens.iter().any(|t| t.kind == Kind::Punct(b',')) {
         return false;
     }
     (2..tokens.len()).any(|i| {
-        word(i, "owner")
-            && word(i + 1, "to")
-            && !["rename", "column", "constraint", "attribute", "value"].iter().any(|w| word(i - 1, w))
+        word(i, "owner") && word(i + 1, "to") && !["rename", "column", "constraint", "attribute", "value"].iter().any(|w| word(i - 1, w))
     })
 }
 

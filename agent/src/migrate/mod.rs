@@ -24,6 +24,7 @@ use decant_proto::{Lsn, FORMAT_VERSION};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
+use crate::config::decoder::Decoder;
 use crate::config::{Config, MigrationType};
 use crate::connect::sql::quote_literal;
 use crate::connect::sql::{connect, ConnectError};
@@ -279,21 +280,30 @@ async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind, p
                     config.task_id
                 )));
             }
-            repl.create_logical_slot(slot, "decant", true).await?
+            let facts = crate::replication::decoder::source_facts(&mut repl).await?;
+            let decoder = config.source.decoder.resolve(&facts).map_err(|e| MigrateError::Invalid(format!("source slot {slot:?}: {e}")))?;
+            if decoder == Decoder::Pgoutput {
+                let publication = crate::replication::decoder::publication_name(&config.source.publication, slot);
+                crate::replication::decoder::ensure_publication(&mut repl, publication).await?;
+            }
+            tracing::info!(slot, plugin = decoder.plugin(), "creating the task's slot");
+            repl.create_logical_slot(slot, decoder.plugin(), true).await?
         }
         SnapshotKind::Resume => {
-            let slot_exists = !repl
-                .simple_query(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = {}", quote_literal(slot)))
+            let plugin = repl
+                .simple_query(&format!("SELECT plugin FROM pg_replication_slots WHERE slot_name = {}", quote_literal(slot)))
                 .await?
-                .is_empty();
-            if !slot_exists {
+                .first()
+                .and_then(|row| row.first().cloned().flatten());
+            let Some(plugin) = plugin else {
                 return Err(MigrateError::Invalid(format!(
                     "source slot {slot:?} of task {} is gone, so the changes since the copy began are lost: \
                      start the task over (DROP SCHEMA decant CASCADE and the migrated objects in the destination)",
                     config.task_id
                 )));
-            }
-            repl.create_temporary_slot(&format!("{}_copy", slot.chars().take(58).collect::<String>()), "decant").await?
+            };
+            // Only its snapshot is used: the task's own plugin exists.
+            repl.create_temporary_slot(&format!("{}_copy", slot.chars().take(58).collect::<String>()), &plugin).await?
         }
     };
     let id = created.snapshot.ok_or_else(|| MigrateError::Invalid("the source exported no snapshot".into()))?;

@@ -112,8 +112,11 @@ impl Source {
             Some("O" | "A") => f.pass(
                 check,
                 "decant_ddl_end",
-                format!("DDL on the source is captured ({by}) and {} (migrate.ddl = \"{}\")",
-                        if policy == DdlPolicy::Apply { "applied at its place in the stream" } else { "stops the task" }, policy.name()),
+                format!(
+                    "DDL on the source is captured ({by}) and {} (migrate.ddl = \"{}\")",
+                    if policy == DdlPolicy::Apply { "applied at its place in the stream" } else { "stops the task" },
+                    policy.name()
+                ),
             ),
             Some(_) => f.warn(
                 check,

@@ -2,6 +2,7 @@
 //! of the replication sub-protocol, and slot commands.
 
 pub mod client;
+pub mod decoder;
 pub mod messages;
 pub mod slot;
 

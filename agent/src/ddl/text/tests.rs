@@ -2,10 +2,7 @@ use super::*;
 
 #[test]
 fn a_query_string_with_ddl_and_dml_is_two_statements() {
-    assert_eq!(
-        statements("ALTER TABLE t ADD c int; INSERT INTO t VALUES (1)"),
-        ["ALTER TABLE t ADD c int", "INSERT INTO t VALUES (1)"]
-    );
+    assert_eq!(statements("ALTER TABLE t ADD c int; INSERT INTO t VALUES (1)"), ["ALTER TABLE t ADD c int", "INSERT INTO t VALUES (1)"]);
     assert_eq!(statements("  ALTER TABLE t ADD c int ;\n"), ["ALTER TABLE t ADD c int"]);
 }
 

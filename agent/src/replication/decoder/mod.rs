@@ -1,0 +1,134 @@
+//! The built-in output plugins as sources of decant records: pgoutput
+//! (PostgreSQL 10+) and test_decoding, for servers where decant's plugin
+//! is not installed. Their output is turned into the records the plugin
+//! would have written (CRC computed here), so the applier and its
+//! exactly-once bookkeeping do not know the difference. Which plugin a
+//! task uses is chosen in `config::decoder`.
+
+pub mod output;
+mod pgoutput;
+mod relations;
+mod test_decoding;
+
+use decant_proto::options::PluginOptions;
+use decant_proto::Lsn;
+
+pub use crate::config::decoder::{Decoder, DecoderChoice, SourceFacts, FACTS_SQL};
+use crate::connect::sql::{quote_ident, quote_literal};
+use crate::connect::ConnInfo;
+pub use relations::CatalogError;
+
+use super::client::{ReplicationClient, ReplicationError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("cannot hold a transaction's records in a temporary file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Turns a built-in plugin's messages into decant records.
+pub enum Translator {
+    Pgoutput(pgoutput::Pgoutput),
+    TestDecoding(test_decoding::TestDecoding),
+}
+
+impl Translator {
+    /// None for decant's own plugin, whose output needs no translation.
+    pub async fn new(decoder: Decoder, source: &ConnInfo, selection: PluginOptions) -> Result<Option<Translator>, TranslateError> {
+        Ok(match decoder {
+            Decoder::Decant => None,
+            Decoder::Pgoutput => Some(Translator::Pgoutput(pgoutput::Pgoutput::new(relations::Catalog::connect(source).await?, selection))),
+            Decoder::TestDecoding => {
+                let catalog = relations::Catalog::connect(source).await?;
+                catalog.require_utf8().await?;
+                Some(Translator::TestDecoding(test_decoding::TestDecoding::new(catalog, selection)))
+            }
+        })
+    }
+
+    /// One message of the plugin, sent at `at` (the XLogData start).
+    pub async fn feed(&mut self, at: Lsn, payload: &[u8]) -> Result<(), TranslateError> {
+        match self {
+            Translator::Pgoutput(p) => p.feed(payload).await,
+            Translator::TestDecoding(t) => t.feed(at, payload).await,
+        }
+    }
+
+    pub fn plugin(&self) -> &'static str {
+        match self {
+            Translator::Pgoutput(_) => Decoder::Pgoutput.plugin(),
+            Translator::TestDecoding(_) => Decoder::TestDecoding.plugin(),
+        }
+    }
+
+    /// Translated records ready to go, in chunks of whole records.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, TranslateError> {
+        Ok(self.output().next_chunk()?)
+    }
+
+    pub fn has_output(&self) -> bool {
+        match self {
+            Translator::Pgoutput(p) => p.output.has_output(),
+            Translator::TestDecoding(t) => t.output.has_output(),
+        }
+    }
+
+    fn output(&mut self) -> &mut output::Output {
+        match self {
+            Translator::Pgoutput(p) => &mut p.output,
+            Translator::TestDecoding(t) => &mut t.output,
+        }
+    }
+}
+
+/// The source's facts for choosing a decoder, read on the replication
+/// connection.
+pub async fn source_facts(repl: &mut ReplicationClient) -> Result<SourceFacts, ReplicationError> {
+    let rows = repl.simple_query(FACTS_SQL).await?;
+    rows.first()
+        .and_then(|row| SourceFacts::from_row(row))
+        .ok_or_else(|| ReplicationError::Protocol("cannot read the source's version and plugins".into()))
+}
+
+/// The options of START_REPLICATION for a built-in plugin.
+pub fn start_options(decoder: Decoder, publication: &str, server_version: u32) -> Vec<(&'static str, String)> {
+    match decoder {
+        Decoder::Decant => Vec::new(),
+        Decoder::Pgoutput => {
+            let mut o = vec![("proto_version", "1".to_owned()), ("publication_names", quote_ident(publication))];
+            if server_version >= 140000 {
+                o.push(("messages", "true".to_owned()));
+            }
+            o
+        }
+        Decoder::TestDecoding => {
+            vec![("include-xids", "1".to_owned()), ("include-timestamp", "1".to_owned()), ("skip-empty-xacts", "1".to_owned())]
+        }
+    }
+}
+
+/// The publication a pgoutput task reads: `source.publication`, else one
+/// named after the slot.
+pub fn publication_name<'a>(configured: &'a str, slot: &'a str) -> &'a str {
+    if configured.is_empty() {
+        slot
+    } else {
+        configured
+    }
+}
+
+/// Creates the publication FOR ALL TABLES when it does not exist (before
+/// the slot: pgoutput reads it as of the WAL it decodes). A configured
+/// publication that exists is used as it is.
+pub async fn ensure_publication(repl: &mut ReplicationClient, name: &str) -> Result<(), ReplicationError> {
+    let exists = !repl.simple_query(&format!("SELECT 1 FROM pg_publication WHERE pubname = {}", quote_literal(name))).await?.is_empty();
+    if !exists {
+        repl.simple_query(&format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name))).await?;
+        tracing::info!(publication = name, "created publication FOR ALL TABLES for pgoutput");
+    }
+    Ok(())
+}
