@@ -244,7 +244,11 @@ impl<'c> Session<'c> {
                 let facts = decoder::source_facts(repl).await?;
                 let decoder = choice.resolve(&facts).map_err(|e| problem(format!("cannot be created: {e}"), ErrorClass::Fatal))?;
                 if decoder == Decoder::Pgoutput {
-                    decoder::ensure_publication(repl, decoder::publication_name(&self.config.source.publication, slot)).await?;
+                    let publication = decoder::publication_name(&self.config.source.publication, slot);
+                    decoder::ensure_publication(repl, publication).await.map_err(|e| match e {
+                        decoder::PublicationError::Source(e) => SessionError::Source(e),
+                        other => problem(format!("cannot be created: {other}"), ErrorClass::Fatal),
+                    })?;
                 }
                 let created = repl.create_logical_slot(slot, decoder.plugin(), false).await?;
                 tracing::info!(slot, plugin = decoder.plugin(), consistent_point = %created.consistent_point, "created replication slot");

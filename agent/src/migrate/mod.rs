@@ -284,7 +284,10 @@ async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind, p
             let decoder = config.source.decoder.resolve(&facts).map_err(|e| MigrateError::Invalid(format!("source slot {slot:?}: {e}")))?;
             if decoder == Decoder::Pgoutput {
                 let publication = crate::replication::decoder::publication_name(&config.source.publication, slot);
-                crate::replication::decoder::ensure_publication(&mut repl, publication).await?;
+                crate::replication::decoder::ensure_publication(&mut repl, publication).await.map_err(|e| match e {
+                    crate::replication::decoder::PublicationError::Source(e) => MigrateError::from(e),
+                    other => MigrateError::Invalid(other.to_string()),
+                })?;
             }
             tracing::info!(slot, plugin = decoder.plugin(), "creating the task's slot");
             repl.create_logical_slot(slot, decoder.plugin(), true).await?

@@ -38,42 +38,15 @@ pub struct PgDump {
 }
 
 impl PgDump {
-    /// Finds pg_dump (the configured one, else PATH, else the Debian
-    /// per-version directories) and checks that it is not older than the
-    /// source, whose major version is `source_major`.
+    /// Finds pg_dump: the configured one, else the newest of every pg_dump
+    /// on PATH and in the standard per-version directories, which must not
+    /// be older than the source (whose major version is `source_major`):
+    /// pg_dump refuses servers newer than itself, and a newer pg_dump dumps
+    /// every older server, so the newest one is the safe choice.
     pub fn locate(configured: &str, source_major: u32) -> Result<PgDump, SchemaError> {
-        let mut candidates: Vec<PathBuf> = Vec::new();
-        if !configured.is_empty() {
-            candidates.push(configured.into());
-        } else {
-            candidates.push("pg_dump".into());
-            if let Ok(dirs) = std::fs::read_dir("/usr/lib/postgresql") {
-                let mut versions: Vec<(u32, PathBuf)> = dirs
-                    .filter_map(|d| d.ok())
-                    .filter_map(|d| Some((d.file_name().to_str()?.parse().ok()?, d.path().join("bin/pg_dump"))))
-                    .collect();
-                versions.sort();
-                candidates.extend(versions.into_iter().rev().map(|(_, p)| p));
-            }
-        }
-        let mut too_old = None;
-        for path in &candidates {
-            let Some(version) = version_of(path) else { continue };
-            if major_of(&version) >= source_major {
-                return Ok(PgDump { path: path.clone() });
-            }
-            too_old.get_or_insert((path.display().to_string(), version));
-            if !configured.is_empty() {
-                break;
-            }
-        }
-        match too_old {
-            Some((path, found)) => Err(SchemaError::TooOld { path, found, major: source_major }),
-            None => Err(SchemaError::Missing {
-                tried: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-                major: source_major,
-            }),
-        }
+        let candidates = if configured.is_empty() { installed_pg_dumps() } else { vec![PathBuf::from(configured)] };
+        let probed = candidates.into_iter().map(with_version).collect();
+        choose(probed, source_major).map(|path| PgDump { path })
     }
 
     /// Dumps one section (`pre-data` or `post-data`) inside `snapshot`,
@@ -172,6 +145,80 @@ impl Drop for ServiceFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Every pg_dump that may be installed: each PATH directory's, then the
+/// per-version directories of Debian (/usr/lib/postgresql/N/bin) and of the
+/// PGDG RPMs (/usr/pgsql-N/bin), then a source build's default prefix.
+/// Directories that do not exist, or repeat one already listed, are left out.
+fn installed_pg_dumps() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    for (parent, prefix, tail) in [("/usr/lib/postgresql", "", "bin"), ("/usr", "pgsql-", "bin")] {
+        let Ok(entries) = std::fs::read_dir(parent) else { continue };
+        let mut versioned: Vec<(u32, PathBuf)> = entries
+            .filter_map(|d| d.ok())
+            .filter_map(|d| {
+                let name = d.file_name();
+                let major = name.to_str()?.strip_prefix(prefix)?.parse().ok()?;
+                Some((major, d.path().join(tail)))
+            })
+            .collect();
+        versioned.sort();
+        dirs.extend(versioned.into_iter().rev().map(|(_, d)| d));
+    }
+    dirs.push("/usr/local/pgsql/bin".into());
+    let mut seen = std::collections::HashSet::new();
+    dirs.into_iter()
+        .map(|d| d.join("pg_dump"))
+        .filter(|p| p.is_file())
+        .filter(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())))
+        .collect()
+}
+
+/// The newest pg_dump among `candidates` (path, `--version` number or None
+/// when it did not run) that is not older than the source; the first listed
+/// of equally new ones. A single candidate is the configured pg_dump.
+fn choose(candidates: Vec<(PathBuf, Option<String>)>, source_major: u32) -> Result<PathBuf, SchemaError> {
+    let mut best: Option<(Vec<u32>, &PathBuf)> = None;
+    let mut too_old: Option<(Vec<u32>, &PathBuf, &str)> = None;
+    for (path, version) in &candidates {
+        let Some(version) = version else { continue };
+        let key = version_key(version);
+        if major_of(version) >= source_major {
+            if best.as_ref().is_none_or(|(b, _)| key > *b) {
+                best = Some((key, path));
+            }
+        } else if too_old.as_ref().is_none_or(|(b, _, _)| key > *b) {
+            too_old = Some((key, path, version));
+        }
+    }
+    if let Some((_, path)) = best {
+        return Ok(path.clone());
+    }
+    match too_old {
+        Some((_, path, found)) => {
+            Err(SchemaError::TooOld { path: path.display().to_string(), found: found.to_owned(), major: source_major })
+        }
+        None => Err(SchemaError::Missing {
+            tried: if candidates.is_empty() {
+                "none on PATH or in /usr/lib/postgresql/*/bin, /usr/pgsql-*/bin, /usr/local/pgsql/bin".to_owned()
+            } else {
+                candidates.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            },
+            major: source_major,
+        }),
+    }
+}
+
+/// A version's numbers, for ordering: "15.20" < "18.1" < "18.10";
+/// "18beta1" orders as 18.
+fn version_key(version: &str) -> Vec<u32> {
+    version.split('.').map_while(|part| part.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).collect()
+}
+
+fn with_version(path: PathBuf) -> (PathBuf, Option<String>) {
+    let version = version_of(&path);
+    (path, version)
 }
 
 fn version_of(path: &Path) -> Option<String> {
@@ -407,6 +454,37 @@ $$;
     fn versions() {
         assert_eq!(major_of("15.20"), 15);
         assert_eq!(major_of("9.6.24"), 9);
+    }
+
+    #[test]
+    fn the_newest_pg_dump_not_older_than_the_source_is_chosen() {
+        let c = |list: &[(&str, Option<&str>)]| -> Vec<(PathBuf, Option<String>)> {
+            list.iter().map(|(p, v)| (PathBuf::from(p), v.map(str::to_owned))).collect()
+        };
+        let found = c(&[
+            ("/usr/bin/pg_dump", Some("15.20")),
+            ("/cache/18-dev/bin/pg_dump", Some("18.6")),
+            ("/usr/lib/postgresql/17/bin/pg_dump", Some("17.2")),
+            ("/broken/pg_dump", None),
+            ("/usr/lib/postgresql/13/bin/pg_dump", Some("13.16")),
+        ]);
+        // Not the first one that is new enough: the newest.
+        assert_eq!(choose(found.clone(), 13).unwrap(), PathBuf::from("/cache/18-dev/bin/pg_dump"));
+        assert_eq!(choose(found.clone(), 18).unwrap(), PathBuf::from("/cache/18-dev/bin/pg_dump"));
+        // Minor versions count; equal versions keep the first listed.
+        let minors = c(&[("/a/pg_dump", Some("18.2")), ("/b/pg_dump", Some("18.10")), ("/c/pg_dump", Some("18.10"))]);
+        assert_eq!(choose(minors, 15).unwrap(), PathBuf::from("/b/pg_dump"));
+        // Nothing new enough: the error names the newest one found.
+        match choose(found, 19) {
+            Err(SchemaError::TooOld { path, found, major }) => {
+                assert_eq!((path.as_str(), found.as_str(), major), ("/cache/18-dev/bin/pg_dump", "18.6", 19));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(choose(c(&[("/broken/pg_dump", None)]), 15), Err(SchemaError::Missing { .. })));
+        assert!(matches!(choose(Vec::new(), 15), Err(SchemaError::Missing { .. })));
+        assert_eq!(version_key("18beta1"), vec![18]);
+        assert!(version_key("9.6.24") < version_key("10.1"));
     }
 
     #[test]

@@ -47,6 +47,29 @@ pub(super) unsafe fn update_progress(ctx: *mut pg_sys::LogicalDecodingContext, s
     }
 }
 
+/// Whether this backend is a walsender (not an SQL session reading a slot).
+pub(super) unsafe fn am_walsender() -> bool {
+    // SAFETY: set once at backend start, read-only afterwards.
+    unsafe {
+        #[cfg(feature = "pg13")]
+        {
+            AM_WALSENDER
+        }
+        #[cfg(not(feature = "pg13"))]
+        {
+            pg_sys::am_walsender
+        }
+    }
+}
+
+// pgrx's PostgreSQL 13 bindings leave replication/walsender.h out; the
+// variable is there all the same (an exported global of the server).
+#[cfg(feature = "pg13")]
+extern "C" {
+    #[link_name = "am_walsender"]
+    static AM_WALSENDER: bool;
+}
+
 /// How much WAL beyond `lsn` is already flushed: what a walsender that has
 /// just decoded up to `lsn` has left to decode at once. Always 0 during
 /// recovery (a standby's walsender reads up to another position).

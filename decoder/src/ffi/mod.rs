@@ -123,7 +123,7 @@ unsafe extern "C-unwind" fn commit(
     // wait for the next heartbeat.
     // SAFETY: am_walsender is set once at backend start.
     let hold = with_session(|s| s.options.pack_transactions)
-        && unsafe { pg_sys::am_walsender && compat::wal_flushed_beyond(end_lsn) >= PACKING_BACKLOG_BYTES };
+        && unsafe { compat::am_walsender() && compat::wal_flushed_beyond(end_lsn) >= PACKING_BACKLOG_BYTES };
     let began = with_session(|s| s.pending_begin.take().is_none());
     if !began {
         // Nothing was emitted: send what is held if decoding caught up, and

@@ -105,8 +105,11 @@ pub fn start_options(decoder: Decoder, publication: &str, server_version: u32) -
             }
             o
         }
+        // Not skip-empty-xacts: with it, a transaction holding only a
+        // transactional message (a captured DDL statement) comes without
+        // its BEGIN and COMMIT. Empty transactions are dropped here.
         Decoder::TestDecoding => {
-            vec![("include-xids", "1".to_owned()), ("include-timestamp", "1".to_owned()), ("skip-empty-xacts", "1".to_owned())]
+            vec![("include-xids", "1".to_owned()), ("include-timestamp", "1".to_owned()), ("skip-empty-xacts", "0".to_owned())]
         }
     }
 }
@@ -124,11 +127,58 @@ pub fn publication_name<'a>(configured: &'a str, slot: &'a str) -> &'a str {
 /// Creates the publication FOR ALL TABLES when it does not exist (before
 /// the slot: pgoutput reads it as of the WAL it decodes). A configured
 /// publication that exists is used as it is.
-pub async fn ensure_publication(repl: &mut ReplicationClient, name: &str) -> Result<(), ReplicationError> {
+///
+/// PostgreSQL refuses UPDATE and DELETE on a table without a replica
+/// identity once a publication that publishes them covers it: creating one
+/// FOR ALL TABLES while such tables exist would break the applications
+/// writing them, so it is refused, naming them.
+pub async fn ensure_publication(repl: &mut ReplicationClient, name: &str) -> Result<(), PublicationError> {
     let exists = !repl.simple_query(&format!("SELECT 1 FROM pg_publication WHERE pubname = {}", quote_literal(name))).await?.is_empty();
-    if !exists {
-        repl.simple_query(&format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name))).await?;
-        tracing::info!(publication = name, "created publication FOR ALL TABLES for pgoutput");
+    if exists {
+        return Ok(());
     }
+    let unidentified: Vec<String> = repl
+        .simple_query(
+            "SELECT format('%I.%I', n.nspname, c.relname)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
+                AND (c.relreplident = 'n'
+                     OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                     OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
+              ORDER BY 1",
+        )
+        .await?
+        .into_iter()
+        .filter_map(|row| row.into_iter().next().flatten())
+        .collect();
+    if !unidentified.is_empty() {
+        return Err(PublicationError::Unidentified { name: name.to_owned(), tables: unidentified });
+    }
+    repl.simple_query(&format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name))).await?;
+    tracing::info!(publication = name, "created publication FOR ALL TABLES for pgoutput");
     Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublicationError {
+    #[error("{0}")]
+    Source(#[from] ReplicationError),
+    #[error(
+        "pgoutput needs a publication, and creating {name:?} FOR ALL TABLES would make the source refuse UPDATE and DELETE \
+         on its tables without a replica identity: {}; give them one (a primary key, or ALTER TABLE … REPLICA IDENTITY FULL), \
+         or create a publication of the tables to migrate yourself and set source.publication, or use source.decoder = \
+         \"test_decoding\" (no publication)",
+        list(tables)
+    )]
+    Unidentified { name: String, tables: Vec<String> },
+}
+
+fn list(tables: &[String]) -> String {
+    let shown = tables.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+    if tables.len() > 10 {
+        format!("{shown} and {} more", tables.len() - 10)
+    } else {
+        shown
+    }
 }

@@ -1,5 +1,5 @@
-//! test_decoding's text lines (with `include-xids`, `include-timestamp`
-//! and `skip-empty-xacts`) turned into decant records.
+//! test_decoding's text lines (with `include-xids` and
+//! `include-timestamp`) turned into decant records.
 //!
 //! A line names its table and columns but gives no OIDs, so the table is
 //! described from the catalog by name (see `relations.rs`). The position of
@@ -77,17 +77,15 @@ impl TestDecoding {
             _ => return None,
         };
         let rest = rest[1..].strip_prefix(b" prefix: ")?;
-        // The prefix is printed as is; the size after it tells where the
-        // content starts, from the end of the line.
-        let content_at = find_last(rest, b" content:")?;
-        let head = &rest[..content_at];
-        let sz_at = find_last(head, b", sz: ")?;
-        let prefix = &head[..sz_at];
-        let size = number(&head[sz_at + 6..])? as usize;
-        let content = &rest[content_at + 9..];
-        if content.len() != size {
-            return None;
-        }
+        // `PREFIX, sz: N content:CONTENT`, where PREFIX and CONTENT may hold
+        // anything: the split is the one whose N is CONTENT's length.
+        let (prefix, content) = (0..rest.len()).filter(|&i| rest[i..].starts_with(b", sz: ")).find_map(|i| {
+            let after = &rest[i + 6..];
+            let space = after.iter().position(|&b| b == b' ')?;
+            let size = number(&after[..space])? as usize;
+            let content = after[space..].strip_prefix(b" content:")?;
+            (content.len() == size).then(|| (&rest[..i], content))
+        })?;
         let record = Record::Message(Message { transactional, lsn: at, prefix, content });
         if transactional {
             return Some(self.output.change(&record).map_err(Into::into));
