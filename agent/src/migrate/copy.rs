@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::display::CopyProgress;
+use super::keys;
 use super::{snapshot_session, MigrateError, Snapshot};
 use crate::config::{Config, Mapping};
 use crate::connect::sql::{column_list, quote_ident};
@@ -45,20 +46,40 @@ pub struct Work {
 }
 
 /// The ranges not done yet, largest first, with the COPY that reads each.
-/// A range's SQL is built from its page numbers and the task's own
+/// A range's SQL is built from its page numbers, or its key's column names
+/// and values (quoted as names and string constants), and the task's own
 /// `migrate.map` alone: the plan comes back from the destination, whose
-/// text must never run on the source.
+/// text must never run on the source as SQL.
 pub fn pending_work(state: &TaskState, mapping: &Mapping) -> Result<Vec<Work>, MigrateError> {
     let mut work = Vec::new();
     for t in &state.tables {
-        if !ranges_cover_table(&t.ranges) {
+        let by_key = !t.key_columns.is_empty();
+        let covered = if by_key {
+            t.ranges.iter().all(|r| r.first_page.is_none() && r.end_page.is_none())
+                && keys::key_ranges_cover(
+                    t.key_columns.len(),
+                    &t.ranges.iter().map(|r| (r.range_id, r.key_from.as_slice(), r.key_to.as_slice())).collect::<Vec<_>>(),
+                )
+        } else {
+            t.ranges.iter().all(|r| r.key_from.is_empty() && r.key_to.is_empty()) && ranges_cover_table(&t.ranges)
+        };
+        if !covered {
             return Err(MigrateError::Invalid(format!(
-                "the task's plan in the destination (decant.copy_range) splits table {}.{} into page ranges that do not \
+                "the task's plan in the destination (decant.copy_range) splits table {}.{} into {} ranges that do not \
                  cover it once ({}): the plan was changed, or stored by an applier older than this agent (upgrade it); \
                  else start the task over (DROP SCHEMA decant CASCADE in the destination, and the tables it migrated)",
                 t.schema,
                 t.name,
-                t.ranges.iter().map(|r| format!("{:?}..{:?}", r.first_page, r.end_page)).collect::<Vec<_>>().join(", ")
+                if by_key { "key" } else { "page" },
+                t.ranges
+                    .iter()
+                    .map(|r| if by_key {
+                        format!("{:?}..{:?}", r.key_from, r.key_to)
+                    } else {
+                        format!("{:?}..{:?}", r.first_page, r.end_page)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
@@ -69,11 +90,12 @@ pub fn pending_work(state: &TaskState, mapping: &Mapping) -> Result<Vec<Work>, M
         let format = if binary { "binary" } else { "text" };
         let ranges = t.ranges.len().max(1) as u64;
         for r in t.ranges.iter().filter(|r| !r.done) {
-            let pages = page_condition(r.first_page, r.end_page);
-            let sql = if pages.is_none() && projection.is_plain() {
+            let range =
+                if by_key { keys::key_condition(&t.key_columns, &r.key_from, &r.key_to) } else { page_condition(r.first_page, r.end_page) };
+            let sql = if range.is_none() && projection.is_plain() {
                 format!("COPY {table}{list} TO STDOUT (FORMAT {format})")
             } else {
-                let select = projection.select(&format!("ONLY {table}"), pages.as_deref());
+                let select = projection.select(&format!("ONLY {table}"), range.as_deref());
                 format!("COPY ({select}) TO STDOUT (FORMAT {format})")
             };
             let display = if t.ranges.len() > 1 {
@@ -333,7 +355,7 @@ mod tests {
 
     #[test]
     fn work_is_the_unfinished_ranges_largest_first() {
-        let range = |range_id, first_page, end_page, done| RangeState { range_id, first_page, end_page, done, rows: 0, bytes: 0 };
+        let range = |range_id, first_page, end_page, done| RangeState { range_id, first_page, end_page, done, ..Default::default() };
         let state = TaskState {
             tables: vec![
                 TableState {
@@ -344,6 +366,7 @@ mod tests {
                     binary: false,
                     bytes: 10,
                     ranges: vec![range(0, None, None, false)],
+                    ..Default::default()
                 },
                 TableState {
                     table_id: 1,
@@ -353,6 +376,7 @@ mod tests {
                     binary: true,
                     bytes: 1000,
                     ranges: vec![range(0, None, Some(5), true), range(1, Some(5), None, false)],
+                    ..Default::default()
                 },
             ],
             ..Default::default()
@@ -362,6 +386,48 @@ mod tests {
         assert_eq!(w[0].sql, "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"Big\" WHERE ctid >= '(5,0)') TO STDOUT (FORMAT binary)");
         assert_eq!(w[0].display, "s.Big [2/2]");
         assert_eq!(w[1].sql, "COPY \"s\".\"small\" (\"a\") TO STDOUT (FORMAT text)");
+    }
+
+    #[test]
+    fn key_ranges_read_their_key_values_under_the_row_filter() {
+        let range = |range_id: u32, from: &[&str], to: &[&str]| RangeState {
+            range_id,
+            key_from: from.iter().map(|s| (*s).to_owned()).collect(),
+            key_to: to.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        };
+        let table = |ranges| TableState {
+            schema: "s".into(),
+            name: "t".into(),
+            columns: vec!["a".into(), "b".into()],
+            key_columns: vec!["a".into(), "b".into()],
+            bytes: 100,
+            ranges,
+            ..Default::default()
+        };
+        let entry: crate::config::MapEntry = toml::from_str("table = \"s.t\"\nwhere = \"b <> 'x'\"").unwrap();
+        let mapping = Mapping::parse(&[entry]).unwrap();
+        let state =
+            TaskState { tables: vec![table(vec![range(0, &[], &["1", "it's"]), range(1, &["1", "it's"], &[])])], ..Default::default() };
+        let w = pending_work(&state, &mapping).unwrap();
+        let sql: Vec<&str> = w.iter().map(|w| w.sql.as_str()).collect();
+        assert_eq!(
+            sql,
+            [
+                "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"t\" WHERE (b <> 'x') AND (\"a\", \"b\") < ('1', 'it''s')) TO STDOUT (FORMAT text)",
+                "COPY (SELECT \"a\", \"b\" FROM ONLY \"s\".\"t\" WHERE (b <> 'x') AND (\"a\", \"b\") >= ('1', 'it''s')) TO STDOUT (FORMAT text)",
+            ]
+        );
+        // Key ranges that do not chain, or that carry pages too, are refused.
+        for bad in [
+            vec![range(0, &[], &["1", "a"]), range(1, &["2", "a"], &[])],
+            vec![range(0, &[], &["1"]), range(1, &["1"], &[])],
+            vec![RangeState { end_page: Some(3), ..range(0, &[], &["1", "a"]) }, range(1, &["1", "a"], &[])],
+        ] {
+            let state = TaskState { tables: vec![table(bad)], ..Default::default() };
+            let e = pending_work(&state, &mapping).unwrap_err().to_string();
+            assert!(e.contains("s.t into key ranges"), "{e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod claim;
 pub mod copy;
 pub mod display;
 pub mod encoding;
+pub mod keys;
 pub mod schema;
 pub mod tables;
 

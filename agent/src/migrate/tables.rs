@@ -10,6 +10,8 @@ use crate::connect::sql::quote_ident;
 use crate::connect::sql::BINARY_IO;
 use crate::throttle::SharedPace;
 
+use super::keys;
+
 /// Schemas that are never migrated: the catalogs, and the decant
 /// extension's own schema.
 pub const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'decant') \
@@ -35,7 +37,7 @@ pub async fn list_tables(
         "SELECT n.nspname::text, c.relname::text, pg_table_size(c.oid)::int8, pg_relation_size(c.oid)::int8,
                 coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attnum IS NOT NULL), '{{}}'),
                 coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FILTER (WHERE a.attnum IS NOT NULL), '{{}}'),
-                coalesce(bool_and({BINARY_IO}) FILTER (WHERE a.attnum IS NOT NULL), true)
+                coalesce(bool_and({BINARY_IO}) FILTER (WHERE a.attnum IS NOT NULL), true), c.oid
            FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace
            LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND {not_generated}
@@ -58,16 +60,41 @@ pub async fn list_tables(
         }
         let total: i64 = row.get(2);
         let heap: i64 = row.get(3);
-        // TID range scans (PostgreSQL 14+) read one range without
-        // touching the rest of the table.
         // The size that counts is the table's with its TOAST data; ranges
-        // are cut by heap pages, which spreads the TOASTed rows with them.
-        let ranges = if server_version >= 140000 && total as u64 > split_bytes {
-            let pieces = (total as u64).div_ceil(split_bytes);
-            ctid_ranges((heap / block.max(1)) as u64, pieces)
-        } else {
-            Vec::new()
-        };
+        // are cut by heap pages or by key values, which spreads the
+        // TOASTed rows with them.
+        let pieces = (total as u64).div_ceil(split_bytes.max(1));
+        let pages = (heap / block.max(1)) as u64;
+        let (mut ranges, mut key_columns) = (Vec::new(), Vec::new());
+        if total as u64 > split_bytes && server_version >= 140000 {
+            // TID range scans (PostgreSQL 14+) read one range without
+            // touching the rest of the table.
+            ranges = ctid_ranges(pages, pieces);
+        } else if total as u64 > split_bytes {
+            // Before 14 a ctid range is read by scanning the whole table;
+            // a key range is an index range scan.
+            match keys::key_columns(client, row.get(7), server_version, pace).await? {
+                Some(key) => match keys::key_ranges(client, &schema, &name, &key, pages, pieces, pace).await? {
+                    keys::KeySplit::Ranges(r) => {
+                        if !r.is_empty() {
+                            (ranges, key_columns) = (r, key);
+                        }
+                    }
+                    keys::KeySplit::Uncorrelated(c) => tracing::info!(
+                        table = %format!("{schema}.{name}"),
+                        key = %key.join(", "),
+                        correlation = format!("{c:.2}"),
+                        "copied whole, not in ranges: its rows are not stored in the order of its key, so every key range \
+                         would read most of the table (ctid ranges need a PostgreSQL 14 or later source)"
+                    ),
+                },
+                None => tracing::info!(
+                    table = %format!("{schema}.{name}"),
+                    "copied whole, not in ranges: it has no primary key or unique index on NOT NULL columns to split it by \
+                     (ctid ranges need a PostgreSQL 14 or later source)"
+                ),
+            }
+        }
         tables.push(TablePlan {
             schema,
             name,
@@ -76,6 +103,7 @@ pub async fn list_tables(
             binary: row.get(6),
             bytes: total.max(0) as u64,
             ranges,
+            key_columns,
         });
     }
     Ok(tables)
@@ -126,7 +154,7 @@ pub fn ctid_ranges(pages: u64, pieces: u64) -> Vec<PageRange> {
     let mut out = Vec::new();
     let mut lower: Option<u64> = None;
     for end in bounds.iter().copied().map(Some).chain(std::iter::once(None)) {
-        out.push(PageRange { first_page: lower, end_page: end });
+        out.push(PageRange { first_page: lower, end_page: end, ..Default::default() });
         lower = end;
     }
     out
@@ -180,7 +208,7 @@ mod tests {
 
     #[test]
     fn ranges_cover_every_page_once() {
-        let r = |first_page, end_page| PageRange { first_page, end_page };
+        let r = |first_page, end_page| PageRange { first_page, end_page, ..Default::default() };
         assert!(ctid_ranges(100, 1).is_empty());
         assert_eq!(ctid_ranges(100, 3), vec![r(None, Some(34)), r(Some(34), Some(68)), r(Some(68), None)]);
         // More pieces than pages: one page each at most.

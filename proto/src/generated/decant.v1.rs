@@ -103,19 +103,33 @@ pub struct TablePlan {
     /// Estimated size in bytes (for progress).
     #[prost(uint64, tag = "6")]
     pub bytes: u64,
-    /// Page ranges that split the table; empty = one range.
+    /// Ranges that split the table; empty = one range.
     #[prost(message, repeated, tag = "8")]
     pub ranges: ::prost::alloc::vec::Vec<PageRange>,
+    /// The key whose value ranges split the table (sources before
+    /// PostgreSQL 14, which cannot scan a ctid range alone): the columns of
+    /// its primary key or of a unique index on NOT NULL columns. Empty when
+    /// the ranges are page ranges, or the table is one range.
+    #[prost(string, repeated, tag = "9")]
+    pub key_columns: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
-/// The heap pages \[first_page, end_page) of a table (ctid range); an absent
-/// bound is open, so pages added after the plan are copied too.
+/// One range of a table: either the heap pages \[first_page, end_page)
+/// (ctid range), or, when the table has key_columns, the key values
+/// \[key_from, key_to) (row comparison over the key's columns, each value in
+/// its text form). An absent bound is open, so rows added after the plan
+/// are copied too.
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PageRange {
     #[prost(uint64, optional, tag = "1")]
     pub first_page: ::core::option::Option<u64>,
     #[prost(uint64, optional, tag = "2")]
     pub end_page: ::core::option::Option<u64>,
+    /// Empty: open.
+    #[prost(string, repeated, tag = "3")]
+    pub key_from: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "4")]
+    pub key_to: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -150,9 +164,12 @@ pub struct TableState {
     pub bytes: u64,
     #[prost(message, repeated, tag = "7")]
     pub ranges: ::prost::alloc::vec::Vec<RangeState>,
+    /// As in TablePlan: the key the ranges split, or empty.
+    #[prost(string, repeated, tag = "8")]
+    pub key_columns: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RangeState {
     #[prost(uint32, tag = "1")]
     pub range_id: u32,
@@ -168,6 +185,12 @@ pub struct RangeState {
     pub first_page: ::core::option::Option<u64>,
     #[prost(uint64, optional, tag = "7")]
     pub end_page: ::core::option::Option<u64>,
+    /// The range's key values \[key_from, key_to) when the table has
+    /// key_columns; empty: open.
+    #[prost(string, repeated, tag = "8")]
+    pub key_from: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "9")]
+    pub key_to: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

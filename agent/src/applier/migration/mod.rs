@@ -195,6 +195,7 @@ CREATE TABLE IF NOT EXISTS decant.copy_table (
     bytes int8 NOT NULL,
     merge boolean NOT NULL DEFAULT false,
     skip_before pg_lsn,
+    key_columns text[] NOT NULL DEFAULT '{}',
     PRIMARY KEY (task_id, table_id)
 );
 CREATE TABLE IF NOT EXISTS decant.copy_range (
@@ -208,6 +209,8 @@ CREATE TABLE IF NOT EXISTS decant.copy_range (
     bytes int8 NOT NULL DEFAULT 0,
     first_page int8,
     end_page int8,
+    key_from text[],
+    key_to text[],
     PRIMARY KEY (task_id, table_id, range_id)
 );
 -- A range is its heap pages [first_page, end_page) (NULL: open), from
@@ -217,6 +220,12 @@ CREATE TABLE IF NOT EXISTS decant.copy_range (
 DO $$BEGIN
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.copy_range'::regclass AND attname = 'end_page') THEN
         ALTER TABLE decant.copy_range ADD COLUMN IF NOT EXISTS first_page int8, ADD COLUMN IF NOT EXISTS end_page int8;
+    END IF;
+    -- Key ranges (sources before PostgreSQL 14): the key's columns, and
+    -- each range's key values [key_from, key_to) (NULL: open).
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.copy_range'::regclass AND attname = 'key_to') THEN
+        ALTER TABLE decant.copy_table ADD COLUMN IF NOT EXISTS key_columns text[] NOT NULL DEFAULT '{}';
+        ALTER TABLE decant.copy_range ADD COLUMN IF NOT EXISTS key_from text[], ADD COLUMN IF NOT EXISTS key_to text[];
     END IF;
     -- How the applier schedules a step (decant_proto StepOrder); steps
     -- planned before it existed run one at a time, in order.

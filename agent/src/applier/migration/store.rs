@@ -43,7 +43,8 @@ pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskSta
     };
     let mut tables: Vec<TableState> = client
         .query(
-            "SELECT table_id, schema_name, name, columns, binary_ok, bytes FROM decant.copy_table WHERE task_id = $1 ORDER BY table_id",
+            "SELECT table_id, schema_name, name, columns, binary_ok, bytes, key_columns FROM decant.copy_table
+              WHERE task_id = $1 ORDER BY table_id",
             &[&task_id],
         )
         .await?
@@ -56,12 +57,14 @@ pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskSta
             binary: r.get(4),
             bytes: r.get::<_, i64>(5) as u64,
             ranges: Vec::new(),
+            key_columns: r.get(6),
         })
         .collect();
     let index: HashMap<u32, usize> = tables.iter().enumerate().map(|(i, t)| (t.table_id, i)).collect();
     for r in client
         .query(
-            "SELECT table_id, range_id, condition, done_at IS NOT NULL, rows, bytes, first_page, end_page FROM decant.copy_range
+            "SELECT table_id, range_id, condition, done_at IS NOT NULL, rows, bytes, first_page, end_page, key_from, key_to
+               FROM decant.copy_range
               WHERE task_id = $1 ORDER BY table_id, range_id",
             &[&task_id],
         )
@@ -87,6 +90,7 @@ pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskSta
                 _ => PageRange {
                     first_page: first.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
                     end_page: end.map(u64::try_from).transpose().map_err(|_| refused("a negative page"))?,
+                    ..Default::default()
                 },
             };
             tables[i].ranges.push(RangeState {
@@ -96,6 +100,8 @@ pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskSta
                 bytes: r.get::<_, i64>(5) as u64,
                 first_page: pages.first_page,
                 end_page: pages.end_page,
+                key_from: r.get::<_, Option<Vec<String>>>(8).unwrap_or_default(),
+                key_to: r.get::<_, Option<Vec<String>>>(9).unwrap_or_default(),
             });
         }
     }
@@ -181,18 +187,27 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, mut plan: MigrationPlan
         };
         let binary = binary && !mapping.projection(&t.schema, &t.name, &t.columns).transformed;
         tx.execute(
-            "INSERT INTO decant.copy_table (task_id, table_id, schema_name, name, columns, types, binary_ok, bytes, merge)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[&task_id, &(i as i32), &t.schema, &t.name, &t.columns, &t.types, &binary, &(t.bytes as i64), &merge],
+            "INSERT INTO decant.copy_table (task_id, table_id, schema_name, name, columns, types, binary_ok, bytes, merge, key_columns)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[&task_id, &(i as i32), &t.schema, &t.name, &t.columns, &t.types, &binary, &(t.bytes as i64), &merge, &t.key_columns],
         )
         .await?;
         let ranges = if t.ranges.is_empty() { vec![Default::default()] } else { t.ranges.clone() };
         for (r, pages) in ranges.iter().enumerate() {
             let page = |p: Option<u64>| p.map(|p| i64::try_from(p).unwrap_or(i64::MAX));
+            let key = |k: &Vec<String>| (!k.is_empty()).then(|| k.clone());
             tx.execute(
-                "INSERT INTO decant.copy_range (task_id, table_id, range_id, condition, first_page, end_page)
-                 VALUES ($1, $2, $3, '', $4, $5)",
-                &[&task_id, &(i as i32), &(r as i32), &page(pages.first_page), &page(pages.end_page)],
+                "INSERT INTO decant.copy_range (task_id, table_id, range_id, condition, first_page, end_page, key_from, key_to)
+                 VALUES ($1, $2, $3, '', $4, $5, $6, $7)",
+                &[
+                    &task_id,
+                    &(i as i32),
+                    &(r as i32),
+                    &page(pages.first_page),
+                    &page(pages.end_page),
+                    &key(&pages.key_from),
+                    &key(&pages.key_to),
+                ],
             )
             .await?;
         }
@@ -321,7 +336,7 @@ fn legacy_page_range(condition: &str) -> Option<PageRange> {
             bounds => bounds,
         },
     };
-    Some(PageRange { first_page, end_page })
+    Some(PageRange { first_page, end_page, ..Default::default() })
 }
 
 #[cfg(test)]
@@ -330,7 +345,7 @@ mod tests {
 
     #[test]
     fn legacy_conditions_are_read_as_numbers_or_refused() {
-        let r = |first_page, end_page| Some(PageRange { first_page, end_page });
+        let r = |first_page, end_page| Some(PageRange { first_page, end_page, ..Default::default() });
         assert_eq!(legacy_page_range("ctid < '(34,0)'"), r(None, Some(34)));
         assert_eq!(legacy_page_range("ctid >= '(34,0)' AND ctid < '(68,0)'"), r(Some(34), Some(68)));
         assert_eq!(legacy_page_range("ctid >= '(68,0)'"), r(Some(68), None));
