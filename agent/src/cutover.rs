@@ -331,6 +331,14 @@ fn print_next_steps(config: &Config, destination: &ConnInfo, undo_freeze: Option
             "  - once you no longer need to go back, drop the source slot, which holds WAL on the source: SELECT pg_drop_replication_slot('{}');",
             config.source.slot.replace('\'', "''")
         );
+        if config.source.decoder != crate::config::decoder::DecoderChoice::Decant && config.source.publication.is_empty() {
+            // Created by the agent when the task streams through pgoutput.
+            println!(
+                "  - if the task streamed through pgoutput, also drop the publication decant created (while it exists, UPDATE and \
+                 DELETE on new tables without a replica identity fail): DROP PUBLICATION IF EXISTS {};",
+                crate::quote::quote_ident(&config.source.slot)
+            );
+        }
     }
     if let Some(undo) = undo_freeze {
         println!("  - the source database stays read-only for new transactions; undo with: {undo};");
