@@ -192,8 +192,11 @@ fn read_slot(dsn: &str, slot: &str, options: &[String], limit: Option<u64>, prin
             PluginOptions::parse(flat.chunks(2).map(|p| (p[0].as_str(), Some(p[1].as_str())))).map_err(|e| anyhow::anyhow!("{e}"))?;
         } else {
             let version: i32 = client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+            // The agent's options, unless --option sets the same one.
+            let given: Vec<String> = flat.chunks(2).map(|p| p[0].clone()).collect();
             let own = start_options(decoder, slot, u32::try_from(version).unwrap_or(0));
-            flat = own.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).chain(flat).collect();
+            flat =
+                own.into_iter().filter(|(k, _)| !given.iter().any(|g| g == k)).flat_map(|(k, v)| [k.to_owned(), v]).chain(flat).collect();
             translator = Translator::new(decoder, &info, PluginOptions::default()).await?;
         }
         let sql = if decoder == Decoder::TestDecoding {

@@ -274,9 +274,9 @@ impl<'c> Session<'c> {
                 if choice != DecoderChoice::Auto && choice.resolve_unchecked() != decoder {
                     return Err(problem(
                         format!(
-                            "uses output plugin {plugin}, but source.decoder = {:?}: a slot's plugin is fixed when it is created; \
+                            "uses output plugin {plugin}, but source.decoder = \"{}\": a slot's plugin is fixed when it is created; \
                              set source.decoder = \"{plugin}\" (or \"auto\"), or use another slot",
-                            choice
+                            choice.name()
                         ),
                         ErrorClass::Fatal,
                     ));

@@ -85,9 +85,12 @@ fn configuration_and_source_errors() {
         &["slot \"nope\"", "does not exist", "create_slot"],
     );
 
-    // A slot of another plugin.
+    // A slot of another plugin than the one source.decoder names.
     source.connect().batch_execute("SELECT pg_create_logical_replication_slot('td', 'test_decoding')").unwrap();
-    expect(&fails(&mut s.role("agent", &cfg, &["source.slot=\"td\""])), &["slot \"td\"", "test_decoding", "not decant"]);
+    expect(
+        &fails(&mut s.role("agent", &cfg, &["source.slot=\"td\"", "source.decoder=\"decant\""])),
+        &["slot \"td\"", "output plugin test_decoding", "source.decoder", "fixed when it is created"],
+    );
     applier.kill9();
 
     // wal_level not logical.
@@ -107,7 +110,8 @@ fn configuration_and_source_errors() {
         std::thread::sleep(Duration::from_millis(300));
         let cfg = s.config(&restricted.conninfo("postgres"), &dest);
         let _applier = s.role("applier", &cfg, &[]);
-        expect(&fails(&mut s.role("agent", &cfg, &[])), &["decant", "output_plugin_libraries"]);
+        // decant asked for by name (auto would choose pgoutput here).
+        expect(&fails(&mut s.role("agent", &cfg, &["source.decoder=\"decant\""])), &["decant", "output_plugin_libraries"]);
     }
 }
 

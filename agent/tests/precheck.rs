@@ -286,7 +286,8 @@ fn a_clean_task_passes_and_the_roles_refuse_to_start_on_an_error() {
         decant_tests::process::wait_for("the reload", Duration::from_secs(10), || {
             c.query_one("SHOW output_plugin_libraries", &[]).unwrap().get::<_, String>(0) == "pgoutput"
         });
-        let (ok, out, _) = precheck(&cfg, &[]);
+        // decant asked for by name (auto would choose pgoutput here).
+        let (ok, out, _) = precheck(&cfg, &["--set", "source.decoder=\"decant\""]);
         assert!(!ok);
         expect_line(
             &out,
@@ -370,14 +371,14 @@ fn a_clean_task_passes_and_the_roles_refuse_to_start_on_an_error() {
 
     // A slot of another plugin, and one of ours that no plan explains.
     source.connect().batch_execute("SELECT pg_create_logical_replication_slot('td', 'test_decoding')").unwrap();
-    let (ok, out, _) = precheck(&cfg, &["--set", "source.slot=\"td\""]);
+    let (ok, out, _) = precheck(&cfg, &["--set", "source.slot=\"td\"", "--set", "source.decoder=\"decant\""]);
     assert!(!ok);
     expect_line(
         &out,
         "error",
         "source.slot",
         "slot \"td\"",
-        &["output plugin test_decoding, not decant", "pg_drop_replication_slot('td')"],
+        &["uses output plugin test_decoding, but source.decoder = \"decant\"", "pg_drop_replication_slot('td')"],
     );
     source.connect().batch_execute("SELECT pg_create_logical_replication_slot('decant_p', 'decant')").unwrap();
     let (_, out, _) = precheck(&cfg, &[]);

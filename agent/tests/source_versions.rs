@@ -4,7 +4,8 @@
 //! `source.decoder = "auto"` chooses pgoutput), 13 → 18 and 18 → 15 (the
 //! plugin, built for those majors by `scripts/pg.sh plugin`, is chosen).
 //! Servers of other majors come from `scripts/pg.sh install`; the source
-//! 18's pg_dump is built by `scripts/pg.sh dev 18`.
+//! 18's pg_dump is built by `scripts/pg.sh dev 18` and put on decant's
+//! PATH, where decant finds it by itself.
 //!
 //! Passes when, for every pair: the task's slot uses the decoder expected,
 //! the task reaches the stream, the tables are equal after the load, and
@@ -65,7 +66,11 @@ fn sources_of_other_majors_migrate_under_load() {
 }
 
 fn start(major: u32) -> Cluster {
-    if major == 15 { Cluster::start() } else { Cluster::start_version(major) }
+    if major == 15 {
+        Cluster::start()
+    } else {
+        Cluster::start_version(major)
+    }
 }
 
 fn migrate(source: u32, dest: u32, decoder: &str) {
@@ -74,9 +79,9 @@ fn migrate(source: u32, dest: u32, decoder: &str) {
         .destination(start(dest))
         .migrate("types = [\"schema\", \"full\", \"incremental\"]");
     if source > 15 {
-        // No pg_dump as new as the source is installed here.
-        let pg_dump = client_bindir_of(source).join("pg_dump");
-        builder = builder.migrate(&format!("pg_dump = \"{}\"", pg_dump.display()));
+        // No pg_dump as new as the source is installed: one is built, and
+        // decant finds it on its PATH (the newest not older than the source).
+        builder = builder.path_first(client_bindir_of(source));
     }
     let t = builder.build();
     let version: i32 = t.src().query_one("SELECT current_setting('server_version_num')::int", &[]).unwrap().get(0);
@@ -96,5 +101,9 @@ fn migrate(source: u32, dest: u32, decoder: &str) {
     let history = |c: &mut postgres::Client| c.query_one("SELECT count(*) FROM pgbench_history", &[]).unwrap().get::<_, i64>(0);
     let (src_history, dst_history) = (history(&mut t.src()), history(&mut t.dst()));
     assert!(src_history > 0 && dst_history == src_history, "pgbench_history: source {src_history}, destination {dst_history}");
+    if source > 15 {
+        let wanted = format!("pg_dump={}", client_bindir_of(source).join("pg_dump").display());
+        assert!(m.log().contains(&wanted), "decant did not choose the pg_dump for {source} ({wanted}):\n{}", m.log());
+    }
     assert_eq!(m.stop(), Some(0), "decant migrate did not stop cleanly:\n{}", m.log());
 }

@@ -137,7 +137,12 @@ SQL
 
 # --- slots (all before the load, so they all see the same WAL) --------------------
 SLOTS=(decant pgoutput_text pgoutput_binary wal2json_1 wal2json_2 decoderbufs test_decoding decant_packed)
+# The same WAL read by decant's agent code (`decant inspect --summary`,
+# which peeks through SQL and turns pgoutput's and test_decoding's output
+# into decant's records as the agent does when source.decoder chooses them).
+AGENT_SLOTS=(agent_decant agent_pgoutput agent_test_decoding)
 declare -A PLUGIN=(
+    [agent_decant]=decant [agent_pgoutput]=pgoutput [agent_test_decoding]=test_decoding
     [decant]=decant [decant_packed]=decant
     [pgoutput_text]=pgoutput [pgoutput_binary]=pgoutput
     [wal2json_1]=wal2json [wal2json_2]=wal2json
@@ -157,11 +162,11 @@ declare -A OPTS=(
 # ignores client_min_messages), so plugin stderr goes to files, shown on error.
 # "warmup" is drained untimed before the others: in trials the first drain
 # after the load was consistently ~25% slower whichever plugin it used.
-for s in "${SLOTS[@]}" warmup; do
+for s in "${SLOTS[@]}" "${AGENT_SLOTS[@]}" warmup; do
     psql_ -d "$DB" -c "SELECT pg_create_logical_replication_slot('$s', '${PLUGIN[$s]:-test_decoding}')" >/dev/null 2>"$WORK/slot.err" \
         || { cat "$WORK/slot.err" >&2; die "could not create slot $s"; }
 done
-say "created slots: ${SLOTS[*]} warmup"
+say "created slots: ${SLOTS[*]} ${AGENT_SLOTS[*]} warmup"
 
 # --- load --------------------------------------------------------------------------
 say "pgbench tpcb-like: $TXNS transactions (-c 4 -j 2 -t $((TXNS / 4)))"
@@ -287,6 +292,21 @@ for s in "${SLOTS[@]}"; do
 done
 [[ -n $CHANGES && $CHANGES -gt 0 ]] || die "no changes counted from test_decoding output"
 
+# --- the fallback decoders through the agent's translation ---------------------------
+DECANT=${DECANT_BIN:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/release/decant}
+[[ -x $DECANT ]] || die "$DECANT not found (build it: cargo build --release -p decant-agent, or set DECANT_BIN)"
+declare -A AGENT_SECS AGENT_BYTES
+for s in "${AGENT_SLOTS[@]}"; do
+    opts=()
+    [[ $s != agent_pgoutput ]] || opts=(-o publication_names=bench)
+    t0=$(date +%s.%N)
+    summary=$("$DECANT" inspect --dsn "host=127.0.0.1 port=$PORT user=postgres dbname=$DB" --slot "$s" --summary \
+        "${opts[@]}" 2>"$WORK/$s.err") || { cat "$WORK/$s.err" >&2; die "decant inspect of slot $s failed"; }
+    AGENT_SECS[$s]=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.3f}')")
+    AGENT_BYTES[$s]=$(awk '$1 == "total" { print $(NF-1) }' <<<"$summary")
+    say "agent read $s: ${AGENT_SECS[$s]} s, ${AGENT_BYTES[$s]} bytes of decant records"
+done
+
 # --- report ----------------------------------------------------------------------------
 results=$WORK/results.tsv
 : >"$results"
@@ -298,15 +318,21 @@ for s in "${SLOTS[@]}"; do
     fi
 done
 
+for s in "${AGENT_SLOTS[@]}"; do
+    printf '%s\t%s\tagent\t%s\t%s\t\t\n' "$s" "${PLUGIN[$s]}" "${AGENT_SECS[$s]}" "${AGENT_BYTES[$s]}" >>"$results"
+done
 PG_VERSION=$PG_VERSION TXNS=$TXNS SCALE=$SCALE CHANGES=$CHANGES END_LSN=$END_LSN CPU_BUSY=$CPU_BUSY \
     python3 - "$results" <<'EOF'
 import json, os, sys
 
 env = os.environ
 changes = int(env["CHANGES"])
-rows, excluded = {}, {}
+rows, excluded, agent = {}, {}, {}
 for line in open(sys.argv[1]):
     slot, plugin, status, secs, nbytes, peek, note = line.rstrip("\n").split("\t")
+    if status == "agent":
+        agent[plugin] = {"seconds": float(secs), "bytes": int(nbytes), "changes_per_second": changes / float(secs)}
+        continue
     if status == "excluded":
         excluded[slot] = note
         continue
@@ -344,6 +370,14 @@ print()
 print("bytes/chg vs decant = peer bytes/change / decant bytes/change (>1: peer output is larger);")
 print("speed decant/peer = decant changes/s / peer changes/s (>1: decant is faster);")
 print("peek s = the same decode via pg_logical_slot_peek_binary_changes (no streaming; reference only).")
+print()
+print("read by decant's agent code (decant inspect --summary: SQL peek, translation into decant records, CRC check):")
+afmt = "{:<18} {:>9} {:>11} {:>20} {:>22}"
+print(afmt.format("source.decoder", "seconds", "changes/s", "decant record bytes", "time vs decant plugin"))
+for plugin in ("decant", "pgoutput", "test_decoding"):
+    a = agent[plugin]
+    print(afmt.format(plugin, f"{a['seconds']:.3f}", f"{a['changes_per_second']:,.0f}", f"{a['bytes']:,}",
+                      f"{a['seconds'] / agent['decant']['seconds']:.2f}"))
 
 pgo = rows["pgoutput_text"]
 summary = {
@@ -361,6 +395,7 @@ summary = {
                     "bytes_per_change": round(r["bytes_per_change"], 4),
                     "peek_seconds": r["peek_seconds"]} for s, r in rows.items()},
     "excluded": excluded,
+    "agent": agent,
 }
 print(json.dumps(summary, separators=(",", ":")))
 EOF

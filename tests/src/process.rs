@@ -19,9 +19,18 @@ impl Role {
 
     /// With `--set` overrides.
     pub fn start_with(bin: &Path, role: &str, config: &Path, overrides: &[String], log: &Path) -> Role {
+        Self::start_env(bin, role, config, overrides, None, log)
+    }
+
+    /// With `--set` overrides and, when given, this PATH.
+    pub fn start_env(bin: &Path, role: &str, config: &Path, overrides: &[String], path: Option<&std::ffi::OsStr>, log: &Path) -> Role {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("role log");
         let err = out.try_clone().unwrap();
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        if let Some(path) = path {
+            command.env("PATH", path);
+        }
+        let child = command
             .args([role, "--config"])
             .arg(config)
             .args(overrides.iter().flat_map(|o| ["--set", o.as_str()]))

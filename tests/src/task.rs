@@ -164,9 +164,17 @@ pub struct TaskBuilder {
     db: String,
     create_db: Option<String>,
     applier_port: Option<u16>,
+    path_first: Option<PathBuf>,
 }
 
 impl TaskBuilder {
+    /// A directory searched first on the PATH of the decant processes
+    /// (e.g. where a newer pg_dump is, for decant to find by itself).
+    pub fn path_first(mut self, dir: impl Into<PathBuf>) -> TaskBuilder {
+        self.path_first = Some(dir.into());
+        self
+    }
+
     /// The source cluster (default: a fresh one).
     pub fn source(mut self, cluster: Cluster) -> TaskBuilder {
         self.source = Some(cluster);
@@ -237,7 +245,18 @@ impl TaskBuilder {
         let config = self.config.dsns(&source.conninfo(&self.db), &dest.conninfo(&self.db));
         config.write(&config_path);
         let id = config.get("task_id").unwrap_or_default().trim_matches('"').to_owned();
-        Task { source, dest, db: self.db, dir, config_path, config, id, bin: self.bin, applier_port: self.applier_port }
+        Task {
+            source,
+            dest,
+            db: self.db,
+            dir,
+            config_path,
+            config,
+            id,
+            bin: self.bin,
+            applier_port: self.applier_port,
+            path_first: self.path_first,
+        }
     }
 }
 
@@ -259,6 +278,8 @@ pub struct Task {
     pub bin: PathBuf,
     /// The applier's port, with [`TaskBuilder::transport`].
     pub applier_port: Option<u16>,
+    /// See [`TaskBuilder::path_first`].
+    pub path_first: Option<PathBuf>,
 }
 
 impl Task {
@@ -273,6 +294,7 @@ impl Task {
             db: "postgres".into(),
             create_db: None,
             applier_port: None,
+            path_first: None,
         }
     }
 
@@ -305,7 +327,11 @@ impl Task {
 
     /// Same, with `--set` overrides.
     pub fn start_with(&self, role: &str, overrides: &[String], log: impl AsRef<Path>) -> Role {
-        Role::start_with(&self.bin, role, &self.config_path, overrides, &self.path(log))
+        let path = self.path_first.as_ref().map(|first| {
+            let rest = std::env::var_os("PATH").unwrap_or_default();
+            std::env::join_paths(std::iter::once(first.clone()).chain(std::env::split_paths(&rest))).unwrap_or_default()
+        });
+        Role::start_env(&self.bin, role, &self.config_path, overrides, path.as_deref(), &self.path(log))
     }
 
     /// `decant migrate`.

@@ -52,12 +52,27 @@ impl Decoder {
 
 /// One row of text: server_version_num, whether the decant package is
 /// installed, output_plugin_libraries (NULL where the server has no such
-/// setting), whether decant's DDL capture is installed. Runs on a SQL or a
+/// setting, and for roles that may not read it: pg_settings hides it from
+/// them, where current_setting would fail), whether decant's DDL capture
+/// is installed. Runs on a SQL or a
 /// replication connection.
 pub const FACTS_SQL: &str = "SELECT current_setting('server_version_num'), \
      EXISTS (SELECT FROM pg_available_extensions WHERE name = 'decant')::text, \
-     current_setting('output_plugin_libraries', true), \
+     (SELECT setting FROM pg_settings WHERE name = 'output_plugin_libraries'), \
      EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'decant_ddl_end')::text";
+
+/// The source's tables that a publication FOR ALL TABLES would cover and
+/// that have no replica identity (`schema.table`, quoted as needed): while
+/// such a publication exists, PostgreSQL refuses their UPDATEs and
+/// DELETEs. Runs on a SQL or a replication connection.
+pub const UNIDENTIFIED_TABLES_SQL: &str = "SELECT format('%I.%I', n.nspname, c.relname)
+       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
+        AND (c.relreplident = 'n'
+             OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+             OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
+      ORDER BY 1";
 
 /// What the choice depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +103,16 @@ impl SourceFacts {
 }
 
 impl DecoderChoice {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecoderChoice::Auto => "auto",
+            DecoderChoice::Decant => "decant",
+            DecoderChoice::Pgoutput => "pgoutput",
+            DecoderChoice::TestDecoding => "test_decoding",
+        }
+    }
+
     /// The decoder an explicit choice names; `Auto` names decant.
     pub fn resolve_unchecked(self) -> Decoder {
         match self {

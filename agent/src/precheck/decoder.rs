@@ -8,7 +8,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::server::Server;
 use super::{Check, Findings};
-use crate::config::decoder::{Decoder, SourceFacts, FACTS_SQL};
+use crate::config::decoder::{Decoder, DecoderChoice, SourceFacts, FACTS_SQL, UNIDENTIFIED_TABLES_SQL};
 use crate::config::Config;
 
 pub(super) async fn check(
@@ -29,7 +29,10 @@ pub(super) async fn check(
         .unwrap_or_default();
     let Some(facts) = SourceFacts::from_row(&row) else { return Ok(()) };
     let choice = config.source.decoder;
-    let decoder = match choice.resolve(&facts) {
+    // decant asked for by name: its own checks below say in detail what
+    // is missing (the package, the output_plugin_libraries entry).
+    let resolved = if choice == DecoderChoice::Decant { Ok(Decoder::Decant) } else { choice.resolve(&facts) };
+    let decoder = match resolved {
         Ok(d) => d,
         Err(e) => {
             f.error(Check::SourcePlugin, "source.decoder", e, "see the README, \"Decoders and PostgreSQL versions\"");
@@ -43,23 +46,15 @@ pub(super) async fn check(
             f.pass(
                 Check::SourcePlugin,
                 "pgoutput",
-                format!("source.decoder = {choice:?}: pgoutput, built into PostgreSQL; the agent turns its output into decant's records"),
+                format!(
+                    "source.decoder = \"{}\": pgoutput, built into PostgreSQL; the agent turns its output into decant's records",
+                    choice.name()
+                ),
             );
             let publication = if config.source.publication.is_empty() { &config.source.slot } else { &config.source.publication };
             let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication]).await?.is_some();
             if !exists {
-                let unidentified: i64 = client
-                    .query_one(
-                        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                          WHERE c.relkind = 'r' AND c.relpersistence = 'p'
-                            AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
-                            AND (c.relreplident = 'n'
-                                 OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
-                                 OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))",
-                        &[],
-                    )
-                    .await?
-                    .get(0);
+                let unidentified = client.query(UNIDENTIFIED_TABLES_SQL, &[]).await?.len();
                 if unidentified > 0 {
                     f.error(
                         Check::SourcePlugin,
@@ -84,7 +79,10 @@ pub(super) async fn check(
                 f.error(
                     Check::SourceDdlCapture,
                     "pgoutput",
-                    format!("pgoutput passes logical messages only from PostgreSQL 14 on (the source runs {}), so captured DDL would be lost", server.version),
+                    format!(
+                        "pgoutput passes logical messages only from PostgreSQL 14 on (the source runs {}), so captured DDL would be lost",
+                        server.version
+                    ),
                     "set source.decoder = \"test_decoding\" (or \"auto\", which chooses it here)",
                 );
             }
@@ -93,13 +91,16 @@ pub(super) async fn check(
             f.pass(
                 Check::SourcePlugin,
                 "test_decoding",
-                format!("source.decoder = {choice:?}: test_decoding (contrib); the agent turns its text into decant's records"),
+                format!("source.decoder = \"{}\": test_decoding (contrib); the agent turns its text into decant's records", choice.name()),
             );
             if server.encoding != "UTF8" && server.encoding != "SQL_ASCII" {
                 f.error(
                     Check::SourcePlugin,
                     "test_decoding",
-                    format!("the source's encoding is {}: test_decoding writes text unconverted, and decant's records are UTF-8", server.encoding),
+                    format!(
+                        "the source's encoding is {}: test_decoding writes text unconverted, and decant's records are UTF-8",
+                        server.encoding
+                    ),
                     "set source.decoder = \"pgoutput\" (or install decant's plugin)",
                 );
             }
@@ -109,7 +110,10 @@ pub(super) async fn check(
         f.warn(
             Check::SourcePlugin,
             "TRUNCATE",
-            format!("PostgreSQL {} does not decode TRUNCATE (logical decoding has it from 11 on): a TRUNCATE on the source is not replicated", server.version),
+            format!(
+                "PostgreSQL {} does not decode TRUNCATE (logical decoding has it from 11 on): a TRUNCATE on the source is not replicated",
+                server.version
+            ),
             "do not TRUNCATE selected tables during the migration (DELETE instead), or run the same TRUNCATE on the destination",
         );
     }
@@ -118,7 +122,12 @@ pub(super) async fn check(
 
 /// The plugin library on the source, and whether the server lets a
 /// slot use it.
-async fn decant_plugin(client: &Client, user: &str, libraries_setting: Option<&str>, f: &mut Findings) -> Result<(), tokio_postgres::Error> {
+async fn decant_plugin(
+    client: &Client,
+    user: &str,
+    libraries_setting: Option<&str>,
+    f: &mut Findings,
+) -> Result<(), tokio_postgres::Error> {
     let available: Option<String> = client
         .query_opt("SELECT coalesce(default_version, '') FROM pg_available_extensions WHERE name = 'decant'", &[])
         .await?
@@ -188,4 +197,3 @@ async fn decant_plugin(client: &Client, user: &str, libraries_setting: Option<&s
     }
     Ok(())
 }
-

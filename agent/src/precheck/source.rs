@@ -249,7 +249,7 @@ impl Source {
             f.error(
                 Check::SourceSlot,
                 object,
-                format!("slot {slot:?} uses output plugin {plugin}, but source.decoder = {wanted:?}"),
+                format!("slot {slot:?} uses output plugin {plugin}, but source.decoder = \"{}\"", wanted.name()),
                 format!("set source.decoder = \"{plugin}\" (or \"auto\"): a slot's plugin is fixed when it is created; or {other_name}"),
             );
         } else if database != current {

@@ -13,7 +13,7 @@ mod test_decoding;
 use decant_proto::options::PluginOptions;
 use decant_proto::Lsn;
 
-pub use crate::config::decoder::{Decoder, DecoderChoice, SourceFacts, FACTS_SQL};
+pub use crate::config::decoder::{Decoder, DecoderChoice, SourceFacts, FACTS_SQL, UNIDENTIFIED_TABLES_SQL};
 use crate::connect::sql::{quote_ident, quote_literal};
 use crate::connect::ConnInfo;
 pub use relations::CatalogError;
@@ -137,21 +137,8 @@ pub async fn ensure_publication(repl: &mut ReplicationClient, name: &str) -> Res
     if exists {
         return Ok(());
     }
-    let unidentified: Vec<String> = repl
-        .simple_query(
-            "SELECT format('%I.%I', n.nspname, c.relname)
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind = 'r' AND c.relpersistence = 'p'
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
-                AND (c.relreplident = 'n'
-                     OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
-                     OR (c.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
-              ORDER BY 1",
-        )
-        .await?
-        .into_iter()
-        .filter_map(|row| row.into_iter().next().flatten())
-        .collect();
+    let unidentified: Vec<String> =
+        repl.simple_query(UNIDENTIFIED_TABLES_SQL).await?.into_iter().filter_map(|row| row.into_iter().next().flatten()).collect();
     if !unidentified.is_empty() {
         return Err(PublicationError::Unidentified { name: name.to_owned(), tables: unidentified });
     }
