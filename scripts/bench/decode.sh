@@ -30,8 +30,11 @@
 #   TXNS=100000      pgbench transactions in total (4 clients, TXNS/4 each)
 #   SCALE=10         pgbench -i scale factor
 #   DECANT_PG_BINDIR=/usr/lib/postgresql/15/bin
+#   DECANT_BIN=target/release/decant
 set -euo pipefail
 
+# decant's binary, for the agent rows (the script later runs in a temp dir).
+DECANT=${DECANT_BIN:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/release/decant}
 TXNS=${TXNS:-100000}
 SCALE=${SCALE:-10}
 BINDIR=${DECANT_PG_BINDIR:-/usr/lib/postgresql/15/bin}
@@ -47,6 +50,7 @@ for bin in initdb pg_ctl postgres psql pgbench pg_recvlogical; do
     [[ -x $BINDIR/$bin ]] || die "$BINDIR/$bin not found (set DECANT_PG_BINDIR)"
 done
 PKGLIBDIR=$("$BINDIR/pg_config" --pkglibdir 2>/dev/null || echo "$BINDIR/../lib")
+[[ -x $DECANT ]] || die "$DECANT not found (build it: cargo build --release -p decant-agent, or set DECANT_BIN)"
 for lib in wal2json decoderbufs decant; do
     [[ -f $PKGLIBDIR/$lib.so ]] \
         || die "$PKGLIBDIR/$lib.so is missing; run ./scripts/setup.sh (it installs wal2json, decoderbufs and decant)"
@@ -293,8 +297,6 @@ done
 [[ -n $CHANGES && $CHANGES -gt 0 ]] || die "no changes counted from test_decoding output"
 
 # --- the fallback decoders through the agent's translation ---------------------------
-DECANT=${DECANT_BIN:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/release/decant}
-[[ -x $DECANT ]] || die "$DECANT not found (build it: cargo build --release -p decant-agent, or set DECANT_BIN)"
 declare -A AGENT_SECS AGENT_BYTES
 for s in "${AGENT_SLOTS[@]}"; do
     opts=()
