@@ -27,6 +27,10 @@
 #   - seconds = wall time of the method's command(s) into an empty database
 #     (CREATE DATABASE, and for copy_limit the schema, are not timed).
 #   - MB/s = source pg_database_size / seconds, MB = 10^6 bytes.
+#   - CPU s = user + system CPU seconds of the method's own processes (decant;
+#     pgcopydb with the pg_dump, pg_restore and psql it starts; pg_dump and
+#     pg_restore or psql; the psql pipes), not of the servers: what the tool
+#     takes from the cores the servers share. CPU s/GB divides by the size.
 #   - "decant/method" = decant seconds / the method's seconds (< 1: decant is
 #     faster). time_ratio_vs_pg_dump uses the faster of the two pg_dump ways.
 #   - The destination runs with fsync on (what a real migration pays); the
@@ -41,8 +45,9 @@
 #
 # Run as root after ./scripts/setup.sh (server commands run as `postgres`).
 # Environment:
-#   SCALE=30            pgbench -i scale of the source
-#   MIXED_ROWS=300000   rows in the mixed-type table
+#   SIZE=small          small (~1.3 GB), large (~4.3 GB) or huge (~11 GB)
+#   SCALE=30            pgbench -i scale of the source (default from SIZE)
+#   MIXED_ROWS=300000   rows in the mixed-type table (default from SIZE)
 #   DECANT_BIN=target/release/decant
 #   DECANT_PG_BINDIR=/usr/lib/postgresql/15/bin
 #   SKIP_DECANT=1       leave decant out (testing the peers only; ratios are null)
@@ -52,8 +57,16 @@ set -euo pipefail
 [[ -z ${DECANT_BIN:-} || $DECANT_BIN == /* ]] || DECANT_BIN=$PWD/$DECANT_BIN
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-SCALE=${SCALE:-30}
-MIXED_ROWS=${MIXED_ROWS:-300000}
+# SIZE picks both: small (the default, about 1.3 GB), large (about 4.3 GB),
+# huge (about 11 GB); SCALE and MIXED_ROWS, when set, win.
+case ${SIZE:-small} in
+    small) size_scale=30 size_rows=300000 ;;
+    large) size_scale=100 size_rows=1000000 ;;
+    huge) size_scale=300 size_rows=2000000 ;;
+    *) echo "bench: error: SIZE=${SIZE} (small, large or huge)" >&2; exit 1 ;;
+esac
+SCALE=${SCALE:-$size_scale}
+MIXED_ROWS=${MIXED_ROWS:-$size_rows}
 BINDIR=${DECANT_PG_BINDIR:-/usr/lib/postgresql/15/bin}
 DECANT_BIN=${DECANT_BIN:-$PWD/target/release/decant}
 SKIP_DECANT=${SKIP_DECANT:-0}
@@ -348,7 +361,9 @@ for m in "${METHODS[@]}"; do
     say "$m: running"
     t0=$(now)
     set -m
-    "method_$m" "$db" >"$WORK/$m.log" 2>&1 &
+    # `times` in the method's subshell: its second line is the CPU time of
+    # every process the method started and waited for.
+    ( "method_$m" "$db" && times >"$WORK/$m.times" ) >"$WORK/$m.log" 2>&1 &
     method_pid=$!
     set +m
     rc=0
@@ -372,7 +387,15 @@ for m in "${METHODS[@]}"; do
         say "WARNING: $m: ${INDEXES[$m]} indexes on the destination, $SRC_INDEXES on the source"
     fi
     say "$m: ${SECS[$m]} s, row counts match, ${INDEXES[$m]} indexes"
-    printf '%s\t%s\t%s\n' "$m" "${SECS[$m]}" "${INDEXES[$m]}" >>"$results"
+    CPU=$(python3 - "$WORK/$m.times" <<'CPUEOF'
+import re, sys
+children = open(sys.argv[1]).read().splitlines()[1]
+pairs = re.findall(r"(\d+)m([\d.]+)s", children)
+print("%.2f" % sum(float(m) * 60 + float(s) for m, s in pairs))
+CPUEOF
+)
+    say "$m: ${CPU} CPU s in its own processes"
+    printf '%s\t%s\t%s\t%s\n' "$m" "${SECS[$m]}" "${INDEXES[$m]}" "$CPU" >>"$results"
     if [[ $m == decant ]]; then
         # Where decant's time went: its phase log lines.
         sed 's/\x1b\[[0-9;]*m//g' "$WORK/$m.log" | grep -E "schema dumped|copying|full copy done|post-data|phases done" \
@@ -394,8 +417,8 @@ env = os.environ
 data = int(env["DATA_BYTES"])
 rows = {}
 for line in open(sys.argv[1]):
-    m, secs, idx = line.rstrip("\n").split("\t")
-    rows[m] = {"seconds": float(secs), "indexes": int(idx)}
+    m, secs, idx, cpu = line.rstrip("\n").split("\t")
+    rows[m] = {"seconds": float(secs), "indexes": int(idx), "cpu_seconds": float(cpu)}
 
 labels = {
     "decant": "decant migrate",
@@ -410,14 +433,16 @@ print(f"PostgreSQL {env['PG_VERSION']}; pgbench SCALE={env['SCALE']} + MIXED_ROW
       f"{env['NTABLES']} tables, {env['SRC_INDEXES']} indexes; "
       f"database size {data / 1e6:.1f} MB; CPU busy before runs {env['CPU_BUSY']}%")
 print()
-fmt = "{:<30} {:>9} {:>8} {:>14} {:>8}"
-print(fmt.format("method", "seconds", "MB/s", "decant/method", "indexes"))
+fmt = "{:<30} {:>9} {:>8} {:>14} {:>8} {:>8} {:>9}"
+print(fmt.format("method", "seconds", "MB/s", "decant/method", "indexes", "CPU s", "CPU s/GB"))
 for m, r in rows.items():
     ratio = f"{decant / r['seconds']:.2f}" if decant is not None else "-"
-    print(fmt.format(labels[m], f"{r['seconds']:.2f}", f"{data / 1e6 / r['seconds']:.1f}", ratio, r["indexes"]))
+    print(fmt.format(labels[m], f"{r['seconds']:.2f}", f"{data / 1e6 / r['seconds']:.1f}", ratio, r["indexes"],
+                     f"{r['cpu_seconds']:.2f}", f"{r['cpu_seconds'] / (data / 1e9):.2f}"))
 print()
 print("MB/s = source database size (10^6 bytes) / seconds; decant/method = decant seconds / method seconds")
 print("(< 1: decant is faster). Row counts of every table matched the source for every method.")
+print("CPU s = user + system CPU of the method's own processes (not the servers'); CPU s/GB per 10^9 bytes.")
 
 def ratio(peer):
     return round(decant / peer, 4) if decant is not None else None
@@ -435,6 +460,8 @@ summary = {
     "pg_dump_fastest": pg_dump,
     "time_ratio_vs_copy_limit": ratio(rows["copy_limit"]["seconds"]),
     "indexes": {"source": int(env["SRC_INDEXES"]), **{m: r["indexes"] for m, r in rows.items()}},
+    "cpu_seconds": {m: r["cpu_seconds"] for m, r in rows.items()},
+    "cpu_seconds_per_gb": {m: round(r["cpu_seconds"] / (data / 1e9), 3) for m, r in rows.items()},
     "decant_skipped": decant is None,
 }
 print(json.dumps(summary, separators=(",", ":")))
