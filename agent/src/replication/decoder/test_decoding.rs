@@ -299,27 +299,34 @@ impl<'a> Parser<'a> {
         &self.s[start..self.at]
     }
 
+    /// The rest of a string opened by `quote` (already read), where a
+    /// doubled `quote` stands for one.
+    fn quoted(&mut self, quote: u8, what: &str) -> Result<Vec<u8>, TranslateError> {
+        let mut out = Vec::new();
+        loop {
+            match self.rest() {
+                [q, r, ..] if *q == quote && *r == quote => {
+                    out.push(quote);
+                    self.at += 2;
+                }
+                [q, ..] if *q == quote => {
+                    self.at += 1;
+                    return Ok(out);
+                }
+                [c, ..] => {
+                    out.push(*c);
+                    self.at += 1;
+                }
+                [] => return Err(TranslateError::Protocol(format!("test_decoding: unterminated {what}"))),
+            }
+        }
+    }
+
     /// An identifier as `quote_identifier` prints it.
     fn identifier(&mut self) -> Result<String, TranslateError> {
         let mut out = Vec::new();
         if self.eat(b"\"") {
-            loop {
-                match self.rest() {
-                    [b'"', b'"', ..] => {
-                        out.push(b'"');
-                        self.at += 2;
-                    }
-                    [b'"', ..] => {
-                        self.at += 1;
-                        break;
-                    }
-                    [c, ..] => {
-                        out.push(*c);
-                        self.at += 1;
-                    }
-                    [] => return Err(TranslateError::Protocol("test_decoding: unterminated quoted name".into())),
-                }
-            }
+            out = self.quoted(b'"', "quoted name")?;
         } else {
             while let Some(&c) = self.s.get(self.at) {
                 if !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80) {
@@ -362,24 +369,7 @@ impl<'a> Parser<'a> {
 
     fn value(&mut self) -> Result<Printed, TranslateError> {
         if self.eat(b"'") || self.eat(b"B'") {
-            let mut text = Vec::new();
-            loop {
-                match self.rest() {
-                    [b'\'', b'\'', ..] => {
-                        text.push(b'\'');
-                        self.at += 2;
-                    }
-                    [b'\'', ..] => {
-                        self.at += 1;
-                        return Ok(Printed::Text(text));
-                    }
-                    [c, ..] => {
-                        text.push(*c);
-                        self.at += 1;
-                    }
-                    [] => return Err(TranslateError::Protocol("test_decoding: unterminated value".into())),
-                }
-            }
+            return Ok(Printed::Text(self.quoted(b'\'', "value")?));
         }
         let start = self.at;
         while self.at < self.s.len() && self.s[self.at] != b' ' {
