@@ -175,6 +175,18 @@ impl Default for Config {
     }
 }
 
+impl Source {
+    /// The publication a pgoutput task reads: `publication`, else one
+    /// named after the slot (which the agent creates).
+    pub fn publication(&self) -> &str {
+        if self.publication.is_empty() {
+            &self.slot
+        } else {
+            &self.publication
+        }
+    }
+}
+
 impl Default for Source {
     fn default() -> Self {
         Source {

@@ -336,7 +336,7 @@ fn print_next_steps(config: &Config, destination: &ConnInfo, undo_freeze: Option
             println!(
                 "  - if the task streamed through pgoutput, also drop the publication decant created (while it exists, UPDATE and \
                  DELETE on new tables without a replica identity fail): DROP PUBLICATION IF EXISTS {};",
-                crate::quote::quote_ident(&config.source.slot)
+                crate::quote::quote_ident(config.source.publication())
             );
         }
     }

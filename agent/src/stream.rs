@@ -202,7 +202,7 @@ impl<'c> Session<'c> {
                 options
             }
             other => {
-                let publication = decoder::publication_name(&config.source.publication, slot);
+                let publication = config.source.publication();
                 decoder::start_options(other, publication, repl.server_version())
             }
         };
@@ -245,17 +245,10 @@ impl<'c> Session<'c> {
                 ErrorClass::Fatal,
             )),
             None if self.config.source.create_slot => {
-                let facts = decoder::source_facts(repl).await?;
-                let decoder = choice.resolve(&facts).map_err(|e| problem(format!("cannot be created: {e}"), ErrorClass::Fatal))?;
-                if decoder == Decoder::Pgoutput {
-                    let publication = decoder::publication_name(&self.config.source.publication, slot);
-                    decoder::ensure_publication(repl, publication).await.map_err(|e| match e {
-                        decoder::PublicationError::Source(e) => SessionError::Source(e),
-                        other => problem(format!("cannot be created: {other}"), ErrorClass::Fatal),
-                    })?;
-                }
-                let created = repl.create_logical_slot(slot, decoder.plugin(), false).await?;
-                tracing::info!(slot, plugin = decoder.plugin(), consistent_point = %created.consistent_point, "created replication slot");
+                let (decoder, _) = decoder::create_slot(repl, &self.config.source, false).await.map_err(|e| match e {
+                    decoder::PublicationError::Source(e) => SessionError::Source(e),
+                    other => problem(format!("cannot be created: {other}"), ErrorClass::Fatal),
+                })?;
                 Ok(decoder)
             }
             None => Err(problem(

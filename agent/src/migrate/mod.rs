@@ -24,7 +24,6 @@ use decant_proto::{Lsn, FORMAT_VERSION};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::config::decoder::Decoder;
 use crate::config::{Config, MigrationType};
 use crate::connect::sql::quote_literal;
 use crate::connect::sql::{connect, ConnectError};
@@ -280,17 +279,11 @@ async fn take_snapshot(config: &Config, source: &ConnInfo, kind: SnapshotKind, p
                     config.task_id
                 )));
             }
-            let facts = crate::replication::decoder::source_facts(&mut repl).await?;
-            let decoder = config.source.decoder.resolve(&facts).map_err(|e| MigrateError::Invalid(format!("source slot {slot:?}: {e}")))?;
-            if decoder == Decoder::Pgoutput {
-                let publication = crate::replication::decoder::publication_name(&config.source.publication, slot);
-                crate::replication::decoder::ensure_publication(&mut repl, publication).await.map_err(|e| match e {
-                    crate::replication::decoder::PublicationError::Source(e) => MigrateError::from(e),
-                    other => MigrateError::Invalid(other.to_string()),
-                })?;
-            }
-            tracing::info!(slot, plugin = decoder.plugin(), "creating the task's slot");
-            repl.create_logical_slot(slot, decoder.plugin(), true).await?
+            let (_, created) = crate::replication::decoder::create_slot(&mut repl, &config.source, true).await.map_err(|e| match e {
+                crate::replication::decoder::PublicationError::Source(e) => MigrateError::from(e),
+                other => MigrateError::Invalid(format!("source slot {slot:?} cannot be created: {other}")),
+            })?;
+            created
         }
         SnapshotKind::Resume => {
             let plugin = repl

@@ -51,14 +51,14 @@ pub(super) async fn check(
                     choice.name()
                 ),
             );
-            let publication = if config.source.publication.is_empty() { &config.source.slot } else { &config.source.publication };
-            let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication]).await?.is_some();
+            let publication = config.source.publication();
+            let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication]).await?.is_some();
             if !exists {
                 let unidentified = client.query(UNIDENTIFIED_TABLES_SQL, &[]).await?.len();
                 if unidentified > 0 {
                     f.error(
                         Check::SourcePlugin,
-                        publication.as_str(),
+                        publication,
                         format!(
                             "pgoutput reads a publication, and creating {publication:?} FOR ALL TABLES would make the source refuse \
                              UPDATE and DELETE on its {unidentified} table(s) without a replica identity"
@@ -69,7 +69,7 @@ pub(super) async fn check(
                 } else if !(server.superuser) {
                     f.warn(
                         Check::SourcePlugin,
-                        publication.as_str(),
+                        publication,
                         format!("publication {publication:?} does not exist and creating it FOR ALL TABLES needs a superuser"),
                         format!("as a superuser: CREATE PUBLICATION \"{publication}\" FOR ALL TABLES"),
                     );

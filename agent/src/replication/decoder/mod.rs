@@ -19,6 +19,7 @@ use crate::connect::ConnInfo;
 pub use relations::CatalogError;
 
 use super::client::{ReplicationClient, ReplicationError};
+use super::slot::CreatedSlot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TranslateError {
@@ -114,14 +115,21 @@ pub fn start_options(decoder: Decoder, publication: &str, server_version: u32) -
     }
 }
 
-/// The publication a pgoutput task reads: `source.publication`, else one
-/// named after the slot.
-pub fn publication_name<'a>(configured: &'a str, slot: &'a str) -> &'a str {
-    if configured.is_empty() {
-        slot
-    } else {
-        configured
+/// Creates the task's slot with the plugin `source.decoder` chooses on
+/// this source (pgoutput's publication first, see [`ensure_publication`]).
+pub async fn create_slot(
+    repl: &mut ReplicationClient,
+    source: &crate::config::Source,
+    export_snapshot: bool,
+) -> Result<(Decoder, CreatedSlot), PublicationError> {
+    let facts = source_facts(repl).await?;
+    let decoder = source.decoder.resolve(&facts).map_err(PublicationError::Refused)?;
+    if decoder == Decoder::Pgoutput {
+        ensure_publication(repl, source.publication()).await?;
     }
+    let created = repl.create_logical_slot(&source.slot, decoder.plugin(), export_snapshot).await?;
+    tracing::info!(slot = %source.slot, plugin = decoder.plugin(), consistent_point = %created.consistent_point, "created replication slot");
+    Ok((decoder, created))
 }
 
 /// Creates the publication FOR ALL TABLES when it does not exist (before
@@ -151,6 +159,9 @@ pub async fn ensure_publication(repl: &mut ReplicationClient, name: &str) -> Res
 pub enum PublicationError {
     #[error("{0}")]
     Source(#[from] ReplicationError),
+    /// `source.decoder` cannot be used on this source.
+    #[error("{0}")]
+    Refused(String),
     #[error(
         "pgoutput needs a publication, and creating {name:?} FOR ALL TABLES would make the source refuse UPDATE and DELETE \
          on its tables without a replica identity: {}; give them one (a primary key, or ALTER TABLE … REPLICA IDENTITY FULL), \
