@@ -341,7 +341,7 @@ pub async fn run_applier(
     let service = crate::applier::Service::open(&config, destination, metrics, limits).await?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| TaskError::Listen(config.applier.listen.clone(), e.to_string()))?;
-    server::serve(listener, service, &transport, async move {
+    server::serve(listener, server::Service::new(service), &transport, async move {
         let _ = shutdown.changed().await;
     })
     .await?;
@@ -365,8 +365,9 @@ pub async fn run_migrate(
     let port = listener.local_addr()?.port();
     config.agent.applier_url = format!("http://127.0.0.1:{port}");
     config.transport = crate::config::Transport { token: one_time_token()?, ..Default::default() };
-    let transport = TransportSettings::from_config(&config)?;
-    let service = crate::applier::Service::open(&config, destination, metrics.clone(), limits.clone()).await?;
+    let mut transport = TransportSettings::from_config(&config)?;
+    let service = server::Service::new(crate::applier::Service::open(&config, destination, metrics.clone(), limits.clone()).await?);
+    transport.in_process = Some(Arc::new(service.clone()));
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
         let transport = transport.clone();

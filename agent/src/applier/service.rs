@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use decant_proto::grpc::{Claim, CopyDone, HealthReport, Hello, MigrationPlan, SequenceValue, TaskState};
 use decant_proto::Lsn;
 use tonic::Status;
@@ -209,8 +208,8 @@ impl Destination for Service {
             .map_err(migration_status)
     }
 
-    async fn copy(&self, table_id: u32, range_id: u32, first: (Bytes, bool), rest: CopyChunks) -> Result<CopyDone, Status> {
-        migration::copy_range(&self.destination, &self.settings.mapping, &self.task_id, table_id, range_id, first, rest)
+    async fn copy(&self, table_id: u32, range_id: u32, chunks: CopyChunks) -> Result<CopyDone, Status> {
+        migration::copy_range(&self.destination, &self.settings.mapping, &self.task_id, table_id, range_id, chunks)
             .await
             .map_err(migration_status)
     }

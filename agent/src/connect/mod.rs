@@ -5,6 +5,7 @@ pub mod clock;
 pub mod conninfo;
 pub mod sql;
 pub mod tls;
+pub mod wire;
 
 pub use conninfo::{ConnInfo, ConnInfoError, Host, ProcessEnv, SslMode};
 

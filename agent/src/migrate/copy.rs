@@ -5,29 +5,28 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use decant_proto::grpc::{CopyChunk, RangeState, TaskState};
-use futures_util::StreamExt;
+use decant_proto::grpc::{RangeState, TaskState};
 use tokio::sync::{mpsc, watch, Mutex};
-use tokio_postgres::Client;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::display::CopyProgress;
 use super::keys;
-use super::{snapshot_session, MigrateError, Snapshot};
+use super::{MigrateError, Snapshot};
 use crate::config::{Config, Mapping};
-use crate::connect::sql::{column_list, quote_ident};
+use crate::connect::sql::{column_list, connect, quote_ident, quote_literal};
+use crate::connect::wire::copy::Scan;
+use crate::connect::wire::{WireError, WireSession};
 use crate::connect::ConnInfo;
 use crate::metrics::Metrics;
 use crate::retry::ErrorClass;
 use crate::throttle::SharedPace;
-use crate::transport::client::{Client as ApplierClient, StreamError};
+use crate::transport::client::{CopyLink, StreamError};
+use crate::transport::server::CopyPiece;
 
-/// COPY data is sent in messages of about this size.
+/// COPY data is sent in chunks of about this size.
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// The copy's throttle counts what was read in steps of about this size,
-/// so that the rate holds over short spans too.
+/// The source is read in steps of at most this size, each counted by the
+/// copy's throttle, so that the rate holds over short spans too.
 const PACE_BYTES: usize = 64 << 10;
 
 /// One range to copy.
@@ -150,13 +149,24 @@ fn page_condition(first: Option<u64>, end: Option<u64>) -> Option<String> {
     (!bounds.is_empty()).then(|| bounds.join(" AND "))
 }
 
+/// A copy worker's source session, inside `snapshot`. It reads COPY data
+/// as the source frames it, to hand on untouched (`connect::wire::copy`).
+async fn copy_session(source: &ConnInfo, snapshot: &str, name: &str, pace: &SharedPace) -> Result<WireSession, MigrateError> {
+    let mut session = WireSession::connect(source, name, false, "").await?;
+    pace.query().await;
+    session
+        .simple_query(&format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
+        .await?;
+    Ok(session)
+}
+
 /// Copies every pending range. Returns false when stopped by `shutdown`.
 /// Every worker paces its reads and queries at the shared `pace`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: &Config,
     source: &ConnInfo,
-    applier: &ApplierClient,
+    link: &CopyLink,
     state: &TaskState,
     snapshot: Snapshot,
     metrics: &Arc<Metrics>,
@@ -174,19 +184,19 @@ pub async fn run(
     let workers = config.migrate.workers.min(work.len());
     let mut sessions = Vec::with_capacity(workers);
     for i in 0..workers {
-        sessions.push(snapshot_session(source, &snapshot.id, &format!("decant copy {}", i + 1), pace).await?);
+        sessions.push(copy_session(source, &snapshot.id, &format!("decant copy {}", i + 1), pace).await?);
     }
     drop(snapshot);
     tracing::info!(ranges = work.len(), workers, "copying");
     let queue = Arc::new(Mutex::new(VecDeque::from(work)));
     let mut handles = Vec::new();
-    for session in sessions {
-        let (queue, pace, progress, applier, metrics) = (queue.clone(), pace.clone(), progress.clone(), applier.clone(), metrics.clone());
-        let task_id = config.task_id.clone();
+    for mut session in sessions {
+        let (queue, pace, progress, link, metrics) = (queue.clone(), pace.clone(), progress.clone(), link.clone(), metrics.clone());
+        let (task_id, source) = (config.task_id.clone(), source.clone());
         handles.push(tokio::spawn(async move {
             loop {
                 let Some(work) = queue.lock().await.pop_front() else { return Ok::<(), MigrateError>(()) };
-                copy_range(&session, applier.clone(), &task_id, &work, &pace, &progress, &metrics).await?;
+                copy_range(&mut session, &source, link.clone(), &task_id, &work, &pace, &progress, &metrics).await?;
             }
         }));
     }
@@ -210,9 +220,11 @@ pub async fn run(
     result
 }
 
+#[allow(clippy::too_many_arguments)] // a worker's context, handed through from `run`
 async fn copy_range(
-    source: &Client,
-    mut applier: ApplierClient,
+    session: &mut WireSession,
+    source: &ConnInfo,
+    link: CopyLink,
     task_id: &str,
     work: &Work,
     pace: &SharedPace,
@@ -220,11 +232,12 @@ async fn copy_range(
     metrics: &Metrics,
 ) -> Result<(), MigrateError> {
     let bar = progress.start(&work.display, work.estimated_bytes);
-    let source_err = |e: tokio_postgres::Error| MigrateError::Copy {
+    let source_err = |e: WireError| MigrateError::Copy {
         table: work.display.clone(),
-        class: match e.code().map(|c| c.code()) {
+        class: match e.code() {
             // A value with no equivalent in UTF-8: the same row fails again.
-            Some("22P05" | "22021") => ErrorClass::Fatal,
+            code if super::encoding::is_unconvertible(code) => ErrorClass::Fatal,
+            _ if e.is_connection_loss() => ErrorClass::Connection,
             Some(_) => ErrorClass::Other,
             None => ErrorClass::Connection,
         },
@@ -233,64 +246,53 @@ async fn copy_range(
     // The range's COPY is a source query: its turn comes before the
     // applier's side of the copy opens.
     pace.query().await;
-    let (tx, rx) = mpsc::channel::<CopyChunk>(4);
-    tx.send(CopyChunk { table_id: work.table_id, range_id: work.range_id, task_id: task_id.to_owned(), data: Bytes::new(), last: false })
-        .await
-        .map_err(|_| closed(work))?;
+    let (tx, rx) = mpsc::channel::<CopyPiece>(4);
     // The call runs beside the reading: aborted (never ended normally) if
     // the source fails, so the applier commits only whole ranges.
-    let call = tokio::spawn(async move { applier.copy(ReceiverStream::new(rx)).await });
+    let call = tokio::spawn(link.copy(task_id.to_owned(), work.table_id, work.range_id, rx));
     let result = async {
-        let stream = source.copy_out(work.sql.as_str()).await.map_err(source_err)?;
-        futures_util::pin_mut!(stream);
-        let mut buf = BytesMut::with_capacity(CHUNK_BYTES + 64 * 1024);
-        let mut rows_in_buf = 0u64;
-        // Read but not yet counted by the pace.
-        let (mut unpaced_rows, mut unpaced_bytes) = (0u64, 0usize);
+        let mut out = session.copy_out(&work.sql, CHUNK_BYTES).await.map_err(Stop::Source)?;
+        // Whole CopyData messages held that the pace has counted already.
+        let mut paced = Scan::default();
         // COPY TO STDOUT sends one CopyData message per row (in binary
         // format the header rides with the first and the trailer is one
         // more message).
         let mut messages = 0u64;
-        while let Some(message) = stream.next().await {
-            let message = match message {
-                Ok(m) => m,
-                Err(e) if super::encoding::is_unconvertible(&e) => return Err(unconvertible(source, work, &e).await),
-                Err(e) => return Err(source_err(e)),
-            };
-            buf.extend_from_slice(&message);
-            rows_in_buf += 1;
-            messages += 1;
-            unpaced_rows += 1;
-            unpaced_bytes += message.len();
-            if unpaced_bytes >= PACE_BYTES {
-                let wait = pace.take(unpaced_rows, unpaced_bytes as u64);
-                (unpaced_rows, unpaced_bytes) = (0, 0);
-                if wait.is_needed() {
-                    // What was read goes to the applier before the pause;
-                    // waiting stops the reading: the source's COPY waits on
-                    // its socket, nothing piles up in memory.
-                    let sent = buf.len() as u64;
-                    send(&tx, work, &mut buf, false).await?;
-                    progress.add(&bar, rows_in_buf, sent);
-                    rows_in_buf = 0;
-                    wait.done().await;
-                }
+        loop {
+            let more = out.read(PACE_BYTES).await.map_err(Stop::Source)?;
+            let held = out.held();
+            let last = !more;
+            let trailer = u64::from(last && work.binary && messages + held.messages > 0);
+            let wait = pace.take((held.messages - paced.messages).saturating_sub(trailer), held.payload - paced.payload);
+            paced = held;
+            if last || held.bytes >= CHUNK_BYTES || (wait.is_needed() && held.bytes > 0) {
+                // What was read goes to the applier before a pause;
+                // waiting stops the reading: the source's COPY waits on
+                // its socket, nothing piles up in memory.
+                messages += held.messages;
+                let piece = CopyPiece { data: out.take(), last, framing: Some(held) };
+                tx.send(piece).await.map_err(|_| Stop::Other(closed(work)))?;
+                progress.add(&bar, held.messages.saturating_sub(trailer), held.payload);
+                paced = Scan::default();
             }
-            if buf.len() >= CHUNK_BYTES {
-                let sent = buf.len() as u64;
-                send(&tx, work, &mut buf, false).await?;
-                progress.add(&bar, rows_in_buf, sent);
-                rows_in_buf = 0;
+            wait.done().await;
+            if last {
+                return Ok(());
             }
         }
-        let tail = buf.len() as u64;
-        let trailer = u64::from(work.binary && messages > 0);
-        send(&tx, work, &mut buf, true).await?;
-        progress.add(&bar, rows_in_buf.saturating_sub(trailer), tail);
-        pace.take(unpaced_rows.saturating_sub(trailer), unpaced_bytes as u64).done().await;
-        Ok::<(), MigrateError>(())
     }
     .await;
+    let result = match result {
+        Ok(()) => Ok(()),
+        Err(Stop::Source(e)) if super::encoding::is_unconvertible(e.code()) => {
+            // The snapshot transaction failed with it; the search reads
+            // the table as it is now, in a session of its own.
+            let _ = session.simple_query("ROLLBACK").await;
+            Err(unconvertible(source, work, &e).await)
+        }
+        Err(Stop::Source(e)) => Err(source_err(e)),
+        Err(Stop::Other(e)) => Err(e),
+    };
     if let Err(e) = result {
         if e.is_closed_stream() {
             // The applier ended the call: its answer says why.
@@ -304,7 +306,7 @@ async fn copy_range(
     }
     drop(tx);
     let done = match call.await {
-        Ok(Ok(r)) => r.into_inner(),
+        Ok(Ok(done)) => done,
         Ok(Err(status)) => return Err(MigrateError::Applier(StreamError::Status(status))),
         Err(_) => return Err(closed(work)),
     };
@@ -314,12 +316,20 @@ async fn copy_range(
     Ok(())
 }
 
+/// Why a range's reading stopped.
+enum Stop {
+    Source(WireError),
+    Other(MigrateError),
+}
+
 /// The error for a value the source cannot render in UTF-8, naming its
 /// column and row where they can be found. The worker's snapshot
 /// transaction has failed; the search reads the table as it is now.
-async fn unconvertible(source: &Client, work: &Work, e: &tokio_postgres::Error) -> MigrateError {
-    let _ = source.batch_execute("ROLLBACK").await;
-    let place = super::encoding::locate(source, &work.schema, &work.name, &work.columns).await;
+async fn unconvertible(source: &ConnInfo, work: &Work, e: &WireError) -> MigrateError {
+    let place = match connect(source, "decant copy", "").await {
+        Ok((client, _conn)) => super::encoding::locate(&client, &work.schema, &work.name, &work.columns).await,
+        Err(_) => None,
+    };
     let place = place.map(|p| format!(" (in {p})")).unwrap_or_default();
     MigrateError::Copy {
         table: work.display.clone(),
@@ -329,11 +339,6 @@ async fn unconvertible(source: &Client, work: &Work, e: &tokio_postgres::Error) 
         ),
         class: ErrorClass::Fatal,
     }
-}
-
-async fn send(tx: &mpsc::Sender<CopyChunk>, work: &Work, buf: &mut BytesMut, last: bool) -> Result<(), MigrateError> {
-    let data = buf.split().freeze();
-    tx.send(CopyChunk { table_id: 0, range_id: 0, task_id: String::new(), data, last }).await.map_err(|_| closed(work))
 }
 
 impl MigrateError {

@@ -7,10 +7,10 @@ use tokio_postgres::Client;
 
 use crate::connect::sql::{quote_ident, quote_literal};
 
-/// Whether a source error is a character that has no equivalent in the
-/// client's encoding (UTF-8).
-pub fn is_unconvertible(e: &tokio_postgres::Error) -> bool {
-    matches!(e.code().map(|c| c.code()), Some("22P05" | "22021"))
+/// Whether a source error's SQLSTATE is a character that has no
+/// equivalent in the client's encoding (UTF-8).
+pub fn is_unconvertible(code: Option<&str>) -> bool {
+    matches!(code, Some("22P05" | "22021"))
 }
 
 /// Finds the first column of `schema.table` holding a value that does not
@@ -25,7 +25,7 @@ pub async fn locate(client: &Client, schema: &str, table: &str, columns: &[Strin
         let probe = format!("SELECT count(convert_to({}::text, 'UTF8')) FROM ONLY {qualified}", quote_ident(c));
         match client.query_one(&probe, &[]).await {
             Ok(_) => continue,
-            Err(e) if is_unconvertible(&e) => {
+            Err(e) if is_unconvertible(e.code().map(|c| c.code())) => {
                 bad = Some(c);
                 break;
             }

@@ -184,7 +184,13 @@ pub async fn drive(
                 snap
             }
         };
-        if !copy::run(config, source, &applier, &state, snap, metrics, pace, shutdown.clone()).await? {
+        if !state.reads_framed_copy {
+            return Err(MigrateError::Invalid(
+                "the applier is older than this agent and reads the copy's data in another form: upgrade the applier to this agent's version".into(),
+            ));
+        }
+        let link = crate::transport::client::CopyLink::new(&applier, transport);
+        if !copy::run(config, source, &link, &state, snap, metrics, pace, shutdown.clone()).await? {
             return Ok(false);
         }
     }

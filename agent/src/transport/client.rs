@@ -3,15 +3,20 @@
 use decant_proto::grpc::agent_message::Body as AgentBody;
 use decant_proto::grpc::applier_client::ApplierClient;
 use decant_proto::grpc::applier_message::Body as ApplierBody;
-use decant_proto::grpc::{AgentMessage, ApplierMessage, Hello};
+use decant_proto::grpc::{AgentMessage, ApplierMessage, CopyChunk, CopyDone, Hello};
 use decant_proto::Lsn;
+use std::sync::Arc;
+
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
 
+use super::server::{CopyPiece, InProcessCopy};
 use super::{compression, TransportError, TransportSettings, MAX_MESSAGE_BYTES};
 
 /// An open stream to the applier.
@@ -91,6 +96,37 @@ pub async fn connect(url: &str, settings: &TransportSettings) -> Result<Client, 
         client = client.send_compressed(c).accept_compressed(c);
     }
     Ok(client)
+}
+
+/// Where the full copy's ranges go.
+#[derive(Clone)]
+pub enum CopyLink {
+    /// The applier's `Copy` call.
+    Remote(Client),
+    /// The applier in this process (`decant migrate`).
+    InProcess(Arc<dyn InProcessCopy>),
+}
+
+impl CopyLink {
+    /// The applier in this process when there is one, else `client`.
+    pub fn new(client: &Client, settings: &TransportSettings) -> Self {
+        match &settings.in_process {
+            Some(local) => CopyLink::InProcess(local.clone()),
+            None => CopyLink::Remote(client.clone()),
+        }
+    }
+
+    /// Sends one range's `chunks` and returns the applier's answer. Dropping the sender before a `last` chunk aborts the range.
+    pub async fn copy(self, task_id: String, table_id: u32, range_id: u32, chunks: mpsc::Receiver<CopyPiece>) -> Result<CopyDone, Status> {
+        match self {
+            CopyLink::Remote(mut client) => {
+                let first = CopyChunk { table_id, range_id, task_id, data: Bytes::new(), last: false, framed: true };
+                let rest = ReceiverStream::new(chunks).map(|p| CopyChunk { data: p.data, last: p.last, ..Default::default() });
+                client.copy(tokio_stream::once(first).chain(rest)).await.map(|r| r.into_inner())
+            }
+            CopyLink::InProcess(local) => local.copy(&task_id, table_id, range_id, Box::pin(ReceiverStream::new(chunks).map(Ok))).await,
+        }
+    }
 }
 
 /// Connects, says Hello, and waits for Welcome.

@@ -50,6 +50,9 @@ pub struct TransportSettings {
     pub compression: Option<Compression>,
     /// `transport.insecure`: the checks below are waived.
     pub insecure: bool,
+    /// `decant migrate`: the applier in this process, which takes the full
+    /// copy's data without the network.
+    pub in_process: Option<std::sync::Arc<dyn server::InProcessCopy>>,
 }
 
 fn read(what: &'static str, path: &str) -> Result<Option<String>, TransportError> {
@@ -70,6 +73,7 @@ impl TransportSettings {
             domain: (!t.tls_domain.is_empty()).then(|| t.tls_domain.clone()),
             compression: t.compression,
             insecure: t.insecure,
+            in_process: None,
         })
     }
 

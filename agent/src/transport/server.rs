@@ -25,9 +25,21 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{check_token, compression, MAX_MESSAGE_BYTES};
+use crate::connect::wire::copy::Scan;
 
-/// The rest of a range's copy data after its first chunk: (data, last).
-pub type CopyChunks = Pin<Box<dyn Stream<Item = Result<(Bytes, bool), String>> + Send>>;
+/// A piece of one range's copy data.
+pub struct CopyPiece {
+    /// Whole CopyData messages.
+    pub data: Bytes,
+    /// The range ends with it.
+    pub last: bool,
+    /// What the agent found in `data` while reading it, when the agent is
+    /// in this process; data from the network is checked by the applier.
+    pub framing: Option<Scan>,
+}
+
+/// One range's copy data, until a piece that is `last`.
+pub type CopyChunks = Pin<Box<dyn Stream<Item = Result<CopyPiece, String>> + Send>>;
 
 /// Batches of records from the agent, with their sequence numbers, until
 /// the agent ends the stream (or it fails).
@@ -47,7 +59,7 @@ pub trait Destination: Send + Sync + 'static {
     /// Runs a schema section ("pre-data" or "post-data").
     async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status>;
     /// Loads one copied range.
-    async fn copy(&self, table_id: u32, range_id: u32, first: (Bytes, bool), rest: CopyChunks) -> Result<CopyDone, Status>;
+    async fn copy(&self, table_id: u32, range_id: u32, chunks: CopyChunks) -> Result<CopyDone, Status>;
     /// Restarts the unfinished copy from a new snapshot at `lsn`.
     async fn resnapshot(&self, lsn: Lsn) -> Result<TaskState, Status>;
     /// Records the agent's report on the task's health.
@@ -86,11 +98,18 @@ impl Acks {
     }
 }
 
-/// The gRPC service around a [`Destination`].
+/// The gRPC service around a [`Destination`]. Clones share the
+/// destination, so `decant migrate` can hand one to its own agent.
 pub struct Service<D> {
     destination: Arc<D>,
     /// Held while an agent streams, so a second agent is refused.
     busy: Arc<Mutex<()>>,
+}
+
+impl<D> Clone for Service<D> {
+    fn clone(&self) -> Self {
+        Service { destination: self.destination.clone(), busy: self.busy.clone() }
+    }
 }
 
 impl<D: Destination> Service<D> {
@@ -106,6 +125,22 @@ impl<D: Destination> Service<D> {
             )));
         }
         Ok(())
+    }
+}
+
+/// The full copy's call without the network: `decant migrate` hands its
+/// agent this, so copy data goes from the source's session to the
+/// destination's in memory, never encoded, framed or sent over loopback.
+#[tonic::async_trait]
+pub trait InProcessCopy: Send + Sync {
+    async fn copy(&self, task_id: &str, table_id: u32, range_id: u32, chunks: CopyChunks) -> Result<CopyDone, Status>;
+}
+
+#[tonic::async_trait]
+impl<D: Destination> InProcessCopy for Service<D> {
+    async fn copy(&self, task_id: &str, table_id: u32, range_id: u32, chunks: CopyChunks) -> Result<CopyDone, Status> {
+        self.check_task(task_id)?;
+        guarded(self.destination.copy(table_id, range_id, chunks)).await
     }
 }
 
@@ -154,8 +189,18 @@ impl<D: Destination> ApplierRpc for Service<D> {
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty copy stream"))?;
         self.check_task(&first.task_id)?;
-        let rest: CopyChunks = Box::pin(inbound.map(|c| c.map(|c| (c.data, c.last)).map_err(|s| s.message().to_owned())));
-        guarded(self.destination.copy(first.table_id, first.range_id, (first.data, first.last), rest)).await.map(Response::new)
+        if !first.framed {
+            return Err(Status::failed_precondition(
+                "the agent is older than this applier and sends the copy's data in another form: upgrade the agent to this applier's version",
+            ));
+        }
+        let (table_id, range_id) = (first.table_id, first.range_id);
+        let chunks: CopyChunks = Box::pin(
+            tokio_stream::once(Ok(first))
+                .chain(inbound)
+                .map(|c| c.map(|c| CopyPiece { data: c.data, last: c.last, framing: None }).map_err(|s| s.message().to_owned())),
+        );
+        guarded(self.destination.copy(table_id, range_id, chunks)).await.map(Response::new)
     }
 
     async fn resnapshot(&self, request: Request<ResnapshotRequest>) -> Result<Response<TaskState>, Status> {
@@ -245,9 +290,9 @@ fn read_batches(mut inbound: Streaming<AgentMessage>) -> (Batches, tokio::task::
 }
 
 /// Serves the applier on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub async fn serve<D: Destination>(
     listener: tokio::net::TcpListener,
-    destination: impl Destination,
+    service: Service<D>,
     transport: &super::TransportSettings,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), super::TransportError> {
@@ -261,7 +306,7 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     let token = transport.token.clone();
-    let mut server = ApplierServer::new(Service::new(destination)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut server = ApplierServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
     if let Some(c) = compression(transport) {
         server = server.accept_compressed(c).send_compressed(c);
     }

@@ -146,6 +146,10 @@ pub struct TaskState {
     /// Schema steps skipped because the object existed (conflicts = ignore).
     #[prost(string, repeated, tag = "5")]
     pub existing: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The applier reads CopyChunk data as whole CopyData messages (earlier
+    /// appliers read the data alone, and are refused by the agent).
+    #[prost(bool, tag = "6")]
+    pub reads_framed_copy: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -234,13 +238,19 @@ pub struct CopyChunk {
     pub range_id: u32,
     #[prost(string, tag = "3")]
     pub task_id: ::prost::alloc::string::String,
-    /// COPY data as the source wrote it (binary or text format).
+    /// COPY data as the source sent it (binary or text format): whole
+    /// CopyData messages of the PostgreSQL protocol ('d', length, data), the
+    /// same bytes a destination's COPY FROM STDIN reads.
     #[prost(bytes = "bytes", tag = "4")]
     pub data: ::prost::bytes::Bytes,
     /// The source finished the range: the applier commits it only then, so a
     /// stream cut short never leaves a partial range.
     #[prost(bool, tag = "5")]
     pub last: bool,
+    /// Set on the first message by agents that send `data` as whole CopyData
+    /// messages; earlier agents sent the data alone, and are refused.
+    #[prost(bool, tag = "6")]
+    pub framed: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

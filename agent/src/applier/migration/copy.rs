@@ -3,16 +3,17 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
 use decant_proto::grpc::{CopyDone, TaskState};
 use decant_proto::Lsn;
-use futures_util::SinkExt;
 use tokio_postgres::Client;
 
-use super::{ensure_tables, qualified, session, MigrationError};
+use super::{ensure_tables, qualified, session_name, MigrationError, SESSION_SETTINGS};
 use crate::config::Mapping;
-use crate::connect::sql::{column_list, quote_ident, BINARY_IO};
+use crate::connect::sql::{column_list, quote_ident, quote_literal, BINARY_IO};
+use crate::connect::wire::copy::check;
+use crate::connect::wire::WireSession;
 use crate::connect::ConnInfo;
+use crate::transport::server::CopyChunks;
 
 pub(super) struct TableCheck {
     pub has_rows: bool,
@@ -144,43 +145,46 @@ pub async fn skip_before(client: &Client, task_id: &str, mapping: &Mapping) -> R
         .collect())
 }
 
-/// Copies one range: the data arrives as `chunks` (COPY format, binary or
-/// text as planned), and the range is marked done in the same transaction.
+/// Copies one range: the data arrives as `chunks` of whole CopyData
+/// messages (binary or text COPY format, as planned), which go to the
+/// destination as they came; the range is marked done in the same
+/// transaction.
 pub async fn copy_range(
     destination: &ConnInfo,
     mapping: &Mapping,
     task_id: &str,
     table_id: u32,
     range_id: u32,
-    first: (Bytes, bool),
-    mut chunks: impl futures_util::Stream<Item = Result<(Bytes, bool), String>> + Unpin,
+    mut chunks: CopyChunks,
 ) -> Result<CopyDone, MigrationError> {
     use futures_util::StreamExt;
-    let client = session(destination, task_id).await?;
-    let row = client
-        .query_opt(
-            "SELECT t.schema_name, t.name, t.columns, t.binary_ok, t.merge, r.done_at IS NOT NULL, r.rows, r.bytes,
+    // Named after the task alone, as every session of its migration.
+    let destination = ConnInfo { application_name: None, ..destination.clone() };
+    let mut session = WireSession::connect(&destination, &session_name(task_id), false, SESSION_SETTINGS).await?;
+    let range = format!("task_id = {} AND table_id = {table_id} AND range_id = {range_id}", quote_literal(task_id));
+    let row = session
+        .simple_query(&format!(
+            "SELECT t.schema_name, t.name, to_json(t.columns)::text, t.binary_ok, t.merge, r.done_at IS NOT NULL, r.rows, r.bytes,
                     'schema' = ANY (k.types)
                FROM decant.copy_table t JOIN decant.copy_range r USING (task_id, table_id) JOIN decant.task k USING (task_id)
-              WHERE t.task_id = $1 AND t.table_id = $2 AND r.range_id = $3",
-            &[&task_id, &(table_id as i32), &(range_id as i32)],
-        )
+              WHERE t.{range}"
+        ))
         .await?
+        .pop()
         .ok_or_else(|| MigrationError::State(task_id.into(), format!("no range {range_id} of table {table_id} in the plan")))?;
-    let (schema, name, columns, binary, merge): (String, String, Vec<String>, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let flag = |i: usize| text(i) == "t";
+    let (schema, name) = (text(0), text(1));
+    let columns: Vec<String> = serde_json::from_str(&text(2))
+        .map_err(|e| MigrationError::State(task_id.into(), format!("columns of table {table_id} in the plan: {e}")))?;
+    let (binary, merge) = (flag(3), flag(4));
     let table = format!("{schema}.{name}");
-    if row.get::<_, bool>(5) {
+    if flag(5) {
         // Done before (the agent did not see the answer): nothing to do.
-        return Ok(CopyDone { rows: row.get::<_, i64>(6) as u64, bytes: row.get::<_, i64>(7) as u64 });
+        return Ok(CopyDone { rows: text(6).parse().unwrap_or(0), bytes: text(7).parse().unwrap_or(0) });
     }
-    client
-        .execute(
-            "UPDATE decant.copy_range SET started_at = now() WHERE task_id = $1 AND table_id = $2 AND range_id = $3",
-            &[&task_id, &(table_id as i32), &(range_id as i32)],
-        )
-        .await?;
-    let into_table = copy_target(mapping, row.get(8), &schema, &name, &columns);
+    session.simple_query(&format!("UPDATE decant.copy_range SET started_at = now() WHERE {range}")).await?;
+    let into_table = copy_target(mapping, flag(8), &schema, &name, &columns);
     let target = qualified(&into_table.schema, &into_table.name);
     let list = column_list(&into_table.columns);
     let cols: Vec<String> = into_table.columns.iter().map(|c| quote_ident(c)).collect();
@@ -188,26 +192,21 @@ pub async fn copy_range(
     // As the agent reads it (`migrate::copy::pending_work`).
     let format = if binary && !into_table.transformed { "binary" } else { "text" };
     let err = |source| MigrationError::Copy { table: table.clone(), source };
-    client.batch_execute("BEGIN").await.map_err(err)?;
+    session.simple_query("BEGIN").await.map_err(err)?;
     let into = if merge {
-        client
-            .batch_execute(&format!("CREATE TEMP TABLE decant_stage ON COMMIT DROP AS SELECT {cols} FROM {target} WITH NO DATA"))
+        session
+            .simple_query(&format!("CREATE TEMP TABLE decant_stage ON COMMIT DROP AS SELECT {cols} FROM {target} WITH NO DATA"))
             .await
             .map_err(err)?;
         "decant_stage".to_owned()
     } else {
         target.clone()
     };
-    let sink = client.copy_in::<_, Bytes>(&format!("COPY {into}{list} FROM STDIN (FORMAT {format})")).await.map_err(err)?;
-    futures_util::pin_mut!(sink);
-    let (first, mut last) = first;
-    let mut bytes = first.len() as u64;
-    if !first.is_empty() {
-        sink.send(first).await.map_err(err)?;
-    }
-    while !last {
-        let (chunk, end) = match chunks.next().await {
-            Some(Ok(c)) => c,
+    let mut sink = session.copy_in(&format!("COPY {into}{list} FROM STDIN (FORMAT {format})")).await.map_err(err)?;
+    let mut bytes = 0;
+    loop {
+        let piece = match chunks.next().await {
+            Some(Ok(piece)) => piece,
             other => {
                 // Cut short: the transaction is dropped with the session.
                 let message = match other {
@@ -217,30 +216,33 @@ pub async fn copy_range(
                 return Err(MigrationError::Stream { table, message });
             }
         };
-        last = end;
-        bytes += chunk.len() as u64;
-        if !chunk.is_empty() {
-            sink.send(chunk).await.map_err(err)?;
+        // Only whole CopyData messages may reach the session: anything
+        // else would be read by the server as a command. The agent in this
+        // process has walked them already, while they were in its cache.
+        let framing = match piece.framing {
+            Some(framing) => framing,
+            None => check(&piece.data).map_err(|message| MigrationError::Stream { table: table.clone(), message })?,
+        };
+        bytes += framing.payload;
+        if !piece.data.is_empty() {
+            sink.send(&piece.data).await.map_err(err)?;
+        }
+        if piece.last {
+            break;
         }
     }
     let mut rows = sink.finish().await.map_err(err)?;
     if merge {
         // conflicts = ignore: the destination's rows win.
-        rows = client
-            .execute(
-                &format!("INSERT INTO {target}{list} OVERRIDING SYSTEM VALUE SELECT {cols} FROM decant_stage ON CONFLICT DO NOTHING"),
-                &[],
-            )
+        rows = session
+            .execute(&format!("INSERT INTO {target}{list} OVERRIDING SYSTEM VALUE SELECT {cols} FROM decant_stage ON CONFLICT DO NOTHING"))
             .await
             .map_err(err)?;
     }
-    client
-        .execute(
-            "UPDATE decant.copy_range SET done_at = now(), rows = $4, bytes = $5 WHERE task_id = $1 AND table_id = $2 AND range_id = $3",
-            &[&task_id, &(table_id as i32), &(range_id as i32), &(rows as i64), &(bytes as i64)],
-        )
+    session
+        .simple_query(&format!("UPDATE decant.copy_range SET done_at = now(), rows = {rows}, bytes = {bytes} WHERE {range}"))
         .await
         .map_err(err)?;
-    client.batch_execute("COMMIT").await.map_err(err)?;
+    session.simple_query("COMMIT").await.map_err(err)?;
     Ok(CopyDone { rows, bytes })
 }

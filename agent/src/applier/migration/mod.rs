@@ -27,6 +27,7 @@ use tokio_postgres::Client;
 
 use crate::connect::sql::quote_ident;
 use crate::connect::sql::{connect, ConnectError};
+use crate::connect::wire::WireError;
 use crate::connect::ConnInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +58,10 @@ pub enum MigrationError {
     Sequence(String, tokio_postgres::Error),
     #[error("task {0}: {1}")]
     State(String, String),
+    #[error("destination: {0}")]
+    Wire(#[from] WireError),
     #[error("copy of {table}: {source}")]
-    Copy { table: String, source: tokio_postgres::Error },
+    Copy { table: String, source: WireError },
     #[error("copy of {table}: the agent's stream failed: {message}")]
     Stream { table: String, message: String },
     #[error(
@@ -74,10 +77,8 @@ impl MigrationError {
     pub fn is_connection_loss(&self) -> bool {
         let pg = match self {
             MigrationError::Connect(e) => return e.postgres().is_none_or(|e| e.as_db_error().is_none()),
-            MigrationError::Session(e)
-            | MigrationError::Copy { source: e, .. }
-            | MigrationError::Step { source: e, .. }
-            | MigrationError::Trial { source: e, .. } => e,
+            MigrationError::Wire(e) | MigrationError::Copy { source: e, .. } => return e.is_connection_loss(),
+            MigrationError::Session(e) | MigrationError::Step { source: e, .. } | MigrationError::Trial { source: e, .. } => e,
             MigrationError::Stream { .. } => return true,
             _ => return false,
         };
@@ -104,10 +105,15 @@ async fn session(destination: &ConnInfo, task_id: &str) -> Result<Client, Migrat
     let mut destination = destination.clone();
     destination.application_name = None;
     let destination = &destination;
-    let (client, _conn) =
-        connect(destination, &session_name(task_id), "-c session_replication_role=replica -c synchronous_commit=off").await?;
+    let (client, _conn) = connect(destination, &session_name(task_id), SESSION_SETTINGS).await?;
     Ok(client)
 }
+
+/// The settings of the migration's destination sessions: no triggers or
+/// foreign key checks (the source has checked the data), and commits
+/// that do not wait for the disk (a range lost with them is copied again,
+/// as it was never marked done).
+const SESSION_SETTINGS: &str = "-c session_replication_role=replica -c synchronous_commit=off";
 
 fn session_name(task_id: &str) -> String {
     format!("decant migrate {task_id}")

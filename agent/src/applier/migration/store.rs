@@ -39,7 +39,7 @@ async fn check_mapping(client: &Client, task_id: &str, mapping: &Mapping) -> Res
 pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskState, MigrationError> {
     let Some(task) = client.query_opt("SELECT phase, snapshot_lsn::text, types FROM decant.task WHERE task_id = $1", &[&task_id]).await?
     else {
-        return Ok(TaskState { phase: "new".into(), ..Default::default() });
+        return Ok(TaskState { phase: "new".into(), reads_framed_copy: true, ..Default::default() });
     };
     let mut tables: Vec<TableState> = client
         .query(
@@ -116,7 +116,14 @@ pub(super) async fn read_state(client: &Client, task_id: &str) -> Result<TaskSta
         .map(|r| r.get(0))
         .collect();
     let lsn: String = task.get(1);
-    Ok(TaskState { phase: task.get(0), snapshot_lsn: lsn.parse::<Lsn>().unwrap_or_default().0, types: task.get(2), tables, existing })
+    Ok(TaskState {
+        phase: task.get(0),
+        snapshot_lsn: lsn.parse::<Lsn>().unwrap_or_default().0,
+        types: task.get(2),
+        tables,
+        existing,
+        reads_framed_copy: true,
+    })
 }
 
 /// Stores a plan, once. With conflicts = report, objects that already
