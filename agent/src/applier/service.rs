@@ -27,6 +27,43 @@ pub struct Service {
     metrics: Arc<Metrics>,
     /// The stream's throttle, as the role's reload handler changes it.
     limits: LiveLimits,
+    table_steps: Arc<TableSteps>,
+}
+
+/// The post-data steps of each table run as soon as its copy is done
+/// ([`migration::run_table_steps`]), one table at a time, beside the copy
+/// of the others; the post-data phase waits for them before it starts.
+#[derive(Default)]
+struct TableSteps {
+    running: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl TableSteps {
+    fn start(&self, destination: &ConnInfo, task_id: &str, table_id: u32) {
+        let (destination, task_id, turn) = (destination.clone(), task_id.to_owned(), self.one_at_a_time.clone());
+        let build = tokio::spawn(async move {
+            let _turn = turn.lock().await;
+            match migration::run_table_steps(&destination, &task_id, table_id).await {
+                Ok((_, 0)) => {}
+                Ok((table, steps)) => tracing::info!(%table, steps, "built the indexes and keys of a copied table"),
+                Err(e) => tracing::warn!(
+                    error = %crate::error::report(&e),
+                    "building the indexes and keys of a copied table failed; the post-data phase builds them"
+                ),
+            }
+        });
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|h| !h.is_finished());
+        running.push(build);
+    }
+
+    async fn wait(&self) {
+        let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()));
+        for build in running {
+            let _ = build.await;
+        }
+    }
 }
 
 impl Service {
@@ -37,7 +74,7 @@ impl Service {
         let settings = settings(config);
         drop(Applier::open(&destination, settings.clone(), metrics.clone()).await?);
         tokio::spawn(record_throttle(destination.clone(), config.task_id.clone(), limits.clone()));
-        Ok(Service { task_id: config.task_id.clone(), destination, settings, metrics, limits })
+        Ok(Service { task_id: config.task_id.clone(), destination, settings, metrics, limits, table_steps: Default::default() })
     }
 }
 
@@ -203,15 +240,23 @@ impl Destination for Service {
     }
 
     async fn schema(&self, section: &str, workers: usize, sequences: &[SequenceValue]) -> Result<TaskState, Status> {
+        if section == "post-data" {
+            self.table_steps.wait().await;
+        }
         migration::run_schema(&self.destination, &self.task_id, section, workers, sequences, &self.settings.mapping)
             .await
             .map_err(migration_status)
     }
 
     async fn copy(&self, table_id: u32, range_id: u32, chunks: CopyChunks) -> Result<CopyDone, Status> {
-        migration::copy_range(&self.destination, &self.settings.mapping, &self.task_id, table_id, range_id, chunks)
-            .await
-            .map_err(migration_status)
+        let (done, table_steps_ready) =
+            migration::copy_range(&self.destination, &self.settings.mapping, &self.task_id, table_id, range_id, chunks)
+                .await
+                .map_err(migration_status)?;
+        if table_steps_ready {
+            self.table_steps.start(&self.destination, &self.task_id, table_id);
+        }
+        Ok(done)
     }
 
     async fn resnapshot(&self, lsn: Lsn) -> Result<TaskState, Status> {

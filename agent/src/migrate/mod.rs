@@ -351,6 +351,9 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot, pac
         }
         plan.post_data = post.steps;
         schema::order_post_data(&mut plan.post_data);
+        if config.migrate.has(MigrationType::Full) {
+            tables::mark_table_steps(&client, version, &mut plan.post_data, &tables, pace).await?;
+        }
         // migrate.map's renames, last and in one step: everything before
         // them (the copy included) uses the source names.
         let selected: Vec<(String, String, Vec<String>)> =

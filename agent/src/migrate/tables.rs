@@ -2,7 +2,7 @@
 //! snapshot: the selected tables with their copied columns, sizes and
 //! ranges, and the selected sequences.
 
-use decant_proto::grpc::{PageRange, SequenceValue, TablePlan};
+use decant_proto::grpc::{PageRange, SchemaStep, SequenceValue, StepOrder, TablePlan};
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -200,6 +200,58 @@ pub async fn sequence_values(client: &Client, config: &Config, pace: &SharedPace
         out.push(SequenceValue { schema, name, last_value: value.get(0), is_called: value.get(1), owner_schema, owner_name });
     }
     Ok(out)
+}
+
+/// Marks the post-data steps that need only one copied table, so that the
+/// applier can run them as soon as that table is copied: the indexes and
+/// keys (primary, unique, exclusion, check) of a plain table that is
+/// neither partitioned nor a partition, with the comments and labels that
+/// go with them. Foreign keys, triggers, rules and everything on
+/// partitions wait for the whole copy. The source's catalog says which
+/// table each index or constraint is on (pg_dump names a constraint
+/// "table constraint").
+pub async fn mark_table_steps(
+    client: &Client,
+    server_version: u32,
+    steps: &mut [SchemaStep],
+    tables: &[TablePlan],
+    pace: &SharedPace,
+) -> Result<(), tokio_postgres::Error> {
+    let plain = if server_version >= 100000 { "ct.relkind = 'r' AND NOT ct.relispartition" } else { "ct.relkind = 'r'" };
+    let sql = format!(
+        "SELECT 'INDEX', n.nspname::text, ci.relname::text, tn.nspname::text, ct.relname::text
+           FROM pg_index i JOIN pg_class ci ON ci.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ci.relnamespace
+           JOIN pg_class ct ON ct.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = ct.relnamespace
+          WHERE {plain}
+         UNION ALL
+         SELECT 'CONSTRAINT', tn.nspname::text, ct.relname || ' ' || c.conname, tn.nspname::text, ct.relname::text
+           FROM pg_constraint c JOIN pg_class ct ON ct.oid = c.conrelid JOIN pg_namespace tn ON tn.oid = ct.relnamespace
+          WHERE c.contype IN ('p', 'u', 'x', 'c') AND {plain}"
+    );
+    pace.query().await;
+    let owners: std::collections::HashMap<(String, String, String), (String, String)> =
+        client.query(&sql, &[]).await?.iter().map(|r| ((r.get(0), r.get(1), r.get(2)), (r.get(3), r.get(4)))).collect();
+    let copied: std::collections::HashSet<(&str, &str)> = tables.iter().map(|t| (t.schema.as_str(), t.name.as_str())).collect();
+    let mut previous = String::new();
+    for step in steps {
+        let kind = match step.kind.as_str() {
+            "INDEX" => "INDEX",
+            "CONSTRAINT" | "CHECK CONSTRAINT" => "CONSTRAINT",
+            _ if step.order() == StepOrder::WithPrevious => {
+                step.after_table = previous.clone();
+                continue;
+            }
+            _ => "",
+        };
+        step.after_table = match owners.get(&(kind.to_owned(), step.schema.clone(), step.name.clone())) {
+            Some((schema, name)) if copied.contains(&(schema.as_str(), name.as_str())) => {
+                format!("{}.{}", quote_ident(schema), quote_ident(name))
+            }
+            _ => String::new(),
+        };
+        previous = step.after_table.clone();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

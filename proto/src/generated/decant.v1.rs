@@ -83,6 +83,13 @@ pub struct SchemaStep {
     /// only follows it (post-data; pre-data runs in order).
     #[prost(enumeration = "StepOrder", tag = "5")]
     pub order: i32,
+    /// A post-data step that needs one copied table and nothing built after
+    /// it (an index or key of a plain table, and what goes with it): that
+    /// table, as "schema.name" with both parts quoted as identifiers. The
+    /// applier may run it as soon as the table's copy is done, beside the
+    /// copy of other tables. Empty: after the whole copy.
+    #[prost(string, tag = "6")]
+    pub after_table: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

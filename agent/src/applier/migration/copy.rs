@@ -148,7 +148,8 @@ pub async fn skip_before(client: &Client, task_id: &str, mapping: &Mapping) -> R
 /// Copies one range: the data arrives as `chunks` of whole CopyData
 /// messages (binary or text COPY format, as planned), which go to the
 /// destination as they came; the range is marked done in the same
-/// transaction.
+/// transaction. Also says whether that finished its table, which has
+/// post-data steps to run now (`schema::run_table_steps`).
 pub async fn copy_range(
     destination: &ConnInfo,
     mapping: &Mapping,
@@ -156,7 +157,7 @@ pub async fn copy_range(
     table_id: u32,
     range_id: u32,
     mut chunks: CopyChunks,
-) -> Result<CopyDone, MigrationError> {
+) -> Result<(CopyDone, bool), MigrationError> {
     use futures_util::StreamExt;
     // Named after the task alone, as every session of its migration.
     let destination = ConnInfo { application_name: None, ..destination.clone() };
@@ -181,7 +182,7 @@ pub async fn copy_range(
     let table = format!("{schema}.{name}");
     if flag(5) {
         // Done before (the agent did not see the answer): nothing to do.
-        return Ok(CopyDone { rows: text(6).parse().unwrap_or(0), bytes: text(7).parse().unwrap_or(0) });
+        return Ok((CopyDone { rows: text(6).parse().unwrap_or(0), bytes: text(7).parse().unwrap_or(0) }, false));
     }
     session.simple_query(&format!("UPDATE decant.copy_range SET started_at = now() WHERE {range}")).await?;
     let into_table = copy_target(mapping, flag(8), &schema, &name, &columns);
@@ -244,5 +245,20 @@ pub async fn copy_range(
         .await
         .map_err(err)?;
     session.simple_query("COMMIT").await.map_err(err)?;
-    Ok(CopyDone { rows, bytes })
+    // Read after the commit, so that of two last ranges done at once at
+    // least one sees the other (both may: the steps run once).
+    let table_steps_ready = session
+        .simple_query(&format!(
+            "SELECT FROM decant.schema_step s
+              WHERE s.task_id = {task} AND s.section = 'post-data' AND s.after_table = {table} AND s.done_at IS NULL
+                AND NOT EXISTS (SELECT FROM decant.copy_range r WHERE r.task_id = {task} AND r.table_id = {table_id} AND r.done_at IS NULL)
+              LIMIT 1",
+            task = quote_literal(task_id),
+            table = quote_literal(&qualified(&schema, &name)),
+        ))
+        .await
+        .map_err(err)?
+        .len()
+        == 1;
+    Ok((CopyDone { rows, bytes }, table_steps_ready))
 }

@@ -15,7 +15,7 @@ mod store;
 
 pub use claim::{claim, tasks};
 pub use copy::{copy_range, skip_before};
-pub use schema::run_schema;
+pub use schema::{run_schema, run_table_steps};
 pub use store::{
     controls, cut_over, health, mark_cut_over, plan, record_agent_controls, record_applier_controls, record_health, resnapshot, state,
     Controls, CutOver, Health,
@@ -188,6 +188,7 @@ CREATE TABLE IF NOT EXISTS decant.schema_step (
     done_at timestamptz,
     existed boolean NOT NULL DEFAULT false,
     step_order int NOT NULL DEFAULT 0,
+    after_table text NOT NULL DEFAULT '',
     PRIMARY KEY (task_id, section, step)
 );
 CREATE TABLE IF NOT EXISTS decant.copy_table (
@@ -237,6 +238,10 @@ DO $$BEGIN
     -- planned before it existed run one at a time, in order.
     IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.schema_step'::regclass AND attname = 'step_order') THEN
         ALTER TABLE decant.schema_step ADD COLUMN IF NOT EXISTS step_order int NOT NULL DEFAULT 0;
+    END IF;
+    -- The copied table a post-data step needs alone ('': the whole copy).
+    IF NOT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'decant.schema_step'::regclass AND attname = 'after_table') THEN
+        ALTER TABLE decant.schema_step ADD COLUMN IF NOT EXISTS after_table text NOT NULL DEFAULT '';
     END IF;
     -- The task's migrate.map in canonical form ('' for none, as for tasks
     -- planned before it existed).

@@ -51,16 +51,7 @@ pub async fn run_schema(
     let task = client.query_one("SELECT conflicts, prologue FROM decant.task WHERE task_id = $1", &[&task_id]).await?;
     let (conflicts, prologue): (String, String) = (task.get(0), task.get(1));
     let ignore = conflicts == "ignore";
-    let steps: Vec<(i32, SchemaStep)> = client
-        .query(
-            "SELECT step, kind, schema_name, name, sql, step_order FROM decant.schema_step
-              WHERE task_id = $1 AND section = $2 AND done_at IS NULL ORDER BY step",
-            &[&task_id, &section],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), SchemaStep { kind: r.get(1), schema: r.get(2), name: r.get(3), sql: r.get(4), order: r.get(5) }))
-        .collect();
+    let steps = steps_to_run(&client, task_id, section, None).await?;
     if section == "pre-data" {
         client.batch_execute(&prologue).await?;
         for (n, step) in &steps {
@@ -84,6 +75,60 @@ pub async fn run_schema(
     };
     client.execute("UPDATE decant.task SET phase = $2, updated_at = now() WHERE task_id = $1", &[&task_id, &next]).await?;
     read_state(&client, task_id).await
+}
+
+/// The steps of `section` not done yet, in plan order; with `after_table`,
+/// only those the plan marked as needing that table alone.
+async fn steps_to_run(
+    client: &Client,
+    task_id: &str,
+    section: &str,
+    after_table: Option<&str>,
+) -> Result<Vec<(i32, SchemaStep)>, MigrationError> {
+    Ok(client
+        .query(
+            "SELECT step, kind, schema_name, name, sql, step_order, after_table FROM decant.schema_step
+              WHERE task_id = $1 AND section = $2 AND done_at IS NULL AND ($3::text IS NULL OR after_table = $3) ORDER BY step",
+            &[&task_id, &section, &after_table],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let step =
+                SchemaStep { kind: r.get(1), schema: r.get(2), name: r.get(3), sql: r.get(4), order: r.get(5), after_table: r.get(6) };
+            (r.get(0), step)
+        })
+        .collect())
+}
+
+/// Once the copy of table `table_id` is done, while other tables are still
+/// copied: runs the post-data steps the plan marked as needing that table
+/// alone (its indexes and keys), one after the other in one session, each
+/// in its own transaction that marks it done. Returns the table and how
+/// many steps ran. A step that fails here is left undone: the post-data
+/// phase runs it again in plan order, and reports it if it fails again.
+pub async fn run_table_steps(destination: &ConnInfo, task_id: &str, table_id: u32) -> Result<(String, usize), MigrationError> {
+    let client = session(destination, task_id).await?;
+    let row = client
+        .query_opt(
+            "SELECT t.schema_name, t.name, k.conflicts, k.prologue FROM decant.copy_table t JOIN decant.task k USING (task_id)
+              WHERE t.task_id = $1 AND t.table_id = $2 AND k.phase = 'copy'
+                AND NOT EXISTS (SELECT FROM decant.copy_range r WHERE r.task_id = t.task_id AND r.table_id = t.table_id AND r.done_at IS NULL)",
+            &[&task_id, &(table_id as i32)],
+        )
+        .await?;
+    let Some(row) = row else { return Ok((String::new(), 0)) };
+    let table = qualified(row.get(0), row.get(1));
+    let (conflicts, prologue): (String, String) = (row.get(2), row.get(3));
+    let steps = steps_to_run(&client, task_id, "post-data", Some(&table)).await?;
+    if !steps.is_empty() {
+        client.batch_execute(&prologue).await?;
+        client.batch_execute("SET maintenance_work_mem = '256MB'").await?;
+        for (n, step) in &steps {
+            run_step(&client, task_id, "post-data", *n, step, conflicts == "ignore").await?;
+        }
+    }
+    Ok((table, steps.len()))
 }
 
 /// Post-data work as the plan ordered it: batches run one after the other;

@@ -178,13 +178,14 @@ pub async fn plan(destination: &ConnInfo, task_id: &str, mut plan: MigrationPlan
     .await?;
     let insert_step = tx
         .prepare(
-            "INSERT INTO decant.schema_step (task_id, section, step, kind, schema_name, name, sql, step_order)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO decant.schema_step (task_id, section, step, kind, schema_name, name, sql, step_order, after_table)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .await?;
     for (section, steps) in [("pre-data", &plan.pre_data), ("post-data", &plan.post_data)] {
         for (i, s) in steps.iter().enumerate() {
-            tx.execute(&insert_step, &[&task_id, &section, &(i as i32), &s.kind, &s.schema, &s.name, &s.sql, &s.order]).await?;
+            tx.execute(&insert_step, &[&task_id, &section, &(i as i32), &s.kind, &s.schema, &s.name, &s.sql, &s.order, &s.after_table])
+                .await?;
         }
     }
     for (i, t) in plan.tables.iter().enumerate() {
