@@ -247,10 +247,12 @@ async fn copy_range(
     // applier's side of the copy opens.
     pace.query().await;
     let (tx, rx) = mpsc::channel::<CopyPiece>(4);
-    // The call runs beside the reading: aborted (never ended normally) if
-    // the source fails, so the applier commits only whole ranges.
-    let call = tokio::spawn(link.copy(task_id.to_owned(), work.table_id, work.range_id, rx));
-    let result = async {
+    // The call runs beside the reading, in the same task (no wakeup of
+    // another thread per chunk). If the reading fails, the pieces end
+    // without a `last` one: the applier commits only whole ranges.
+    let call = link.copy(task_id.to_owned(), work.table_id, work.range_id, rx);
+    let reading = async {
+        let tx = tx;
         let mut out = session.copy_out(&work.sql, CHUNK_BYTES).await.map_err(Stop::Source)?;
         // Whole CopyData messages held that the pace has counted already.
         let mut paced = Scan::default();
@@ -280,8 +282,8 @@ async fn copy_range(
                 return Ok(());
             }
         }
-    }
-    .await;
+    };
+    let (result, answer) = futures_util::future::join(reading, call).await;
     let result = match result {
         Ok(()) => Ok(()),
         Err(Stop::Source(e)) if super::encoding::is_unconvertible(e.code()) => {
@@ -293,22 +295,12 @@ async fn copy_range(
         Err(Stop::Source(e)) => Err(source_err(e)),
         Err(Stop::Other(e)) => Err(e),
     };
-    if let Err(e) = result {
-        if e.is_closed_stream() {
-            // The applier ended the call: its answer says why.
-            if let Ok(Err(status)) = call.await {
-                return Err(MigrateError::Applier(StreamError::Status(status)));
-            }
-        } else {
-            call.abort();
-        }
-        return Err(e);
-    }
-    drop(tx);
-    let done = match call.await {
-        Ok(Ok(done)) => done,
-        Ok(Err(status)) => return Err(MigrateError::Applier(StreamError::Status(status))),
-        Err(_) => return Err(closed(work)),
+    let done = match (result, answer) {
+        (Ok(()), Ok(done)) => done,
+        // The applier ended the call: its answer says why.
+        (Err(e), Err(status)) if e.is_closed_stream() => return Err(MigrateError::Applier(StreamError::Status(status))),
+        (Err(e), _) => return Err(e),
+        (Ok(()), Err(status)) => return Err(MigrateError::Applier(StreamError::Status(status))),
     };
     metrics.copy_rows.add(done.rows);
     metrics.copy_bytes.add(done.bytes);

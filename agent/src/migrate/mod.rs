@@ -330,8 +330,13 @@ async fn build_plan(config: &Config, source: &ConnInfo, snapshot: &Snapshot, pac
     if config.migrate.has(MigrationType::Schema) {
         let pg_dump = PgDump::locate(&config.migrate.pg_dump, version / 10000)?;
         let selection = schema::selection_args(config);
-        let pre = schema::split_dump(&pg_dump.dump(&config.source.dsn, source, "pre-data", Some(&snapshot.id), &selection).await?)?;
-        let post = schema::split_dump(&pg_dump.dump(&config.source.dsn, source, "post-data", Some(&snapshot.id), &selection).await?)?;
+        // The two sections at once: each pg_dump spends most of its time
+        // waiting on catalog queries.
+        let (pre, post) = tokio::try_join!(
+            pg_dump.dump(&config.source.dsn, source, "pre-data", Some(&snapshot.id), &selection),
+            pg_dump.dump(&config.source.dsn, source, "post-data", Some(&snapshot.id), &selection),
+        )?;
+        let (pre, post) = (schema::split_dump(&pre)?, schema::split_dump(&post)?);
         tracing::info!(pg_dump = %pg_dump.path().display(), pre_data = pre.steps.len(), post_data = post.steps.len(), "schema dumped");
         plan.schema_prologue = pre.prologue;
         plan.pre_data = pre.steps;
