@@ -234,9 +234,8 @@ async fn copy_range(
     let bar = progress.start(&work.display, work.estimated_bytes);
     let source_err = |e: WireError| MigrateError::Copy {
         table: work.display.clone(),
+        // (A value with no equivalent in UTF-8 is reported by `unconvertible`.)
         class: match e.code() {
-            // A value with no equivalent in UTF-8: the same row fails again.
-            code if super::encoding::is_unconvertible(code) => ErrorClass::Fatal,
             _ if e.is_connection_loss() => ErrorClass::Connection,
             Some(_) => ErrorClass::Other,
             None => ErrorClass::Connection,

@@ -235,15 +235,16 @@ pub async fn mark_table_steps(
     let mut previous = String::new();
     for step in steps {
         let kind = match step.kind.as_str() {
-            "INDEX" => "INDEX",
-            "CONSTRAINT" | "CHECK CONSTRAINT" => "CONSTRAINT",
+            "INDEX" => Some("INDEX"),
+            "CONSTRAINT" | "CHECK CONSTRAINT" => Some("CONSTRAINT"),
             _ if step.order() == StepOrder::WithPrevious => {
                 step.after_table = previous.clone();
                 continue;
             }
-            _ => "",
+            _ => None,
         };
-        step.after_table = match owners.get(&(kind.to_owned(), step.schema.clone(), step.name.clone())) {
+        let owner = kind.and_then(|kind| owners.get(&(kind.to_owned(), step.schema.clone(), step.name.clone())));
+        step.after_table = match owner {
             Some((schema, name)) if copied.contains(&(schema.as_str(), name.as_str())) => {
                 format!("{}.{}", quote_ident(schema), quote_ident(name))
             }

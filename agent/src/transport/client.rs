@@ -116,7 +116,8 @@ impl CopyLink {
         }
     }
 
-    /// Sends one range's `chunks` and returns the applier's answer. Dropping the sender before a `last` chunk aborts the range.
+    /// Sends one range's `chunks` and returns the applier's answer.
+    /// Chunks that end without a `last` one abort the range.
     pub async fn copy(self, task_id: String, table_id: u32, range_id: u32, chunks: mpsc::Receiver<CopyPiece>) -> Result<CopyDone, Status> {
         match self {
             CopyLink::Remote(mut client) => {

@@ -7,11 +7,10 @@ use decant_proto::grpc::{CopyDone, TaskState};
 use decant_proto::Lsn;
 use tokio_postgres::Client;
 
-use super::{ensure_tables, qualified, session_name, MigrationError, SESSION_SETTINGS};
+use super::{ensure_tables, qualified, wire_session, MigrationError};
 use crate::config::Mapping;
 use crate::connect::sql::{column_list, quote_ident, quote_literal, BINARY_IO};
 use crate::connect::wire::copy::check;
-use crate::connect::wire::WireSession;
 use crate::connect::ConnInfo;
 use crate::transport::server::CopyChunks;
 
@@ -159,9 +158,7 @@ pub async fn copy_range(
     mut chunks: CopyChunks,
 ) -> Result<(CopyDone, bool), MigrationError> {
     use futures_util::StreamExt;
-    // Named after the task alone, as every session of its migration.
-    let destination = ConnInfo { application_name: None, ..destination.clone() };
-    let mut session = WireSession::connect(&destination, &session_name(task_id), false, SESSION_SETTINGS).await?;
+    let mut session = wire_session(destination, task_id).await?;
     let range = format!("task_id = {} AND table_id = {table_id} AND range_id = {range_id}", quote_literal(task_id));
     let row = session
         .simple_query(&format!(

@@ -27,7 +27,7 @@ use tokio_postgres::Client;
 
 use crate::connect::sql::quote_ident;
 use crate::connect::sql::{connect, ConnectError};
-use crate::connect::wire::WireError;
+use crate::connect::wire::{WireError, WireSession};
 use crate::connect::ConnInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +102,20 @@ impl MigrationError {
 /// A destination session of the task's migration; its application_name
 /// names the task, so sessions left by a killed run can be found.
 async fn session(destination: &ConnInfo, task_id: &str) -> Result<Client, MigrationError> {
-    let mut destination = destination.clone();
-    destination.application_name = None;
-    let destination = &destination;
-    let (client, _conn) = connect(destination, &session_name(task_id), SESSION_SETTINGS).await?;
+    let (client, _conn) = connect(&named_for_task(destination), &session_name(task_id), SESSION_SETTINGS).await?;
     Ok(client)
+}
+
+/// The copy's destination session, on decant's own protocol session so
+/// that COPY data is written as it came (`connect::wire::copy`).
+async fn wire_session(destination: &ConnInfo, task_id: &str) -> Result<WireSession, MigrationError> {
+    Ok(WireSession::connect(&named_for_task(destination), &session_name(task_id), false, SESSION_SETTINGS).await?)
+}
+
+/// Every session of the migration is named after its task alone, so that
+/// sessions left by a killed run can be found.
+fn named_for_task(destination: &ConnInfo) -> ConnInfo {
+    ConnInfo { application_name: None, ..destination.clone() }
 }
 
 /// The settings of the migration's destination sessions: no triggers or
